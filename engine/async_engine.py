@@ -1,0 +1,152 @@
+"""The asyncio engine: requests stream their outputs while one loop steps the engine.
+
+The step runs in a worker thread so the event loop (and HTTP) stays
+responsive. Engine state is only mutated on the event-loop thread while no
+step is running: requests and aborts that arrive during a step are applied
+right after it, i.e. within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.config import EngineConfig
+from engine.errors import EngineDead, EngineOverloaded, InvalidRequest
+from engine.llm_engine import LLMEngine, RequestOutput, StepStats
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, max_waiting: int | None = None) -> None:
+        self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
+        self.max_waiting = max_waiting
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pending_adds: list[Sequence] = []
+        self._pending_aborts: set[str] = set()
+        self._stepping = False
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roseinfer-step")
+        self.dead: BaseException | None = None
+        self.step_listeners: list = []  # callables(StepStats, list[RequestOutput])
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._queues)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            if self.dead is not None:
+                raise EngineDead(f"engine loop stopped: {self.dead}")
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream `RequestOutput` deltas; the last has `finished=True`. Leaving early aborts the request."""
+        self._ensure_loop()
+        if request_id in self._queues:
+            raise InvalidRequest(f"duplicate request id {request_id!r}")
+        if self.max_waiting is not None and len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_waiting:
+            raise EngineOverloaded(f"too many waiting requests (limit {self.max_waiting}); retry later")
+        seq = self.engine.make_sequence(request_id, prompt, params)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        if self._stepping:
+            self._pending_adds.append(seq)
+        else:
+            self.engine.add_sequence(seq)
+        assert self._wake is not None
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort_now_or_after_step(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its KV blocks are freed now, or right after the step in flight."""
+        self._abort_now_or_after_step(request_id)
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(request_id, [], "", True, finish_reason="abort"))
+
+    def _abort_now_or_after_step(self, request_id: str) -> None:
+        self._pending_adds = [s for s in self._pending_adds if s.request_id != request_id]
+        if self._stepping:
+            self._pending_aborts.add(request_id)
+        else:
+            self.engine.abort_request(request_id)
+
+    def _apply_pending(self) -> None:
+        for request_id in self._pending_aborts:
+            self.engine.abort_request(request_id)
+        self._pending_aborts.clear()
+        for seq in self._pending_adds:
+            self.engine.add_sequence(seq)
+        self._pending_adds.clear()
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # a broken step fails its requests, not the server
+                logger.exception("engine step failed; aborting %d requests", self.engine.num_unfinished)
+                self._stepping = False
+                self._fail_all(exc)
+                continue
+            finally:
+                self._stepping = False
+            self._apply_pending()
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            for listener in self.step_listeners:
+                listener(self.engine.last_step, outputs)
+            await asyncio.sleep(0)  # let handlers run between steps
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._apply_pending()
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        err = EngineDead(f"engine step failed: {exc}")
+        for queue in self._queues.values():
+            queue.put_nowait(err)
+
+    def stats(self) -> StepStats:
+        return self.engine.last_step
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=True)

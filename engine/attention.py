@@ -1,0 +1,134 @@
+"""Attention over the paged KV cache, behind one interface.
+
+Cache layout, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 holds K, 1 holds V). Token t of a sequence lives in block
+`block_table[t // block_size]` at offset `t % block_size`; its flat slot is
+`block_id * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the batch and in the paged cache."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: start of each sequence's tokens
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend:
+    """Writes this step's K/V into the cache, then attends over each sequence's context."""
+
+    name = "base"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_decode_torch(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per sequence, attention in fp32 over the gathered context."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    ctx = block_tables.shape[1] * block_size
+    keys = kv_cache[0][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
+    values = kv_cache[1][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+    valid = torch.arange(ctx, device=q.device)[None, :] < seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Slots past a sequence's end hold stale or uninitialised memory (maybe NaN): 0 * NaN = NaN.
+    values = values.masked_fill(~valid[:, :, None, None], 0.0)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+class TorchAttention(AttentionBackend):
+    """Reference-quality attention in plain torch; runs anywhere."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        write_kv_torch(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_decode_only:
+            return paged_decode_torch(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+        return self._varlen(q, k, v, kv_cache, meta, scale)
+
+    @staticmethod
+    def _varlen(q, k, v, kv_cache, meta, scale):
+        num_heads, head_dim = q.shape[1:]
+        _, _, block_size, num_kv_heads, _ = kv_cache.shape
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc_host
+        for i, seq_len in enumerate(meta.seq_lens_host):
+            start, end = starts[i], starts[i + 1]
+            num_new = end - start
+            if num_new == seq_len:  # nothing cached before: attend to the fresh K/V
+                keys, values = k[start:end], v[start:end]
+            else:
+                num_blocks = -(-seq_len // block_size)
+                table = meta.block_tables[i, :num_blocks]
+                keys = kv_cache[0][table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+                values = kv_cache[1][table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+            query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),
+                keys.repeat_interleave(group, dim=1).transpose(0, 1),
+                values.repeat_interleave(group, dim=1).transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+            )
+            out[start:end] = o.transpose(0, 1)
+        return out
+
+
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks the Triton kernels on CUDA and torch elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        from engine.triton_attention import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r}")

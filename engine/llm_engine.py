@@ -1,0 +1,213 @@
+"""The synchronous engine core: requests in, one scheduler step at a time, deltas out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ContextLengthExceeded, InvalidRequest
+from engine.model_runner import ModelRunner, SampledToken
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step (a delta), or its final state."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    new_logprobs: list[TokenLogprob] | None = None
+    arrival_time_s: float = 0.0
+    first_scheduled_time_s: float | None = None
+    first_token_time_s: float | None = None
+    finished_time_s: float | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+@dataclass
+class StepStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_batched_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = self.runner.loaded.tokenizer
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            self.block_manager,
+        )
+        self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats(0, 0, 0.0, 0, 0)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    # ---- requests ------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Validate and tokenize a request without touching engine state (safe while a step runs)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt must not be empty", param="prompt")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in token_ids):
+                raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
+        if not token_ids:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        num_prompt = len(token_ids)
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {num_prompt} tokens", param="prompt",
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.max_model_len - num_prompt)
+        elif num_prompt + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, {params.max_tokens} "
+                "for the completion)", param="max_tokens",
+            )
+        return Sequence(request_id, token_ids, params)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise InvalidRequest(f"duplicate request id {seq.request_id!r}")
+        detok = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_token_ids, seq.params.stop,
+            seq.params.include_stop_str_in_output, seq.params.skip_special_tokens,
+        )
+        self.requests[seq.request_id] = _Request(seq, detok)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params)
+        self.add_sequence(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks now. False if it was unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        self.runner.release(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            logger.debug("preempted %s (recompute)", seq.request_id)
+        if sched.is_empty:
+            self.last_step = self._stats(0)
+            return []
+        sampled = self.runner.execute(sched)
+        self.scheduler.on_step_done(sched)
+        now = time.monotonic()
+        outputs = [self._process(tok, now) for tok in sampled]
+        self.last_step = self._stats(sched.num_batched_tokens)
+        return outputs
+
+    def _stats(self, num_batched_tokens: int) -> StepStats:
+        return StepStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage(),
+            num_batched_tokens, self.scheduler.num_preemptions,
+        )
+
+    def _process(self, sampled: SampledToken, now: float) -> RequestOutput:
+        seq = sampled.seq
+        req = self.requests[seq.request_id]
+        token = sampled.token_id
+        seq.token_ids.append(token)
+        if seq.first_token_time_s is None:
+            seq.first_token_time_s = now
+        seq.last_token_time_s = now
+        params = seq.params
+        stop_str = req.detokenizer.add_token(token)
+
+        reason: str | None = None
+        stop_reason: int | str | None = None
+        num_out = seq.num_output_tokens
+        if stop_str is not None:
+            reason, stop_reason = "stop", stop_str
+        elif num_out >= params.min_tokens and token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif num_out >= params.min_tokens and not params.ignore_eos and token in self.model_config.eos_token_ids:
+            reason = "stop"
+        elif num_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+
+        finished = reason is not None
+        if finished:
+            if stop_str is None:
+                req.detokenizer.flush()
+            self.scheduler.finish(seq, reason, stop_reason)  # type: ignore[arg-type]
+            self.runner.release(seq.request_id)
+            del self.requests[seq.request_id]
+
+        logprobs = None
+        if sampled.logprob is not None:
+            logprobs = [TokenLogprob(token, sampled.logprob, sampled.top_logprobs or [])]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=req.detokenizer.take_new_text(finished),
+            finished=finished,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=num_out,
+            num_cached_tokens=seq.num_cached_tokens,
+            new_logprobs=logprobs,
+            arrival_time_s=seq.arrival_time_s,
+            first_scheduled_time_s=seq.first_scheduled_time_s,
+            first_token_time_s=seq.first_token_time_s,
+            finished_time_s=now if finished else None,
+        )

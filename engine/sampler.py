@@ -1,0 +1,140 @@
+"""Sampling on the device: penalties, temperature, top-k/top-p/min-p, seeded draws.
+
+Rows with a seed draw their noise from their own generator, so a seeded
+request samples the same tokens whatever else is in the batch. Sampling uses
+the exponential race (argmax of p / Exp(1)), which equals a categorical draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs for one step, built by the model runner."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    # Only filled when some row needs them (penalties, min_tokens).
+    prompt_token_ids: list[list[int]] | None = None
+    output_token_ids: list[list[int]] | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [num_rows] int64
+    logprobs: torch.Tensor | None = None  # [num_rows] chosen token's logprob
+    top_logprobs: torch.Tensor | None = None  # [num_rows, k]
+    top_token_ids: torch.Tensor | None = None  # [num_rows, k]
+
+
+def _pad(rows: list[list[int]], device: torch.device, fill: int) -> torch.Tensor:
+    width = max(1, max((len(r) for r in rows), default=1))
+    out = torch.full((len(rows), width), fill, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out.to(device, non_blocking=True)
+
+
+def apply_penalties_and_biases(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logit processing shared by greedy and random rows (in place on a float32 copy)."""
+    vocab = logits.shape[1]
+    device = logits.device
+    params = batch.params
+    if any(p.logit_bias for p in params):
+        for i, p in enumerate(params):
+            for tok, bias in p.logit_bias:
+                if 0 <= tok < vocab:
+                    logits[i, tok] += bias
+    if batch.output_token_ids is not None and any(p.min_tokens for p in params):
+        for i, p in enumerate(params):
+            if len(batch.output_token_ids[i]) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(batch.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+    if batch.output_token_ids is not None and any(p.uses_penalties for p in params):
+        out_ids = _pad(batch.output_token_ids, device, vocab)  # `vocab` is a dump column
+        counts = torch.zeros(len(params), vocab + 1, device=device)
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+        counts = counts[:, :vocab]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        if (rep != 1.0).any():
+            assert batch.prompt_token_ids is not None
+            prompt_ids = _pad(batch.prompt_token_ids, device, vocab)
+            seen = torch.zeros(len(params), vocab + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, prompt_ids, True)
+            seen = seen[:, :vocab] | (counts > 0)
+            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalised, logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0).float()
+    return logits
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Pick one token per row. `logits` is [num_rows, vocab] float32 on the device."""
+    raw_logits = logits
+    needs_processing = any(p.logit_bias or p.uses_penalties or p.min_tokens for p in batch.params)
+    if needs_processing:
+        logits = apply_penalties_and_biases(logits.clone(), batch)
+
+    if batch.all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        token_ids = _sample_random(logits, batch)
+    out = SamplerOutput(token_ids=token_ids)
+
+    max_logprobs = max((p.logprobs for p in batch.params if p.logprobs is not None), default=None)
+    if max_logprobs is not None:
+        logprobs = torch.log_softmax(raw_logits, dim=-1)
+        out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        if max_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = logprobs.topk(max_logprobs, dim=-1)
+    return out
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    params = batch.params
+    device = logits.device
+    num_rows, vocab = logits.shape
+    greedy_rows = torch.tensor([p.greedy for p in params], device=device)
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temperature[:, None]
+
+    if any(0 < p.top_k < vocab for p in params):
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(batch.generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+    for i, g in enumerate(batch.generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)

@@ -1,0 +1,126 @@
+"""The `roseinfer` command: generate, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    from engine.loader import DEFAULT_MODEL
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m-instruct (default), gpt2[-medium|-large|-xl], a .gguf file, or a local HF directory")
+    g.add_argument("--hf-model-id", dest="model", help=argparse.SUPPRESS)
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights, real architecture")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--tokenizer", default=None, help="tokenizer override: .gguf, tokenizer.json or a directory")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        kv_cache_memory_bytes=None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1024**3),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from engine.errors import EngineError
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, seed=args.sample_seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+            repetition_penalty=args.repetition_penalty,
+        )
+        llm = LLM(config=engine_config_from_args(args))
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        (out,) = llm.generate([prompt], params)
+        elapsed = time.perf_counter() - start
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(out.text if args.chat else args.prompt + out.text)
+    logging.getLogger("roseinfer").info(
+        "%d tokens in %.2f s (%.1f tokens/s), finish_reason=%s",
+        len(out.token_ids), elapsed, len(out.token_ids) / elapsed, out.finish_reason,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="roseinfer", description="OpenAI-compatible LLM inference server")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print it")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from server.serve_cli import add_serve_parser
+    except ImportError:  # the HTTP layer is optional for `generate`
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    try:
+        from engine.bench import add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub, add_engine_args)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

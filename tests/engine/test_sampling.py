@@ -1,0 +1,141 @@
+"""Sampling parameters, stop handling and request validation through the real engine."""
+
+import pytest
+import torch
+
+from engine import ContextLengthExceeded, InvalidRequest, SamplingParams
+from engine.sampler import SamplingBatch, sample
+
+PROMPT = "The weather today is"
+
+
+def gen(llm, params, prompt=PROMPT):
+    return llm.generate([prompt], params)[0]
+
+
+def test_seed_reproduces_and_differs_across_seeds(tiny_llm):
+    p = SamplingParams(max_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
+    a = gen(tiny_llm, p).token_ids
+    # Same seed, different batch company: same tokens.
+    others = [SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)] * 3
+    batch = tiny_llm.generate(["x y z", PROMPT, "hello", "more words here"], [others[0], p, others[1], others[2]])
+    assert batch[1].token_ids == a
+    b = gen(tiny_llm, SamplingParams(max_tokens=20, temperature=1.0, seed=43, ignore_eos=True)).token_ids
+    assert a != b
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny_llm):
+    greedy = gen(tiny_llm, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)).token_ids
+    assert gen(tiny_llm, SamplingParams(max_tokens=16, temperature=1.5, top_k=1, ignore_eos=True)).token_ids == greedy
+    assert gen(tiny_llm, SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, ignore_eos=True)).token_ids == greedy
+    assert gen(tiny_llm, SamplingParams(max_tokens=16, temperature=1.5, min_p=1.0, ignore_eos=True)).token_ids == greedy
+
+
+def test_max_tokens_gives_length_finish(tiny_llm):
+    out = gen(tiny_llm, SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+
+
+def test_stop_token_ids_and_eos(tiny_llm):
+    ref = gen(tiny_llm, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)).token_ids
+    out = gen(tiny_llm, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(ref[4],), ignore_eos=True))
+    first = ref.index(ref[4])
+    assert out.token_ids == ref[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == ref[4]
+    # min_tokens suppresses the stop token until enough tokens exist.
+    out = gen(tiny_llm, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(ref[0],), min_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) >= 3 and ref[0] not in out.token_ids[:3]
+
+
+def test_stop_string_truncates_text(tiny_llm):
+    full = gen(tiny_llm, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    text = full.text
+    stop = text[10:14]
+    assert stop.strip(), "need a visible stop string"
+    out = gen(tiny_llm, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,)))
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    kept = gen(tiny_llm, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,), include_stop_str_in_output=True))
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_streamed_text_equals_full_decode(tiny_llm):
+    out = gen(tiny_llm, SamplingParams(max_tokens=40, temperature=1.0, seed=7, ignore_eos=True))
+    assert out.text == tiny_llm.tokenizer.decode(out.token_ids)
+
+
+def test_logprobs_shapes(tiny_llm):
+    out = gen(tiny_llm, SamplingParams(max_tokens=5, temperature=0.0, logprobs=3, ignore_eos=True))
+    assert len(out.logprobs) == 5
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][0] == tok  # greedy picks the most likely token
+        assert lp.top[0][1] == pytest.approx(lp.logprob, abs=1e-5)
+
+
+def test_sampler_penalties_and_bias_move_logits():
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    base = SamplingParams(temperature=0.0)
+
+    def pick(params, out_ids=(), prompt_ids=()):
+        batch = SamplingBatch([params], [None], [list(prompt_ids)], [list(out_ids)], eos_token_ids=(3,))
+        return sample(logits.clone(), batch).token_ids.item()
+
+    assert pick(base) == 0
+    assert pick(SamplingParams(temperature=0.0, frequency_penalty=0.5), out_ids=[0]) == 1
+    assert pick(SamplingParams(temperature=0.0, presence_penalty=0.2), out_ids=[0, 0]) == 1
+    assert pick(SamplingParams(temperature=0.0, repetition_penalty=1.2), prompt_ids=[0]) == 1
+    assert pick(SamplingParams(temperature=0.0, logit_bias={3: 10.0})) == 3
+    # min_tokens bans EOS (id 3) while too few tokens exist.
+    assert pick(SamplingParams(temperature=0.0, logit_bias={3: 10.0}, min_tokens=2), out_ids=[1]) == 0
+
+
+def test_seeded_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().repeat(4000, 1)
+    params = [SamplingParams(temperature=1.0)] * 4000
+    tokens = sample(logits, SamplingBatch(params, [None] * 4000)).token_ids
+    freq = torch.bincount(tokens, minlength=3).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.04)
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"stop": ("",)}, "stop"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_invalid_sampling_values_raise_typed_errors(kwargs, param):
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+def test_invalid_requests_never_break_the_engine(tiny_llm):
+    engine = tiny_llm.engine
+    with pytest.raises(InvalidRequest):
+        engine.add_request("e1", "", SamplingParams())
+    with pytest.raises(InvalidRequest):
+        engine.add_request("e2", [], SamplingParams())
+    with pytest.raises(InvalidRequest):
+        engine.add_request("e3", [10**9], SamplingParams())
+    with pytest.raises(ContextLengthExceeded):
+        engine.add_request("e4", "word " * 2000, SamplingParams())
+    with pytest.raises(ContextLengthExceeded):
+        engine.add_request("e5", "hello", SamplingParams(max_tokens=engine.max_model_len))
+    assert not engine.has_unfinished()
+    assert gen(tiny_llm, SamplingParams(max_tokens=3, temperature=0.0)).token_ids
+
+
+def test_unknown_model_is_a_typed_error():
+    from engine import LLM, UnknownModel
+
+    with pytest.raises(UnknownModel):
+        LLM("no-such-model-anywhere")
