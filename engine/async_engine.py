@@ -22,6 +22,38 @@ from engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
+class RequestStream:
+    """The outputs of one request. `close()` before the end aborts it (frees its blocks)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.engine._queues.pop(self.request_id, None)
+            raise item
+        if item.finished:
+            self.finished = True
+            self.engine._queues.pop(self.request_id, None)
+        return item
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine._queues.pop(self.request_id, None)
+            self.engine._abort_now_or_after_step(self.request_id)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, max_waiting: int | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
@@ -51,8 +83,8 @@ class AsyncEngine:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Stream `RequestOutput` deltas; the last has `finished=True`. Leaving early aborts the request."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """Validate and queue a request now (errors raise here); iterate the stream for its outputs."""
         self._ensure_loop()
         if request_id in self._queues:
             raise InvalidRequest(f"duplicate request id {request_id!r}")
@@ -67,20 +99,16 @@ class AsyncEngine:
             self.engine.add_sequence(seq)
         assert self._wake is not None
         self._wake.set()
-        finished = False
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream `RequestOutput` deltas; the last has `finished=True`. Leaving early aborts the request."""
+        stream = self.add_request(request_id, prompt, params)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._abort_now_or_after_step(request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         """Stop a request: its KV blocks are freed now, or right after the step in flight."""
@@ -90,11 +118,16 @@ class AsyncEngine:
             queue.put_nowait(RequestOutput(request_id, [], "", True, finish_reason="abort"))
 
     def _abort_now_or_after_step(self, request_id: str) -> None:
+        known = request_id in self.engine.requests or any(s.request_id == request_id for s in self._pending_adds)
         self._pending_adds = [s for s in self._pending_adds if s.request_id != request_id]
         if self._stepping:
             self._pending_aborts.add(request_id)
         else:
             self.engine.abort_request(request_id)
+        if known:
+            aborted = [RequestOutput(request_id, [], "", True, finish_reason="abort")]
+            for listener in self.step_listeners:
+                listener(self.engine.last_step, aborted)
 
     def _apply_pending(self) -> None:
         for request_id in self._pending_aborts:

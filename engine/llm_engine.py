@@ -42,6 +42,7 @@ class RequestOutput:
     arrival_time_s: float = 0.0
     first_scheduled_time_s: float | None = None
     first_token_time_s: float | None = None
+    token_time_s: float | None = None  # when this delta's tokens were produced
     finished_time_s: float | None = None
 
 
@@ -209,5 +210,6 @@ class LLMEngine:
             arrival_time_s=seq.arrival_time_s,
             first_scheduled_time_s=seq.first_scheduled_time_s,
             first_token_time_s=seq.first_token_time_s,
+            token_time_s=now,
             finished_time_s=now if finished else None,
         )

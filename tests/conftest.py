@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,6 +56,8 @@ def tiny_llama_dir(tmp_path_factory) -> str:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
     _save_gpt2_tokenizer(path)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHATML_TEMPLATE}, f)
     return path
 
 

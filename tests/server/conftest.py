@@ -1,0 +1,72 @@
+"""A real roseinfer server (uvicorn in a subprocess on a free 127.0.0.1 port)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: str, *extra: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model_dir, "--served-model-name", "tiny",
+               "--port", str(self.port), "--kv-cache-memory", "0.002", "--max-model-len", "256", *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError("server did not become healthy in 120 s")
+
+    def stop(self) -> int:
+        """SIGTERM and wait: a graceful shutdown exits 0."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    srv = ServerProcess(tiny_llama_dir)
+    yield srv
+    assert srv.stop() == 0
+
+
+def gauge(base_url: str, name: str) -> float:
+    for line in httpx.get(base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def wait_for_gauge(base_url: str, name: str, value: float, timeout_s: float = 20.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    current = gauge(base_url, name)
+    while current != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+        current = gauge(base_url, name)
+    return current
