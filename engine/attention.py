@@ -1,7 +1,9 @@
 """Attention over the paged KV cache, behind one interface.
 
-Cache layout, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-(index 0 holds K, 1 holds V). Token t of a sequence lives in block
+Cache layout, one tensor per layer: [2, num_blocks, num_kv_heads, block_size, head_dim]
+(index 0 holds K, 1 holds V). Head-major blocks keep one head's tokens of a
+block contiguous (block_size * head_dim elements), so the decode kernel reads
+long contiguous runs. Token t of a sequence lives in block
 `block_table[t // block_size]` at offset `t % block_size`; its flat slot is
 `block_id * block_size + offset`.
 """
@@ -26,6 +28,8 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    # Decode-kernel launch parameters, looked up once per step (or per captured graph).
+    decode_launch: object | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -54,9 +58,15 @@ class AttentionBackend:
 
 
 def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[0][blocks, :, offsets] = k
+    kv_cache[1][blocks, :, offsets] = v
+
+
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks [..., blocks] of one cache half as tokens: [..., blocks, block_size, kv_heads, head_dim]."""
+    return cache[block_ids].transpose(-3, -2)
 
 
 def paged_decode_torch(
@@ -64,11 +74,11 @@ def paged_decode_torch(
 ) -> torch.Tensor:
     """One query token per sequence, attention in fp32 over the gathered context."""
     num_seqs, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    _, _, num_kv_heads, block_size, _ = kv_cache.shape
     group = num_heads // num_kv_heads
     ctx = block_tables.shape[1] * block_size
-    keys = kv_cache[0][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
-    values = kv_cache[1][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
+    keys = gather_context(kv_cache[0], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
+    values = gather_context(kv_cache[1], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
     valid = torch.arange(ctx, device=q.device)[None, :] < seq_lens[:, None]
@@ -94,7 +104,7 @@ class TorchAttention(AttentionBackend):
     @staticmethod
     def _varlen(q, k, v, kv_cache, meta, scale):
         num_heads, head_dim = q.shape[1:]
-        _, _, block_size, num_kv_heads, _ = kv_cache.shape
+        _, _, num_kv_heads, block_size, _ = kv_cache.shape
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
         starts = meta.query_start_loc_host
@@ -106,8 +116,8 @@ class TorchAttention(AttentionBackend):
             else:
                 num_blocks = -(-seq_len // block_size)
                 table = meta.block_tables[i, :num_blocks]
-                keys = kv_cache[0][table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-                values = kv_cache[1][table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+                keys = gather_context(kv_cache[0], table).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+                values = gather_context(kv_cache[1], table).reshape(-1, num_kv_heads, head_dim)[:seq_len]
             query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
             o = F.scaled_dot_product_attention(

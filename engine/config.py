@@ -28,6 +28,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False
+    # Decode steps run back to back on the device before the host looks at the tokens
+    # (only for pure decode batches with nobody waiting; CUDA graphs only).
+    num_scheduler_steps: int = 8
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256))
 
     def __post_init__(self) -> None:

@@ -8,6 +8,8 @@ start of a stop string.
 
 from __future__ import annotations
 
+import codecs
+
 from engine.tokenizer import TokenizerWrapper
 
 # Tokens decoded before the new ones, so tokenizers that strip a leading
@@ -35,12 +37,23 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.output_text = ""
         self.num_emitted_chars = 0
+        # Byte-level vocabularies: decode token bytes incrementally (errors="replace" like decode()).
+        self._bytes = tokenizer.token_bytes_table(skip_special_tokens)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._bytes is not None else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, token_id: int) -> str | None:
         """Append one generated token. Returns the stop string if the text now contains one."""
+        if self._utf8 is not None:
+            table = self._bytes
+            new_text = self._utf8.decode(table[token_id] if 0 <= token_id < len(table) else b"")
+            if not new_text:
+                return None
+            search_from = max(0, len(self.output_text) - self.holdback)
+            self.output_text += new_text
+            return self._check_stop(search_from) if self.stop else None
         self.token_ids.append(token_id)
         prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset:])
@@ -56,6 +69,17 @@ class IncrementalDetokenizer:
         search_from = max(0, len(self.output_text) - self.holdback)
         self.output_text += new_text
         return self._check_stop(search_from)
+
+    def add_tokens(self, token_ids: list[int]) -> None:
+        """Append several tokens when no stop strings are set (one decode call, not one per token)."""
+        assert not self.stop
+        if self._utf8 is not None:
+            table = self._bytes
+            n = len(table)
+            self.output_text += self._utf8.decode(b"".join(table[t] if 0 <= t < n else b"" for t in token_ids))
+        else:
+            for t in token_ids:
+                self.add_token(t)
 
     def _check_stop(self, search_from: int) -> str | None:
         for stop in self.stop:
@@ -77,6 +101,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> None:
         """At finish: decode whatever is still pending (e.g. a trailing partial character)."""
+        if self._utf8 is not None:
+            self.output_text += self._utf8.decode(b"", final=True)
+            return
         if self.read_offset < len(self.token_ids):
             prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
             full_text = self._decode(self.token_ids[self.prefix_offset:])

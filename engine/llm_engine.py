@@ -145,15 +145,55 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
-            logger.debug("preempted %s (recompute)", seq.request_id)
+            self.runner.on_preempted(seq)
         if sched.is_empty:
             self.last_step = self._stats(0)
             return []
+        num_steps = self._multi_step_count(sched)
+        if num_steps > 1:
+            return self._decode_steps(sched, num_steps)
         sampled = self.runner.execute(sched)
         self.scheduler.on_step_done(sched)
         now = time.monotonic()
-        outputs = [self._process(tok, now) for tok in sampled]
+        outputs = [self._process(tok.seq, [tok.token_id], now, tok) for tok in sampled]
         self.last_step = self._stats(sched.num_batched_tokens)
+        return outputs
+
+    def _multi_step_count(self, sched) -> int:
+        """How many decode steps may run back to back: only when every running sequence is
+        decoding, nobody waits, and no sequence can hit max_tokens or the context inside the run."""
+        k = self.config.num_scheduler_steps
+        if k < 2 or self.runner.graphs is None or self.scheduler.waiting or sched.preempted:
+            return 1
+        if len(sched.scheduled) != len(self.scheduler.running) or not self.runner.graphs.fits(len(sched.scheduled)):
+            return 1
+        for s in sched.scheduled:
+            seq = s.seq
+            p = seq.params
+            if s.num_new_tokens != 1 or not s.samples_next_token or p.logprobs is not None or p.uses_penalties or p.min_tokens:
+                return 1
+            k = min(k, (p.max_tokens or 0) - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+            if k < 2:
+                return 1
+        bm = self.block_manager
+        for s in sched.scheduled:  # blocks for every token of the run, up front
+            if not bm.allocate(s.seq, s.seq.num_tokens - 1 + k):
+                return 1
+        return k
+
+    def _decode_steps(self, sched, num_steps: int) -> list[RequestOutput]:
+        seqs = [s.seq for s in sched.scheduled]
+        steps = self.runner.execute_decode_steps(seqs, num_steps)
+        now = time.monotonic()
+        bm = self.block_manager
+        outputs = []
+        for j, seq in enumerate(seqs):
+            outputs.append(self._process(seq, [step[j] for step in steps], now))
+            if not seq.is_finished:
+                # The run computed every token but the newest one; publish blocks that filled up.
+                seq.num_computed_tokens = seq.num_tokens - 1
+                bm.cache_full_blocks(seq)
+        self.last_step = self._stats(len(seqs) * num_steps)
         return outputs
 
     def _stats(self, num_batched_tokens: int) -> StepStats:
@@ -162,49 +202,79 @@ class LLMEngine:
             num_batched_tokens, self.scheduler.num_preemptions,
         )
 
-    def _process(self, sampled: SampledToken, now: float) -> RequestOutput:
-        seq = sampled.seq
+    def _process(self, seq: Sequence, tokens: list[int], now: float, sampled: SampledToken | None = None) -> RequestOutput:
+        """Append sampled tokens to `seq` in order, stopping at the first stop condition."""
         req = self.requests[seq.request_id]
-        token = sampled.token_id
-        seq.token_ids.append(token)
+        params = seq.params
+        detok = req.detokenizer
+        eos = () if params.ignore_eos else self.model_config.eos_token_ids
         if seq.first_token_time_s is None:
             seq.first_token_time_s = now
         seq.last_token_time_s = now
-        params = seq.params
-        stop_str = req.detokenizer.add_token(token)
-
         reason: str | None = None
         stop_reason: int | str | None = None
+        stop_str: str | None = None
         num_out = seq.num_output_tokens
-        if stop_str is not None:
-            reason, stop_reason = "stop", stop_str
-        elif num_out >= params.min_tokens and token in params.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif num_out >= params.min_tokens and not params.ignore_eos and token in self.model_config.eos_token_ids:
-            reason = "stop"
-        elif num_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+        # Tokens this call may accept before max_tokens or the context length stops it.
+        room = min(len(tokens), (params.max_tokens or 0) - num_out, self.max_model_len - seq.num_tokens)
+        if not params.stop:
+            # Token-level stops only: find the cut without touching text, then detokenize once.
+            cut = room
+            stop_ids = params.stop_token_ids
+            if stop_ids or eos:
+                first_allowed = max(0, params.min_tokens - num_out - 1)
+                for i in range(first_allowed, room):
+                    token = tokens[i]
+                    if token in stop_ids:
+                        cut, reason, stop_reason = i + 1, "stop", token
+                        break
+                    if token in eos:
+                        cut, reason = i + 1, "stop"
+                        break
+            accepted = tokens[:cut]
+            if reason is None and cut == room and cut > 0:
+                reason = "length" if (cut < len(tokens) or num_out + cut >= (params.max_tokens or 0)
+                                      or seq.num_tokens + cut >= self.max_model_len) else None
+            seq.token_ids.extend(accepted)
+            detok.add_tokens(accepted)
+        else:
+            accepted = []
+            for token in tokens[:max(room, 0)]:
+                seq.token_ids.append(token)
+                accepted.append(token)
+                num_out += 1
+                stop_str = detok.add_token(token)
+                if stop_str is not None:
+                    reason, stop_reason = "stop", stop_str
+                elif num_out >= params.min_tokens and token in params.stop_token_ids:
+                    reason, stop_reason = "stop", token
+                elif num_out >= params.min_tokens and token in eos:
+                    reason = "stop"
+                elif num_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if reason is not None:
+                    break
 
         finished = reason is not None
         if finished:
             if stop_str is None:
-                req.detokenizer.flush()
+                detok.flush()
             self.scheduler.finish(seq, reason, stop_reason)  # type: ignore[arg-type]
             self.runner.release(seq.request_id)
             del self.requests[seq.request_id]
 
         logprobs = None
-        if sampled.logprob is not None:
-            logprobs = [TokenLogprob(token, sampled.logprob, sampled.top_logprobs or [])]
+        if sampled is not None and sampled.logprob is not None:
+            logprobs = [TokenLogprob(sampled.token_id, sampled.logprob, sampled.top_logprobs or [])]
         return RequestOutput(
             request_id=seq.request_id,
-            new_token_ids=[token],
-            new_text=req.detokenizer.take_new_text(finished),
+            new_token_ids=accepted,
+            new_text=detok.take_new_text(finished),
             finished=finished,
             finish_reason=reason,
             stop_reason=stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=num_out,
+            num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=logprobs,
             arrival_time_s=seq.arrival_time_s,

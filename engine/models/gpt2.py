@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
+from engine.models import padded_vocab_size
 
 
 class GPT2Attention(nn.Module):
@@ -55,7 +56,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionBackend) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, attention) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
@@ -73,7 +74,8 @@ class GPT2LMHeadModel(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.wte.weight).float()  # lm_head is tied to wte
+        logits = F.linear(hidden, self.wte.weight)  # lm_head is tied to wte
+        return logits[:, : self.config.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF GPT-2 tensors in. HF stores linear weights as Conv1D [in, out]."""
@@ -87,6 +89,20 @@ class GPT2LMHeadModel(nn.Module):
                 raise KeyError(f"unexpected GPT-2 weight {name!r}")
             if name.endswith(".weight") and any(p in name for p in ("c_attn", "c_proj", "c_fc")):
                 tensor = tensor.t()
-            params[name].data.copy_(tensor)
+            params[name].data[: tensor.shape[0]].copy_(tensor)  # wte has padding rows
             loaded.add(name)
         return loaded
+
+
+def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
+    """Our weights under HF `GPT2LMHeadModel` names (Conv1D weights transposed back)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if name.endswith(".weight") and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
+            t = t.t()
+        out[f"transformer.{name}"] = t.contiguous()
+    vocab = model.config.vocab_size
+    out["transformer.wte.weight"] = model.wte.weight.detach()[:vocab]
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out

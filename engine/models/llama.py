@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
+from engine.models import padded_vocab_size
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -128,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention, self.rotary) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -148,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, attention)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, padded_vocab_size(config.vocab_size), bias=False)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -158,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, weight)[:, : self.config.vocab_size].float()
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.config
@@ -184,10 +185,27 @@ class LlamaForCausalLM(nn.Module):
                 raise KeyError(f"unexpected Llama weight {name!r}")
             param = params[target]
             if shard is None:
-                param.data.copy_(tensor)
+                param.data[: tensor.shape[0]].copy_(tensor)  # embeddings / lm_head have padding rows
             else:
                 sizes = self._shard_sizes(target.split(".")[-2])
                 offset = sum(sizes[:shard])
                 param.data[offset:offset + sizes[shard]].copy_(tensor)
             loaded.add(f"{target}#{shard}" if shard is not None else target)
         return loaded
+
+
+def to_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """Our weights under HF `LlamaForCausalLM` names (fused q/k/v and gate/up split back)."""
+    out = {}
+    unfused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        fused = next((f for f in unfused if f".{f}." in name), None)
+        if fused is None:
+            out[name] = t[: model.config.vocab_size] if name in ("model.embed_tokens.weight", "lm_head.weight") else t
+            continue
+        for part, shard in zip(unfused[fused], t.split(model._shard_sizes(fused), dim=0)):
+            out[name.replace(fused, part)] = shard.contiguous()
+    if model.lm_head is None:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out

@@ -37,3 +37,13 @@ def test_stop_string_is_never_emitted_even_across_tokens():
     pieces, stop = stream(tok, [], ids, stop=("gamma d",))
     assert stop == "gamma d"
     assert "".join(pieces) == "alpha beta "
+
+
+def test_byte_level_tokenizers_take_the_byte_table_fast_path():
+    tok = gpt2_tokenizer()
+    table = tok.token_bytes_table(skip_special_tokens=True)
+    assert table is not None and table[15496] == b"Hello" and table[50256] == b""
+    assert tok.token_bytes_table(skip_special_tokens=False)[50256] == b"<|endoftext|>"
+    ids = tok.encode("x <|endoftext|> y") if False else [87, 50256, 331]
+    pieces, _ = stream(tok, [], ids)
+    assert "".join(pieces) == tok.decode(ids)

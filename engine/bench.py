@@ -1,0 +1,251 @@
+"""`roseinfer bench`: the seed benchmark (offline or online), optionally side by side with HF generate.
+
+Timing is end to end through the engine; with `--compare-hf` the same
+workload runs through HF `transformers` `generate` (dynamic and static
+cache) on the same weights, in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger("roseinfer.bench")
+
+
+@dataclass
+class RunResult:
+    total_s: float
+    decode_s: float
+    completion_tokens: int
+    ttft_s: list[float]
+    tpot_s: list[float]
+    latency_s: list[float]
+
+    @property
+    def throughput_decode(self) -> float:
+        # Tokens after each request's first one, over the time after the last first token.
+        return (self.completion_tokens - len(self.ttft_s)) / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def throughput_total(self) -> float:
+        return self.completion_tokens / self.total_s
+
+
+def add_bench_parser(sub, add_engine_args) -> None:
+    p = sub.add_parser("bench", help="the seed benchmark: throughput and latency, optionally against HF generate")
+    add_engine_args(p)
+    p.add_argument("--prompt", default="Hello")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--mode", choices=["offline", "online"], default="offline")
+    p.add_argument("--no-stop-on-eos", action="store_true", help="ignore EOS: every request makes max-new-tokens")
+    p.add_argument("--pretok", action="store_true", help="tokenize before timing")
+    p.add_argument("--warmup-runs", type=int, default=1)
+    p.add_argument("--repeat-runs", type=int, default=3)
+    p.add_argument("--paged-attn", action="store_true", help="Triton paged-attention kernels (else torch attention)")
+    p.add_argument("--compare-hf", action="store_true", help="also run HF generate (dynamic and static cache)")
+    p.add_argument("--hf-runs", type=int, default=1, help="measured runs per HF variant")
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_bench)
+
+
+def _p50_mean(values: list[float]) -> tuple[float, float]:
+    return statistics.median(values), statistics.fmean(values)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_offline(llm, prompts, params) -> RunResult:
+    _sync(llm.engine.runner.device)
+    start = time.monotonic()
+    outs = llm.generate(prompts, params)
+    end = time.monotonic()
+    first = [o.first_token_time_s for o in outs]
+    return _result(start, end, [len(o.token_ids) for o in outs], first, [o.finished_time_s for o in outs])
+
+
+def run_online(engine, prompts, params) -> RunResult:
+    async def one(i: int, prompt):
+        first = None
+        n = 0
+        async for out in engine.generate(f"bench-{time.monotonic_ns()}-{i}", prompt, params):
+            if first is None and out.new_token_ids:
+                first = time.monotonic()
+            n += len(out.new_token_ids)
+        return n, first, time.monotonic()
+
+    async def main():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    start = time.monotonic()
+    results = asyncio.run(main())
+    end = time.monotonic()
+    return _result(start, end, [r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+
+
+def _result(start: float, end: float, counts: list[int], first: list[float], finish: list[float]) -> RunResult:
+    last_first = max(first)
+    tpot = [(f - t) / (n - 1) for n, t, f in zip(counts, first, finish) if n > 1]
+    return RunResult(
+        total_s=end - start, decode_s=end - last_first, completion_tokens=sum(counts),
+        ttft_s=[t - start for t in first], tpot_s=tpot, latency_s=[f - start for f in finish],
+    )
+
+
+def summary_block(mode: str, warmup: int, runs: list[RunResult]) -> str:
+    def line(label: str, values: list[float], unit: str, fmt: str = "{:.4f}") -> str:
+        p50, mean = _p50_mean(values)
+        return f"{label} p50/mean: {fmt.format(p50)} / {fmt.format(mean)} {unit}"
+
+    return "\n".join([
+        f"=== {mode} summary ===",
+        f"Warmup runs: {warmup}",
+        f"Measured runs: {len(runs)}",
+        line("Decode time", [r.decode_s for r in runs], "s"),
+        line("Total time", [r.total_s for r in runs], "s"),
+        line("Throughput(completion,decode)", [r.throughput_decode for r in runs], "tokens/s", "{:.1f}"),
+        line("Throughput(completion,total)", [r.throughput_total for r in runs], "tokens/s", "{:.1f}"),
+        line("TTFT", [statistics.fmean(r.ttft_s) * 1e3 for r in runs], "ms", "{:.2f}"),
+        line("TPOT", [statistics.fmean(r.tpot_s) * 1e3 for r in runs], "ms/token", "{:.4f}"),
+        line("Latency", [statistics.fmean(r.latency_s) * 1e3 for r in runs], "ms", "{:.2f}"),
+    ])
+
+
+# ---- HF side ------------------------------------------------------------------------------
+def hf_model_from_ours(runner):
+    """An HF model with exactly our weights (same dtype and device)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    mc = runner.model_config
+    if mc.architecture == "gpt2":
+        from engine.models.gpt2 import to_hf_state_dict
+
+        cfg = GPT2Config(n_layer=mc.num_layers, n_embd=mc.hidden_size, n_head=mc.num_heads,
+                         vocab_size=mc.vocab_size, n_positions=mc.max_position_embeddings)
+        cls = GPT2LMHeadModel
+    else:
+        from engine.models.llama import to_hf_state_dict
+
+        cfg = LlamaConfig(
+            vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+            num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, max_position_embeddings=mc.max_position_embeddings, rms_norm_eps=mc.norm_eps,
+            rope_theta=mc.rope_theta, tie_word_embeddings=mc.tie_word_embeddings, attention_bias=mc.attention_bias,
+        )
+        cls = LlamaForCausalLM
+    with torch.device(runner.device):
+        hf = cls(cfg).to(runner.dtype).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(runner.model), strict=False)
+    if unexpected or any("rotary" not in m and "attn.bias" not in m for m in missing):
+        raise RuntimeError(f"weight export mismatch: missing={missing} unexpected={unexpected}")
+    return hf
+
+
+def run_hf(hf, prompt_ids: list[int], num_requests: int, max_new_tokens: int, static: bool, device) -> RunResult:
+    """HF generate on the whole batch at once (identical prompts, so no padding). TTFT is the time
+    of a separate one-token generate, so the timed run carries no per-token callback."""
+    import torch
+
+    ids = torch.tensor([prompt_ids] * num_requests, device=device)
+    hf.generation_config.eos_token_id = None
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.monotonic()
+        hf.generate(ids, max_new_tokens=1, **kwargs)
+        _sync(device)
+        ttft = time.monotonic() - t0
+        start = time.monotonic()
+        out = hf.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+        _sync(device)
+        end = time.monotonic()
+    n = out.shape[1] - len(prompt_ids)
+    return _result(start, end, [n] * num_requests, [start + ttft] * num_requests, [end] * num_requests)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from engine.async_engine import AsyncEngine
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from server.cli import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    config = replace(config, attention_backend="triton" if args.paged_attn else ("torch" if args.attention_backend == "auto" else args.attention_backend))
+    llm = LLM(config=config)
+    runner = llm.engine.runner
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos)
+    prompt_ids = llm.tokenizer.encode(args.prompt)
+    prompts = [prompt_ids if args.pretok else args.prompt] * args.num_requests
+    async_engine = AsyncEngine(engine=llm.engine) if args.mode == "online" else None
+
+    def one_run() -> RunResult:
+        if async_engine is not None:
+            return run_online(async_engine, prompts, params)
+        return run_offline(llm, prompts, params)
+
+    for i in range(args.warmup_runs):
+        logger.info("warmup run %d/%d", i + 1, args.warmup_runs)
+        one_run()
+    runs = []
+    for i in range(args.repeat_runs):
+        runs.append(one_run())
+        logger.info("run %d/%d: %.1f tokens/s (decode)", i + 1, args.repeat_runs, runs[-1].throughput_decode)
+    print(summary_block(args.mode, args.warmup_runs, runs), flush=True)
+
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "device": str(runner.device) if runner.device.type == "cpu" else _device_name(runner.device),
+        "dtype": str(runner.dtype), "attention": runner.attention.name,
+        "cuda_graphs": bool(getattr(runner, "cuda_graphs_enabled", False)),
+        "runs": [asdict(r) | {"throughput_decode": r.throughput_decode, "throughput_total": r.throughput_total} for r in runs],
+    }
+    ours = statistics.median(r.throughput_decode for r in runs)
+    if args.compare_hf:
+        hf = hf_model_from_ours(runner)
+        rows = [("roseinfer", ours, statistics.median(r.throughput_total for r in runs))]
+        report["hf"] = {}
+        for label, static in (("hf-dynamic", False), ("hf-static", True)):
+            try:
+                run_hf(hf, prompt_ids, args.num_requests, min(args.max_new_tokens, 16), static, runner.device)  # warm-up/compile
+                hf_runs = [run_hf(hf, prompt_ids, args.num_requests, args.max_new_tokens, static, runner.device) for _ in range(args.hf_runs)]
+            except Exception as exc:  # report, do not lose our own numbers
+                logger.exception("HF %s failed", label)
+                report["hf"][label] = {"error": str(exc)}
+                continue
+            dec = statistics.median(r.throughput_decode for r in hf_runs)
+            tot = statistics.median(r.throughput_total for r in hf_runs)
+            rows.append((label, dec, tot))
+            report["hf"][label] = [asdict(r) | {"throughput_decode": r.throughput_decode} for r in hf_runs]
+        print("\n=== compare (same process, same weights) ===")
+        print(f"{'impl':<12} {'decode tok/s':>14} {'total tok/s':>13} {'ours/impl (decode)':>20}")
+        for label, dec, tot in rows:
+            print(f"{label:<12} {dec:>14.1f} {tot:>13.1f} {ours / dec:>19.2f}x")
+        report["compare"] = [{"impl": lbl, "decode_tokens_per_s": d, "total_tokens_per_s": t, "ratio_ours_over": ours / d} for lbl, d, t in rows]
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=1)
+    if async_engine is not None:
+        asyncio.run(async_engine.shutdown())
+    return 0
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)

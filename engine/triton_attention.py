@@ -1,0 +1,26 @@
+"""The CUDA attention backend: Triton kernels over the paged cache (see kernels/)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from kernels.kv_cache import write_kv
+from kernels.launch_table import prefill_launch
+from kernels.paged_attention import DecodeLaunch, paged_decode
+from kernels.prefill_attention import paged_prefill
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            launch = meta.decode_launch if meta.decode_launch is not None else DecodeLaunch()
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch)
+        return paged_prefill(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+            meta.max_query_len, prefill_launch(q.shape[-1]),
+        )

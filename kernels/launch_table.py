@@ -1,0 +1,63 @@
+"""Launch parameters for the attention kernels, decided once per shape bucket.
+
+`kernels/tune.py` measures candidates on the current GPU and writes
+`tuned_launch.json` beside this file; without an entry, a heuristic picks.
+The engine looks parameters up once (at load or CUDA-graph capture) and
+passes them down, so no lookup or autotune wrapper runs per launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+from kernels.paged_attention import DecodeLaunch
+from kernels.prefill_attention import PrefillLaunch
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_launch.json")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def batch_bucket(num_seqs: int) -> int:
+    for b in BATCH_BUCKETS:
+        if num_seqs <= b:
+            return b
+    return BATCH_BUCKETS[-1]
+
+
+def decode_key(dtype: str, head_dim: int, group: int, block_size: int, num_seqs: int) -> str:
+    return f"decode/{dtype}/d{head_dim}/g{group}/bs{block_size}/b{batch_bucket(num_seqs)}"
+
+
+@lru_cache(maxsize=4)
+def load_table(path: str = TABLE_PATH) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("entries", {})
+
+
+def heuristic_decode_launch(head_dim: int, group: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> DecodeLaunch:
+    # Tensor-core tiles of [16, tokens] x [tokens, head_dim]: 64 tokens keeps registers low for head_dim <= 128.
+    tokens = 64 if head_dim <= 128 else 32
+    programs = num_seqs * num_kv_heads
+    splits = 1 if programs >= num_sms else min(16, -(-2 * num_sms // programs))
+    return DecodeLaunch(tokens=tokens, num_splits=splits, num_warps=4, num_stages=2)
+
+
+def decode_launch(dtype: str, head_dim: int, group: int, block_size: int, num_seqs: int, num_kv_heads: int,
+                  num_sms: int, table_path: str = TABLE_PATH) -> DecodeLaunch:
+    table = load_table(table_path)
+    # The tuned bucket at or above this batch, else the nearest below.
+    for b in sorted(BATCH_BUCKETS, key=lambda b: (b < batch_bucket(num_seqs), abs(b - num_seqs))):
+        entry = table.get(decode_key(dtype, head_dim, group, block_size, b))
+        if entry is not None:
+            return DecodeLaunch(**entry)
+    return heuristic_decode_launch(head_dim, group, num_seqs, num_kv_heads, num_sms)
+
+
+def prefill_launch(head_dim: int) -> PrefillLaunch:
+    if head_dim >= 128:
+        return PrefillLaunch(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillLaunch(block_m=64, block_n=64, num_warps=4, num_stages=2)

@@ -1,0 +1,61 @@
+"""Pure-torch references for every kernel in this package (fp32 math, any device)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k/v [num_tokens, kv_heads, head_dim] at flat cache slots (caches [blocks, kv_heads, block_size, head_dim]); slot < 0 means skip."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    block_size = k_cache.shape[2]
+    for cache, new in ((k_cache, k[keep]), (v_cache, v[keep])):
+        for j, slot in enumerate(slots.tolist()):
+            cache[slot // block_size, :, slot % block_size] = new[j]
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Tokens 0..length-1 of one sequence as [length, kv_heads, head_dim] (cache is [blocks, kv_heads, block_size, head_dim])."""
+    _, kv_heads, block_size, head_dim = cache.shape
+    blocks = table[: -(-length // block_size)]
+    return cache[blocks].transpose(1, 2).reshape(-1, kv_heads, head_dim)[:length]
+
+
+def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence: q [num_seqs, heads, dim] attends to its whole context."""
+    num_heads = q.shape[1]
+    out = torch.empty_like(q)
+    for i, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            out[i] = 0
+            continue
+        k = _gather(k_cache, block_tables[i], length).float()
+        v = _gather(v_cache, block_tables[i], length).float()
+        group = num_heads // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[i].float(), k) * scale
+        out[i] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (the last q_len of seq_len) over its cached context."""
+    num_heads = q.shape[1]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for i, length in enumerate(seq_lens.tolist()):
+        s, e = starts[i], starts[i + 1]
+        n = e - s
+        k = _gather(k_cache, block_tables[i], length).float()
+        v = _gather(v_cache, block_tables[i], length).float()
+        group = num_heads // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[s:e].float(), k) * scale
+        q_pos = torch.arange(length - n, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        out[s:e] = torch.einsum("hql,lhd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out

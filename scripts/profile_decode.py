@@ -1,0 +1,137 @@
+"""Where a decode step's time goes: graph replay (GPU), engine step (wall), host profile, top kernels.
+
+    python scripts/profile_decode.py --model gpt2 --batch 64 --context 256
+"""
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from engine import LLM, SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--hf", action="store_true", help="also time HF generate (dynamic cache)")
+    args = p.parse_args()
+    llm = LLM(args.model, load_format="dummy", device="cuda", tokenizer=args.tokenizer, enable_prefix_caching=False,
+              num_scheduler_steps=args.steps, max_num_seqs=args.batch)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=engine.max_model_len - args.context - 1, temperature=0.0, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", [(i * 7 + j) % 50000 for j in range(args.context)], params)
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    graphs = engine.runner.graphs
+    seqs = list(engine.scheduler.running)
+    bs = next(b for b in graphs.batch_sizes if b >= len(seqs))
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graphs.graphs[bs].replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"batch {len(seqs)} context ~{args.context}: graph replay {start.elapsed_time(end) / 50:.3f} ms/step (GPU)", flush=True)
+    if graphs.multi_graphs:
+        start.record()
+        for _ in range(10):
+            graphs.multi_graphs[bs].replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"multi-step graph ({graphs.multi_steps} steps): {start.elapsed_time(end) / 10 / graphs.multi_steps:.3f} ms/step (GPU)")
+    # The parts of one greedy multi-step call, synchronised after each (diagnostic only).
+    for seq in seqs:
+        engine.block_manager.allocate(seq, seq.num_tokens + graphs.multi_steps)
+    marks = []
+
+    def mark(label):
+        torch.cuda.synchronize()
+        marks.append((label, time.perf_counter()))
+
+    mark("start")
+    n = len(seqs)
+    ids = [s.token_ids[-1] for s in seqs]
+    pos = [s.num_tokens - 1 for s in seqs]
+    mark("lists")
+    staging = graphs.staging[0]
+    staging[:3, :bs] = torch.tensor([ids + [0] * (bs - n), pos + [0] * (bs - n), [1] * n + [0] * (bs - n)])
+    mark("staging")
+    dev = staging[:3, :bs].to("cuda", non_blocking=True)
+    graphs.input_ids[:bs].copy_(dev[0]); graphs.base_pos[:bs].copy_(dev[1]); graphs.active[:bs].copy_(dev[2] != 0)
+    mark("upload")
+    max_blocks = (max(pos) + graphs.multi_steps - 1) // engine.runner.block_size + 1
+    tables = engine.runner._host_block_tables(seqs, max_blocks)
+    mark("host tables")
+    graphs.block_tables[:n, :max_blocks].copy_(tables)
+    mark("table copy")
+    t = time.perf_counter()
+    graphs.multi_graphs[bs].replay()
+    launch = time.perf_counter() - t
+    mark("replay")
+    graphs.multi_tokens[bs][:, :n].tolist()
+    mark("tolist")
+    print("multi-step parts (ms): " + ", ".join(f"{b[0]} {1e3 * (b[1] - a[1]):.3f}" for a, b in zip(marks, marks[1:])) + f"; replay launch (host) {launch*1e3:.3f}")
+    # Host time of each part of one engine step.
+    runner = engine.runner
+    parts = {"execute_decode_steps": 0.0}
+    original = runner.execute_decode_steps
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        r = original(*a, **k)
+        parts["execute_decode_steps"] += time.perf_counter() - t
+        return r
+
+    runner.execute_decode_steps = timed
+    t0 = time.perf_counter()
+    for _ in range(5):
+        engine.step()
+    total = time.perf_counter() - t0
+    runner.execute_decode_steps = original
+    print(f"5 engine steps: {total*1e3:.1f} ms wall, of which execute_decode_steps {parts['execute_decode_steps']*1e3:.1f} ms")
+
+    def run_steps(n: int) -> int:
+        tokens = 0
+        for _ in range(n):
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        return tokens
+
+    run_steps(2)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = run_steps(10)
+    wall = time.perf_counter() - t0
+    print(f"engine: {wall / (tokens / len(seqs)) * 1e3:.3f} ms per token step (wall, {args.steps}-step decode)", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    run_steps(10)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+    if args.hf:
+        from engine.bench import hf_model_from_ours, run_hf
+
+        hf = hf_model_from_ours(engine.runner)
+        run_hf(hf, [15496], 64, 8, False, engine.runner.device)
+        r = run_hf(hf, [15496], 64, 64, False, engine.runner.device)
+        print(f"HF dynamic, 64 x 64 tokens: {r.total_s*1e3:.1f} ms total, {r.throughput_total:.0f} tokens/s")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as tprof:
+        for _ in range(5):
+            graphs.graphs[bs].replay()
+        torch.cuda.synchronize()
+    print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
