@@ -10,7 +10,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceeded, InvalidRequest
-from engine.model_runner import ModelRunner, SampledToken
+from engine.model_runner import ModelRunner, PendingTokens, SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
@@ -53,6 +53,15 @@ class _Request:
 
 
 @dataclass
+class _DecodeRun:
+    """A greedy multi-step run launched on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    pending: PendingTokens
+    num_steps: int
+
+
+@dataclass
 class StepStats:
     num_running: int
     num_waiting: int
@@ -75,6 +84,9 @@ class LLMEngine:
         )
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
+        # While set, the scheduler is bypassed: the next step reads this run (after chaining the
+        # following run of the same batch onto the device, when nothing changed).
+        self._inflight: _DecodeRun | None = None
 
     @property
     def model_name(self) -> str:
@@ -143,6 +155,9 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._inflight is not None:
+            run, self._inflight = self._inflight, None
+            return self._finish_decode_run(run)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self.runner.on_preempted(seq)
@@ -183,11 +198,41 @@ class LLMEngine:
 
     def _decode_steps(self, sched, num_steps: int) -> list[RequestOutput]:
         seqs = [s.seq for s in sched.scheduled]
-        steps = self.runner.execute_decode_steps(seqs, num_steps)
+        if self.runner.can_launch_greedy_run(seqs, num_steps):
+            run = _DecodeRun(seqs, self.runner.launch_greedy_run(seqs, chained=False), num_steps)
+            return self._finish_decode_run(run)
+        return self._accept_decode_run(seqs, self.runner.execute_decode_steps(seqs, num_steps), num_steps)
+
+    def _finish_decode_run(self, run: _DecodeRun) -> list[RequestOutput]:
+        """Read `run`'s tokens; first, when the batch may go on unchanged, launch its next run so
+        the device computes while the host processes these tokens (the house pipeline)."""
+        if self._can_chain(run):
+            self._inflight = _DecodeRun(run.seqs, self.runner.launch_greedy_run(run.seqs, chained=True), run.num_steps)
+        return self._accept_decode_run(run.seqs, run.pending.wait(), run.num_steps)
+
+    def _can_chain(self, run: _DecodeRun) -> bool:
+        """The next run of `run.seqs` may start before `run` is read: nobody joined, left or waits,
+        and no sequence can reach max_tokens or the context within both runs. A sequence that stops
+        on EOS or a stop string inside `run` wastes its share of the next run; the batch then
+        changes and the pipeline drains."""
+        seqs, k = run.seqs, run.num_steps
+        if self.scheduler.waiting or len(self.scheduler.running) != len(seqs):
+            return False
+        for seq in seqs:
+            if seq.is_finished or seq.num_output_tokens + 2 * k > (seq.params.max_tokens or 0) \
+                    or seq.num_tokens + 2 * k > self.max_model_len:
+                return False
+        bm = self.block_manager
+        # The next run writes positions up to num_tokens - 2 + 2k (the host has not counted `run`'s tokens).
+        return all(bm.allocate(seq, seq.num_tokens - 1 + 2 * k) for seq in seqs)
+
+    def _accept_decode_run(self, seqs: list[Sequence], steps: list[list[int]], num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()
         bm = self.block_manager
         outputs = []
         for j, seq in enumerate(seqs):
+            if seq.is_finished:  # aborted while the run was in flight
+                continue
             outputs.append(self._process(seq, [step[j] for step in steps], now))
             if not seq.is_finished:
                 # The run computed every token but the newest one; publish blocks that filled up.

@@ -156,6 +156,14 @@ class ModelRunner:
         self.generators.pop(request_id, None)
         self.block_rows.release(request_id)
 
+    def free_device_memory(self) -> None:
+        """Drop the KV cache and the captured graphs (the runner cannot step afterwards);
+        used when another program must share the GPU, e.g. HF in `roseinfer bench --compare-hf`."""
+        self.kv_caches = []
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def on_preempted(self, seq: Sequence) -> None:
         self.block_rows.release(seq.request_id)
 
@@ -237,14 +245,31 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
         return self._to_host(sampling_seqs, sample(logits, self.sampling_batch(sampling_seqs)))
 
+    def can_launch_greedy_run(self, seqs: list[Sequence], num_steps: int) -> bool:
+        """Whether `launch_greedy_run` serves this batch: the captured greedy multi-step graph
+        covers exactly `num_steps` steps and every row is plain greedy."""
+        return (self.graphs is not None and self.graphs.fits(len(seqs)) and num_steps == self.graphs.multi_steps
+                and all(s.params.greedy and not s.params.logit_bias for s in seqs))
+
+    @torch.inference_mode()
+    def launch_greedy_run(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
+        """Start one greedy multi-step graph replay and return without waiting for it.
+
+        `chained=True` continues the previous run of the same batch on the device: its last
+        tokens are already the inputs, and positions advance by one run; the host need not
+        have read that run's tokens yet. Blocks for every token of the run must be allocated.
+        """
+        assert self.graphs is not None
+        return self.graphs.launch_greedy_steps(seqs, chained)
+
     @torch.inference_mode()
     def execute_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
-        """Run `num_steps` greedy/plain decode steps back to back on the device, feeding each step's
+        """Run `num_steps` decode steps back to back on the device, feeding each step's
         tokens to the next without a host round trip; one sync at the end. Blocks for all the new
         tokens must already be allocated. Returns the tokens of each step, per step."""
         assert self.graphs is not None and self.graphs.fits(len(seqs))
-        if num_steps == self.graphs.multi_steps and all(s.params.greedy and not s.params.logit_bias for s in seqs):
-            return self.graphs.run_greedy_steps(seqs).tolist()
+        if self.can_launch_greedy_run(seqs, num_steps):
+            return self.graphs.launch_greedy_steps(seqs, chained=False).wait()
         batch = self.sampling_batch(seqs)
         steps = []
         tokens = None
@@ -271,6 +296,19 @@ class ModelRunner:
                     tok.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k]))
             result.append(tok)
         return result
+
+
+@dataclass
+class PendingTokens:
+    """Tokens of a launched multi-step run, on their way to pinned host memory."""
+
+    host: torch.Tensor  # [num_steps, num_seqs] int64, pinned
+    done: torch.cuda.Event
+
+    def wait(self) -> list[list[int]]:
+        """Block until the run and its copy finished; the tokens of each step, per step."""
+        self.done.synchronize()
+        return self.host.tolist()
 
 
 class CudaGraphDecoder:
@@ -304,6 +342,10 @@ class CudaGraphDecoder:
         self.active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.multi_tokens: dict[int, torch.Tensor] = {}
+        # Two pinned landing buffers: a run's tokens are read while the next run is in flight.
+        self.host_tokens = [torch.zeros(max(1, self.multi_steps), max_bs, dtype=torch.int64, pin_memory=True)
+                            for _ in range(2)]
+        self.next_host_tokens = 0
         self._capture()
 
     def fits(self, num_seqs: int) -> bool:
@@ -360,23 +402,34 @@ class CudaGraphDecoder:
             self.input_ids[:bs].copy_(next_ids)
         return torch.stack(tokens)
 
-    def run_greedy_steps(self, seqs: list[Sequence]) -> torch.Tensor:
-        """`multi_steps` greedy decode steps in one graph replay: tokens [multi_steps, len(seqs)]."""
+    def launch_greedy_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
+        """`multi_steps` greedy decode steps in one graph replay; the tokens land in pinned host
+        memory asynchronously. `chained`: continue the previous replay of this same batch, whose
+        last tokens the graph left in `input_ids`; its tokens need not have been read yet."""
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
-        pad = bs - n
-        ids = [s.token_ids[-1] for s in seqs]
-        pos = [s.num_tokens - 1 for s in seqs]
-        staging = self.staging[0]
-        staging[:3, :bs] = torch.tensor([ids + [0] * pad, pos + [0] * pad, [1] * n + [0] * pad])
-        dev_staging = staging[:3, :bs].to(self.runner.device, non_blocking=True)
-        self.input_ids[:bs].copy_(dev_staging[0])
-        self.base_pos[:bs].copy_(dev_staging[1])
-        self.active[:bs].copy_(dev_staging[2] != 0)
+        # Host-known length; a chained run starts one run further on.
+        pos = [s.num_tokens - 1 + (self.multi_steps if chained else 0) for s in seqs]
+        if chained:
+            self.base_pos[:bs].add_(self.multi_steps)
+        else:
+            pad = bs - n
+            ids = [s.token_ids[-1] for s in seqs]
+            staging = self.staging[0]
+            staging[:3, :bs] = torch.tensor([ids + [0] * pad, pos + [0] * pad, [1] * n + [0] * pad])
+            dev_staging = staging[:3, :bs].to(self.runner.device, non_blocking=True)
+            self.input_ids[:bs].copy_(dev_staging[0])
+            self.base_pos[:bs].copy_(dev_staging[1])
+            self.active[:bs].copy_(dev_staging[2] != 0)
         max_blocks = (max(pos) + self.multi_steps - 1) // self.runner.block_size + 1
         self.block_tables[:n, :max_blocks].copy_(self.runner._host_block_tables(seqs, max_blocks))
         self.multi_graphs[bs].replay()
-        return self.multi_tokens[bs][:, :n]
+        host = self.host_tokens[self.next_host_tokens][:, :n]
+        self.next_host_tokens ^= 1
+        host.copy_(self.multi_tokens[bs][:, :n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingTokens(host, done)
 
     def run_decode(self, seqs: list[Sequence], offset: int = 0, device_input_ids: torch.Tensor | None = None,
                    num_steps: int = 1) -> torch.Tensor:

@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if add_bench_parser is not None:
         add_bench_parser(sub, add_engine_args)
 
+    from load_tests.harness import add_loadtest_args, cmd_loadtest
+
+    load = sub.add_parser("loadtest", help="load an OpenAI-compatible server over HTTP (same as python -m load_tests)")
+    add_loadtest_args(load)
+    load.set_defaults(func=cmd_loadtest)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return args.func(args)

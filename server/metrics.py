@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import RequestOutput, StepStats
@@ -44,6 +44,7 @@ class ServerMetrics:
         self.preemptions = Counter(p + "num_preemptions", "Sequences preempted (recompute)", registry=r)
         self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: soak tests watch it
         bm = engine.engine.block_manager
         sched = engine.engine.scheduler
         Gauge(p + "num_requests_running", "Requests in the running batch", registry=r).set_function(lambda: len(sched.running))

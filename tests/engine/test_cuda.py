@@ -72,3 +72,40 @@ def test_abort_and_preemption_on_cuda(saved_model):
     assert llm.engine.scheduler.num_preemptions > 0
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_pipelined_runs_survive_batch_changes_and_aborts(saved_model):
+    """Greedy multi-step runs are chained on the device before the host reads them. Requests that
+    end at different times (max_tokens, a stop token inside a run) and an abort while a run is in
+    flight must give the eager path's tokens and leave every block free."""
+    kv = dict(device="cuda", dtype="float32", kv_cache_memory_bytes=128 * 2**20)
+    eager = LLM(saved_model, enforce_eager=True, **kv)
+    plain = SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True)
+    ref = eager.generate(PROMPTS, plain)
+    stop_id = ref[1].token_ids[37]  # request 1 stops inside a chained run
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (90, 90, 27, 61)]
+    params[1] = SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_id,))
+    want = eager.generate(PROMPTS, params)
+
+    llm = LLM(saved_model, **kv)
+    engine = llm.engine
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
+    assert want[1].token_ids[-1] == stop_id and len(want[1].token_ids) <= 38
+
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"a{i}", prompt, plain)
+    chained = 0
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        chained += engine._inflight is not None
+        if engine._inflight is not None and "a3" in engine.requests and len(got.get("a3", [])) > 20:
+            engine.abort_request("a3")  # its next run is already on the device
+    assert chained > 0, "the pipeline never chained a run"
+    assert "a3" in got and len(got["a3"]) < 90
+    for i in range(3):
+        assert got[f"a{i}"] == ref[i].token_ids
+    engine.step()  # drain whatever is still in flight
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
+#   bash scripts/gpu_suite.sh tests|kernels|bench|profile|serve|all  OUTDIR
+# Needs .whl/ (bash ../shared/gpu/wheels.sh) and, for SmolLM2 with dummy weights, its tokenizer
+# exported to .gpu_assets/smollm2 (the 98 MB GGUF does not travel).
+set -uo pipefail
+what=${1:-all}
+out=${2:-${OUT:-out}}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+roseinfer=(python3 -m server.cli)
+smol_tok=.gpu_assets/smollm2
+
+run_tests() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+  python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' | tee -a "$out/device.txt"
+  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+}
+
+run_kernels() {
+  timeout 300 python3 -m kernels.tune --experiment --json "$out/kernel_experiment.json" 2>&1 | tee "$out/kernel_experiment.log" | tail -12
+}
+
+# The seed benchmark, as the issue gives it, plus --load-format dummy and the HF comparison.
+seed_bench=(--device cuda --prompt "Hello" --num-requests 64 --max-new-tokens 512 --mode online
+            --max-batch-size 64 --no-stop-on-eos --no-prefix-cache --pretok --warmup-runs 1 --repeat-runs 3
+            --paged-attn --load-format dummy)
+
+run_bench() {
+  timeout 300 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --compare-hf --output-json "$out/bench_gpt2.json" \
+    2>&1 | grep -v -i warn | tee "$out/bench_gpt2.log" | tail -16
+  timeout 300 "${roseinfer[@]}" bench --hf-model-id smollm2-135m-instruct --tokenizer "$smol_tok" "${seed_bench[@]}" \
+    --compare-hf --output-json "$out/bench_smollm2.json" 2>&1 | grep -v -i warn | tee "$out/bench_smollm2.log" | tail -16
+}
+
+run_bench_steps() {  # a longer multi-step run than the default 8
+  for k in 16; do
+    timeout 120 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --num-scheduler-steps $k \
+      --output-json "$out/bench_gpt2_k$k.json" 2>&1 | grep -E "Throughput|TPOT" | sed "s/^/k=$k /"
+  done
+}
+
+# The load harness against `roseinfer serve` (rate sweep), and the same workload through
+# `roseinfer bench --mode online` in-process: the HTTP layer's overhead.
+run_serve() {
+  local engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
+  local prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
+  "${roseinfer[@]}" serve "${engine[@]}" --port 8000 > "$out/serve.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 180); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  timeout 300 python3 -m load_tests --base-url http://127.0.0.1:8000 --model gpt2 --dataset random --input-len 128 \
+    --output-len 256 --num-prompts 512 --sweep-rates 8,32,128,inf --scrape-metrics --slo ttft=500,tpot=50 \
+    --no-progress --out "$out/loadtest" 2>&1 | tee "$out/loadtest.log" | grep -v -i warn
+  kill -TERM $pid; wait $pid; echo "serve exit $?"
+  timeout 200 "${roseinfer[@]}" bench "${engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \
+    --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs 2 \
+    --output-json "$out/bench_online_512x256.json" 2>&1 | grep -v -i warn | tail -11
+}
+
+run_profile() {
+  timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
+    | tee "$out/profile_gpt2.log" | tail -60
+}
+
+case "$what" in
+  tests) run_tests ;;
+  kernels) run_kernels ;;
+  bench) run_bench; run_bench_steps ;;
+  serve) run_serve ;;
+  profile) run_profile ;;
+  all) run_tests; run_kernels; run_bench; run_bench_steps; run_serve ;;
+  *) echo "usage: $0 tests|kernels|bench|profile|serve|all OUTDIR" >&2; exit 2 ;;
+esac
