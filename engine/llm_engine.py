@@ -174,11 +174,18 @@ class LLMEngine:
         self.last_step = self._stats(sched.num_batched_tokens)
         return outputs
 
+    def _can_admit(self) -> bool:
+        """Someone waits and the batch has room: run single steps so they join at once. With the
+        batch full, waiting requests cannot join before a running one finishes anyway, and a
+        finish ends the multi-step run."""
+        return bool(self.scheduler.waiting) and len(self.scheduler.running) < self.config.max_num_seqs
+
     def _multi_step_count(self, sched) -> int:
         """How many decode steps may run back to back: only when every running sequence is
-        decoding, nobody waits, and no sequence can hit max_tokens or the context inside the run."""
+        decoding, nobody could join the batch, and no sequence can hit max_tokens or the context
+        inside the run."""
         k = self.config.num_scheduler_steps
-        if k < 2 or self.runner.graphs is None or self.scheduler.waiting or sched.preempted:
+        if k < 2 or self.runner.graphs is None or self._can_admit() or sched.preempted:
             return 1
         if len(sched.scheduled) != len(self.scheduler.running) or not self.runner.graphs.fits(len(sched.scheduled)):
             return 1
@@ -211,12 +218,12 @@ class LLMEngine:
         return self._accept_decode_run(run.seqs, run.pending.wait(), run.num_steps)
 
     def _can_chain(self, run: _DecodeRun) -> bool:
-        """The next run of `run.seqs` may start before `run` is read: nobody joined, left or waits,
+        """The next run of `run.seqs` may start before `run` is read: nobody joined, left or could join,
         and no sequence can reach max_tokens or the context within both runs. A sequence that stops
         on EOS or a stop string inside `run` wastes its share of the next run; the batch then
         changes and the pipeline drains."""
         seqs, k = run.seqs, run.num_steps
-        if self.scheduler.waiting or len(self.scheduler.running) != len(seqs):
+        if self._can_admit() or len(self.scheduler.running) != len(seqs):
             return False
         for seq in seqs:
             if seq.is_finished or seq.num_output_tokens + 2 * k > (seq.params.max_tokens or 0) \

@@ -52,6 +52,8 @@ class SamplingParams:
         def bad(param: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"{param} {why}", param=param)
 
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise bad("seed", f"must fit in 64 bits, got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if not self.temperature >= 0.0:  # also rejects NaN

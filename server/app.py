@@ -13,12 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.errors import EngineError, InvalidRequest, UnknownModel
 from engine.llm_engine import RequestOutput, TokenLogprob
 from engine.loader import SMOLLM2_NAMES
-from server.errors import engine_error_response, error_response, internal_error_response, validation_error_response
+from server.errors import (engine_error_response, error_response, http_error_response, internal_error_response,
+                           validation_error_response)
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -74,6 +76,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         return validation_error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        return http_error_response(exc)
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError):
@@ -158,7 +164,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             for stream in streams:
                 stream.close()
             raise
-        return base, choices, _merge(choices, streams)
+        merged = _single(choices[0], streams[0]) if len(streams) == 1 else _merge(choices, streams)
+        return base, choices, merged
+
+    async def _single(choice: _Choice, stream: RequestStream) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+        """The common n=1 case without _merge's pump task and second queue (a hot path at high
+        concurrency); closing early aborts the request."""
+        try:
+            async for out in stream:
+                choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
+                yield choice, out
+        finally:
+            stream.close()
 
     async def _merge(choices: list[_Choice], streams: list[RequestStream]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
         """Outputs of all choices in arrival order; closing early aborts every unfinished choice."""

@@ -6,6 +6,7 @@ import logging
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from engine.errors import ContextLengthExceeded, EngineDead, EngineError, EngineOverloaded, InvalidRequest, UnknownModel
 
@@ -50,3 +51,10 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
 def internal_error_response(exc: Exception) -> JSONResponse:
     logger.exception("internal error", exc_info=exc)
     return error_response(500, "internal server error", "server_error", None, "internal_error")
+
+
+def http_error_response(exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (unparseable body, unknown route, wrong method) as OpenAI error objects."""
+    message = exc.detail if isinstance(exc.detail, str) else "request could not be processed"
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(error_body(message, type_, None, None), status_code=exc.status_code, headers=exc.headers)

@@ -11,6 +11,9 @@ from engine.sampling_params import SamplingParams
 
 MAX_N = 64
 MAX_STOP_STRINGS = 64
+# Text is held back by the longest stop string's length while streaming; cap it so a stream
+# cannot be silenced (and a body cannot smuggle megabytes into every step's search).
+MAX_STOP_STRING_CHARS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +53,9 @@ class _SamplingFields(BaseModel):
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise InvalidRequest(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, choice_index: int = 0) -> SamplingParams:
         self.check_common()

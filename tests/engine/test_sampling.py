@@ -110,6 +110,7 @@ def test_seeded_sampling_follows_the_distribution():
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"stop": ("",)}, "stop"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"seed": 2**64}, "seed"),  # would break torch.Generator inside the step, failing the whole batch
     ],
 )
 def test_invalid_sampling_values_raise_typed_errors(kwargs, param):

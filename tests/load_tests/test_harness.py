@@ -1,0 +1,96 @@
+"""The load harness against a real server on 127.0.0.1 (tiny random Llama), and its pure parts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import pytest
+
+from load_tests.client import RequestRecord
+from load_tests.harness import SLO, add_loadtest_args, parse_slo, percentiles, run_from_args, server_side_means_ms
+from load_tests.workload import arrival_offsets_s, file_workload, random_token_workload
+
+
+def test_random_workload_is_reproducible_and_shares_the_prefix():
+    a = random_token_workload(5, input_len=12, output_len=3, shared_prefix_len=4, token_range=(10, 20), seed=1)
+    b = random_token_workload(5, input_len=12, output_len=3, shared_prefix_len=4, token_range=(10, 20), seed=1)
+    assert [s.prompt for s in a] == [s.prompt for s in b]
+    assert all(len(s.prompt) == 12 and s.ignore_eos and s.max_tokens == 3 for s in a)
+    assert len({tuple(s.prompt[:4]) for s in a}) == 1 and len({tuple(s.prompt) for s in a}) == 5
+
+
+def test_arrivals_have_the_requested_mean_rate():
+    offsets = arrival_offsets_s(4000, request_rate=50.0, burstiness=1.0, seed=0)
+    assert offsets == sorted(offsets) and offsets[0] == 0.0
+    assert 0.9 / 50 < offsets[-1] / 3999 < 1.1 / 50
+    assert arrival_offsets_s(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
+
+
+def test_percentiles_slo_and_server_metric_deltas():
+    p = percentiles([float(i) for i in range(1, 101)])
+    assert (p["median"], p["p90"], p["p99"], p["count"]) == (50.5, 90.0, 99.0, 100)
+    assert parse_slo("ttft=500,tpot=50") == SLO(ttft_s=0.5, tpot_s=0.05)
+    rec = RequestRecord(0, send_s=0.0, status=200, first_token_s=0.4, end_s=1.0, output_tokens=11)
+    assert rec.tpot_s == pytest.approx(0.06)
+    assert SLO(ttft_s=0.5).met_by(rec) and not SLO(tpot_s=0.05).met_by(rec)
+    before = "roseinfer_time_to_first_token_seconds_sum 1.0\nroseinfer_time_to_first_token_seconds_count 2.0\n"
+    after = "roseinfer_time_to_first_token_seconds_sum 3.0\nroseinfer_time_to_first_token_seconds_count 6.0\n"
+    assert server_side_means_ms(before, after) == {"ttft_mean_ms": pytest.approx(500.0)}
+
+
+def test_file_workload_reads_prompts_and_messages(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "hi there", "max_tokens": 5}\n\n{"messages": [{"role": "user", "content": "yo"}]}\n')
+    specs = file_workload(str(path), None, output_len=7, endpoint="chat")
+    assert [s.max_tokens for s in specs] == [5, 7]
+    assert specs[1].messages == [{"role": "user", "content": "yo"}]
+
+
+def _args(base_url: str, *extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_loadtest_args(p)
+    return p.parse_args(["--base-url", base_url, "--model", "tiny", "--no-progress", *extra])
+
+
+def test_sweep_against_a_real_server_writes_results_and_plots(server, tmp_path):
+    out = tmp_path / "run"
+    report = run_from_args(_args(server.base_url, "--input-len", "12", "--output-len", "6", "--num-prompts", "10",
+                                 "--sweep-rates", "50,inf", "--scrape-metrics", "--slo", "ttft=60000,tpot=60000",
+                                 "--out", str(out)))
+    assert [r["request_rate"] for r in report["runs"]] == [50.0, "inf"]
+    for run in report["runs"]:
+        s = run["summary"]
+        assert s["completed"] == 10 and s["failed"] == 0 and s["errors_by_status"] == {}
+        assert s["output_tokens"] == 60 and s["prompt_tokens"] == 120  # ignore_eos: exact lengths
+        assert s["goodput_request_throughput"] == pytest.approx(s["request_throughput"])
+        assert s["ttft_ms"]["count"] == 10 and s["ttft_ms"]["p99"] >= s["ttft_ms"]["median"] > 0
+        assert s["server_side"]["ttft_mean_ms"] > 0
+        for r in run["requests"]:
+            assert r["output_tokens"] == 6 and r["chunk_times_s"] and r["finish_reason"] == "length"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"][1]["summary"]["completed"] == 10
+    for name in ("latency_cdf.png", "timeline.png", "sweep.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_chat_endpoint_and_errors_are_counted(server):
+    report = run_from_args(_args(server.base_url, "--endpoint", "chat", "--input-len", "8", "--output-len", "4",
+                                 "--num-prompts", "4", "--max-concurrency", "2"))
+    assert report["runs"][0]["summary"]["completed"] == 4
+    bad = run_from_args(_args(server.base_url, "--input-len", "300", "--output-len", "4", "--num-prompts", "3"))
+    s = bad["runs"][0]["summary"]
+    assert s["completed"] == 0 and s["errors_by_status"] == {"400": 3}  # over the 256-token context
+
+
+def test_python_m_load_tests_runs(server, tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "load_tests", "--base-url", server.base_url, "--model", "tiny",
+                          "--input-len", "8", "--output-len", "3", "--num-prompts", "3", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert res.returncode == 0, res.stderr
+    assert "Requests completed / failed:            3 / 0" in res.stdout
