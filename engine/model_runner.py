@@ -177,8 +177,11 @@ class ModelRunner:
         return gen
 
     # ---- one step ------------------------------------------------------------------------
-    def _host_block_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
+    def _host_block_tables(self, seqs: list[Sequence], num_blocks: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Block-table rows of `seqs`: the first `num_blocks` columns, or full rows into `out`."""
         rows = torch.tensor([self.block_rows.row_of(s) for s in seqs], dtype=torch.int64)
+        if out is not None:
+            return torch.index_select(self.block_rows.table, 0, rows, out=out[: len(seqs)])
         return self.block_rows.table[:, :num_blocks].index_select(0, rows)
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -342,10 +345,13 @@ class CudaGraphDecoder:
         self.active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.multi_tokens: dict[int, torch.Tensor] = {}
-        # Two pinned landing buffers: a run's tokens are read while the next run is in flight.
+        # Two pinned buffers each for a run's tokens (read while the next run is in flight) and
+        # its block tables (a pageable upload would wait for the run in flight to finish).
         self.host_tokens = [torch.zeros(max(1, self.multi_steps), max_bs, dtype=torch.int64, pin_memory=True)
                             for _ in range(2)]
-        self.next_host_tokens = 0
+        self.host_tables = [torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+                            for _ in range(2)]
+        self.next_host_buffer = 0
         self._capture()
 
     def fits(self, num_seqs: int) -> bool:
@@ -397,7 +403,7 @@ class CudaGraphDecoder:
             block_ids = self.block_tables[:bs].gather(1, (pos // block).unsqueeze(1)).squeeze(1)
             self.slot_mapping[:bs].copy_(torch.where(active, block_ids * block + pos % block, -1))
             hidden = model(self.input_ids[:bs], self.positions[:bs], caches, meta)
-            next_ids = model.compute_logits(hidden).argmax(dim=-1)
+            next_ids = model.compute_logits(hidden, upcast=False).argmax(dim=-1)
             tokens.append(next_ids)
             self.input_ids[:bs].copy_(next_ids)
         return torch.stack(tokens)
@@ -408,24 +414,24 @@ class CudaGraphDecoder:
         last tokens the graph left in `input_ids`; its tokens need not have been read yet."""
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
-        # Host-known length; a chained run starts one run further on.
-        pos = [s.num_tokens - 1 + (self.multi_steps if chained else 0) for s in seqs]
-        if chained:
+        if chained:  # one run further on than the host knows
             self.base_pos[:bs].add_(self.multi_steps)
         else:
             pad = bs - n
             ids = [s.token_ids[-1] for s in seqs]
+            pos = [s.num_tokens - 1 for s in seqs]
             staging = self.staging[0]
             staging[:3, :bs] = torch.tensor([ids + [0] * pad, pos + [0] * pad, [1] * n + [0] * pad])
             dev_staging = staging[:3, :bs].to(self.runner.device, non_blocking=True)
             self.input_ids[:bs].copy_(dev_staging[0])
             self.base_pos[:bs].copy_(dev_staging[1])
             self.active[:bs].copy_(dev_staging[2] != 0)
-        max_blocks = (max(pos) + self.multi_steps - 1) // self.runner.block_size + 1
-        self.block_tables[:n, :max_blocks].copy_(self.runner._host_block_tables(seqs, max_blocks))
+        buffer = self.next_host_buffer
+        self.next_host_buffer ^= 1
+        tables = self.runner._host_block_tables(seqs, 0, out=self.host_tables[buffer])
+        self.block_tables[:n].copy_(tables, non_blocking=True)
         self.multi_graphs[bs].replay()
-        host = self.host_tokens[self.next_host_tokens][:, :n]
-        self.next_host_tokens ^= 1
+        host = self.host_tokens[buffer][:, :n]
         host.copy_(self.multi_tokens[bs][:, :n], non_blocking=True)
         done = torch.cuda.Event()
         done.record()

@@ -59,3 +59,31 @@ def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_le
         scores = scores.masked_fill(~mask[None], float("-inf"))
         out[s:e] = torch.einsum("hql,lhd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
+
+
+def add_norm_ref(x, residual, weight, bias, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) as HF computes it: the sum in the model dtype, statistics in fp32."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    if rms:
+        normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return weight * normed, h
+    return torch.nn.functional.layer_norm(h32, (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps).to(x.dtype), h
+
+
+def rotary_ref(qkv, positions, cos, sin, num_rotated_heads: int, head_dim: int) -> torch.Tensor:
+    """A rotated copy of qkv [tokens, width]: the first num_rotated_heads heads, rotate-half style, in fp32."""
+    out = qkv.clone()
+    half = head_dim // 2
+    heads = qkv[:, : num_rotated_heads * head_dim].float().view(qkv.shape[0], num_rotated_heads, head_dim)
+    c = cos[positions].float()[:, None, :]
+    s = sin[positions].float()[:, None, :]
+    x1, x2 = heads[..., :half], heads[..., half:]
+    rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    out[:, : num_rotated_heads * head_dim] = rotated.reshape(qkv.shape[0], -1).to(qkv.dtype)
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

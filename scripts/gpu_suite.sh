@@ -55,7 +55,7 @@ run_serve() {
   local pid=$!
   for _ in $(seq 180); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
   timeout 300 python3 -m load_tests --base-url http://127.0.0.1:8000 --model gpt2 --dataset random --input-len 128 \
-    --output-len 256 --num-prompts 512 --sweep-rates 8,32,128,inf --scrape-metrics --slo ttft=500,tpot=50 \
+    --output-len 256 --num-prompts 512 --sweep-rates 16,64,inf --scrape-metrics --slo ttft=500,tpot=50 \
     --no-progress --out "$out/loadtest" 2>&1 | tee "$out/loadtest.log" | grep -v -i warn
   kill -TERM $pid; wait $pid; echo "serve exit $?"
   timeout 200 "${roseinfer[@]}" bench "${engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import padded_vocab_size
+from engine.models.layers import AddNorm, uses_fused_kernels
 
 
 class GPT2Attention(nn.Module):
@@ -42,14 +43,18 @@ class GPT2MLP(nn.Module):
 class GPT2Block(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionBackend) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        fused = uses_fused_kernels(attention)
+        self.ln_1 = AddNorm(config.hidden_size, config.norm_eps, rms=False, fused=fused)
         self.attn = GPT2Attention(config, attention)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln_2 = AddNorm(config.hidden_size, config.norm_eps, rms=False, fused=fused)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, meta)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output, not yet added to `residual` (the add is fused into ln_1)."""
+        h, residual = self.ln_1(x, residual)
+        h, residual = self.ln_2(self.attn(h, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -59,7 +64,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wte = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, attention) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln_f = AddNorm(config.hidden_size, config.norm_eps, rms=False, fused=uses_fused_kernels(attention))
 
     def forward(
         self,
@@ -69,13 +74,16 @@ class GPT2LMHeadModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
+        residual = None
         for block, kv_cache in zip(self.h, kv_caches):
-            x = block(x, kv_cache, meta)
-        return self.ln_f(x)
+            x, residual = block(x, residual, kv_cache, meta)
+        return self.ln_f(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.wte.weight)  # lm_head is tied to wte
-        return logits[:, : self.config.vocab_size].float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
+        (argmax needs no copy: the fp32 values are exact conversions)."""
+        logits = F.linear(hidden, self.wte.weight)[:, : self.config.vocab_size]  # lm_head is tied to wte
+        return logits.float() if upcast else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF GPT-2 tensors in. HF stores linear weights as Conv1D [in, out]."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import padded_vocab_size
+from engine.models.layers import AddNorm, uses_fused_kernels
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -49,32 +50,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         t = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(config))
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # One angle per pair of dims; the rotate-half form repeats them across both halves.
+        self.register_buffer("cos_half", freqs.cos(), persistent=False)
+        self.register_buffer("sin_half", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        """The torch path (HF's arithmetic, in the model dtype); CUDA uses kernels.rotary."""
+        cos = self.cos_half[positions].to(q.dtype).repeat(1, 2).unsqueeze(1)
+        sin = self.sin_half[positions].to(q.dtype).repeat(1, 2).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -90,40 +79,57 @@ class LlamaAttention(nn.Module):
         self.attention = attention
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
+        self.fused = uses_fused_kernels(attention)
 
     def forward(self, x, positions, kv_cache, meta):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.fused:
+            from kernels.rotary import rotary_inplace
+
+            rotary_inplace(qkv, positions, self.rotary.cos_half, self.rotary.sin_half,
+                           self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attention.forward(q, k, v.contiguous(), kv_cache, meta, self.scale)
+        if not self.fused:
+            q, k = self.rotary(positions, q, k)
+        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        fused = uses_fused_kernels(attention)
+        self.input_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused)
         self.self_attn = LlamaAttention(config, attention, rotary)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused)
+        self.mlp = LlamaMLP(config, fused)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, kv_cache, meta):
+        """x: the previous sublayer's output, not yet added to `residual` (the add is fused into the norm)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -132,7 +138,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention, self.rotary) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=uses_fused_kernels(attention))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -153,13 +159,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache, meta)
+        return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
+        (argmax needs no copy: the fp32 values are exact conversions)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)[:, : self.config.vocab_size].float()
+        logits = F.linear(hidden, weight)[:, : self.config.vocab_size]
+        return logits.float() if upcast else logits
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.config

@@ -11,10 +11,14 @@ import os
 import pytest
 import torch
 
+from kernels.activation import silu_and_mul
 from kernels.kv_cache import write_kv
+from kernels.norm import add_norm
 from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
-from kernels.reference import paged_decode_ref, paged_prefill_ref, write_kv_ref
+from kernels.reference import (add_norm_ref, paged_decode_ref, paged_prefill_ref, rotary_ref, silu_and_mul_ref,
+                               write_kv_ref)
+from kernels.rotary import rotary_inplace
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -129,3 +133,58 @@ def test_write_kv_matches_reference(device, dtype):
     assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
     written = slots[slots >= 0]
     assert not k_cache[written // bs, :, written % bs].isnan().any()
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms,hidden,with_residual", [(False, 768, True), (True, 576, True), (True, 96, False),
+                                                      (False, 100, False)])
+def test_add_norm_matches_reference(device, dtype, rms, hidden, with_residual):
+    rows = 7
+    x = (torch.randn(rows, hidden, device=device) * 3 + 1).to(dtype)
+    residual = torch.randn(rows, hidden, device=device).to(dtype) if with_residual else None
+    weight = (torch.rand(hidden, device=device) + 0.5).to(dtype)
+    bias = None if rms else torch.randn(hidden, device=device).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    sum_out = torch.full_like(x, float("nan"))
+    got, got_sum = add_norm(x, residual, weight, bias, 1e-5, rms, out=out, sum_out=sum_out if with_residual else None)
+    ref, ref_sum = add_norm_ref(x, residual, weight, bias, 1e-5, rms)
+    assert got is out and rel_err(got, ref) < TOL[dtype]
+    if dtype is torch.bfloat16 and INTERPRET:
+        # The CPU interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest even.
+        assert rel_err(got_sum, ref_sum) < TOL[dtype]
+    else:
+        assert torch.equal(got_sum, ref_sum)  # the residual stream is rounded exactly as HF rounds it
+    if not with_residual:
+        assert got_sum is x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 32)])
+def test_rotary_matches_reference(device, dtype, q_heads, kv_heads, head_dim):
+    tokens, max_pos = 11, 300
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
+    positions = torch.randint(0, max_pos, (tokens,), device=device)
+    ref = rotary_ref(qkv, positions, cos, sin, q_heads + kv_heads, head_dim)
+    got = qkv.clone()
+    rotary_inplace(got, positions, cos, sin, q_heads + kv_heads, head_dim)
+    rotated = (q_heads + kv_heads) * head_dim
+    assert rel_err(got[:, :rotated], ref[:, :rotated]) < TOL[dtype]
+    assert torch.equal(got[:, rotated:], qkv[:, rotated:])  # the value heads are not touched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1536, 100])
+def test_silu_and_mul_matches_reference(device, dtype, n):
+    x = (torch.randn(5, 2 * n, device=device) * 2).to(dtype)
+    out = torch.full((5, n), float("nan"), device=device, dtype=dtype)
+    got = silu_and_mul(x, out=out)
+    assert got is out and rel_err(got, silu_and_mul_ref(x)) < TOL[dtype]
