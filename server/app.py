@@ -61,6 +61,31 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+class _AuthAndSizeGuard:
+    """API key on /v1/* and the body-size cap, as plain ASGI: a `@app.middleware("http")` function
+    (Starlette's BaseHTTPMiddleware) re-pipes every streamed chunk through extra tasks and memory
+    streams, which py-spy showed as the server's largest per-chunk cost."""
+
+    def __init__(self, app, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.expected_auth = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if self.expected_auth is not None and scope["path"].startswith("/v1/") \
+                    and headers.get(b"authorization") != self.expected_auth:
+                response = error_response(401, "invalid or missing API key", "invalid_request_error", None, "invalid_api_key")
+                return await response(scope, receive, send)
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.settings.max_request_bytes:
+                response = error_response(413, f"request body over {self.settings.max_request_bytes} bytes",
+                                          "invalid_request_error", None, "request_too_large")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="roseinfer", version=VERSION)
     metrics = ServerMetrics(engine)
@@ -89,15 +114,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def _internal(_: Request, exc: Exception):
         return internal_error_response(exc)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and settings.api_key is not None:
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
-                return error_response(401, "invalid or missing API key", "invalid_request_error", None, "invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(413, f"request body over {settings.max_request_bytes} bytes", "invalid_request_error", None, "request_too_large")
-        return await call_next(request)
+    app.add_middleware(_AuthAndSizeGuard, settings=settings)
 
     def check_model(name: str | None) -> str:
         if name is not None and name not in accepted_names:

@@ -225,7 +225,7 @@ def test_tokenize_detokenize_roundtrip(server):
 
 
 def test_api_key_and_max_waiting(tiny_llama_dir):
-    srv = ServerProcess(tiny_llama_dir, "--api-key", "sekrit", "--max-waiting", "0")
+    srv = ServerProcess(tiny_llama_dir, "--api-key", "sekrit", "--max-waiting", "0", "--max-request-bytes", "2000")
     try:
         assert httpx.get(srv.base_url + "/health").status_code == 200
         r = httpx.get(srv.base_url + "/v1/models")
@@ -234,5 +234,10 @@ def test_api_key_and_max_waiting(tiny_llama_dir):
         assert ok.status_code == 200
         r = httpx.post(srv.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        big = httpx.post(srv.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x" * 3000},
+                         headers={"Authorization": "Bearer sekrit"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     finally:
         assert srv.stop() == 0
