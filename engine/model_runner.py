@@ -177,12 +177,12 @@ class ModelRunner:
         return gen
 
     # ---- one step ------------------------------------------------------------------------
-    def _host_block_tables(self, seqs: list[Sequence], num_blocks: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Block-table rows of `seqs`: the first `num_blocks` columns, or full rows into `out`."""
-        rows = torch.tensor([self.block_rows.row_of(s) for s in seqs], dtype=torch.int64)
-        if out is not None:
-            return torch.index_select(self.block_rows.table, 0, rows, out=out[: len(seqs)])
-        return self.block_rows.table[:, :num_blocks].index_select(0, rows)
+    def _block_table_row_ids(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Rows of `block_rows.table` holding `seqs`' block tables (brought up to date)."""
+        return torch.tensor([self.block_rows.row_of(s) for s in seqs], dtype=torch.int64)
+
+    def _host_block_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
+        return self.block_rows.table[:, :num_blocks].index_select(0, self._block_table_row_ids(seqs))
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -428,7 +428,8 @@ class CudaGraphDecoder:
             self.active[:bs].copy_(dev_staging[2] != 0)
         buffer = self.next_host_buffer
         self.next_host_buffer ^= 1
-        tables = self.runner._host_block_tables(seqs, 0, out=self.host_tables[buffer])
+        tables = torch.index_select(self.runner.block_rows.table, 0, self.runner._block_table_row_ids(seqs),
+                                    out=self.host_tables[buffer][:n])
         self.block_tables[:n].copy_(tables, non_blocking=True)
         self.multi_graphs[bs].replay()
         host = self.host_tokens[buffer][:, :n]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,13 +22,11 @@ class AddNorm(nn.Module):
         self.bias = None if rms else nn.Parameter(torch.zeros(hidden_size))
         self.eps = eps
         self.rms = rms
-        self.fused = fused
+        self.kernel = fused_kernel("norm", "add_norm") if fused else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            from kernels.norm import add_norm
-
-            return add_norm(x, residual, self.weight, self.bias, self.eps, self.rms)
+        if self.kernel is not None:
+            return self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms)
         h = x if residual is None else x + residual
         if not self.rms:
             return F.layer_norm(h, (h.shape[-1],), self.weight, self.bias, self.eps), h
@@ -38,3 +38,8 @@ class AddNorm(nn.Module):
 def uses_fused_kernels(attention) -> bool:
     """The Triton attention backend brings the other Triton kernels with it (norms, RoPE, SiLU)."""
     return attention.name == "triton"
+
+
+def fused_kernel(module: str, name: str):
+    """A launcher from `kernels/`, imported only when used: the torch path needs no Triton."""
+    return getattr(importlib.import_module(f"kernels.{module}"), name)

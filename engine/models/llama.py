@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import padded_vocab_size
-from engine.models.layers import AddNorm, uses_fused_kernels
+from engine.models.layers import AddNorm, fused_kernel, uses_fused_kernels
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -79,20 +79,18 @@ class LlamaAttention(nn.Module):
         self.attention = attention
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
-        self.fused = uses_fused_kernels(attention)
+        self.rotary_kernel = fused_kernel("rotary", "rotary_inplace") if uses_fused_kernels(attention) else None
 
     def forward(self, x, positions, kv_cache, meta):
         qkv = self.qkv_proj(x)
-        if self.fused:
-            from kernels.rotary import rotary_inplace
-
-            rotary_inplace(qkv, positions, self.rotary.cos_half, self.rotary.sin_half,
-                           self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.rotary_kernel is not None:
+            self.rotary_kernel(qkv, positions, self.rotary.cos_half, self.rotary.sin_half,
+                               self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if not self.fused:
+        if self.rotary_kernel is None:
             q, k = self.rotary(positions, q, k)
         o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
@@ -104,14 +102,12 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.fused = fused
+        self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused:
-            from kernels.activation import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gate_up))
+        if self.act_kernel is not None:
+            return self.down_proj(self.act_kernel(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
