@@ -87,6 +87,9 @@ class LLMEngine:
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
         self._inflight: _DecodeRun | None = None
+        # Device time of the greedy multi-step runs read so far: against wall time it tells
+        # whether decoding is bound by the GPU or by the host (roseinfer bench reports it).
+        self.decode_run_gpu_s = 0.0
 
     @property
     def model_name(self) -> str:
@@ -215,7 +218,9 @@ class LLMEngine:
         the device computes while the host processes these tokens (the house pipeline)."""
         if self._can_chain(run):
             self._inflight = _DecodeRun(run.seqs, self.runner.launch_greedy_run(run.seqs, chained=True), run.num_steps)
-        return self._accept_decode_run(run.seqs, run.pending.wait(), run.num_steps)
+        tokens = run.pending.wait()
+        self.decode_run_gpu_s += run.pending.gpu_s
+        return self._accept_decode_run(run.seqs, tokens, run.num_steps)
 
     def _can_chain(self, run: _DecodeRun) -> bool:
         """The next run of `run.seqs` may start before `run` is read: nobody joined, left or could join,

@@ -306,11 +306,14 @@ class PendingTokens:
     """Tokens of a launched multi-step run, on their way to pinned host memory."""
 
     host: torch.Tensor  # [num_steps, num_seqs] int64, pinned
+    started: torch.cuda.Event  # reached when the device starts this run (after earlier work)
     done: torch.cuda.Event
+    gpu_s: float = 0.0  # device time of the run, known after wait()
 
     def wait(self) -> list[list[int]]:
         """Block until the run and its copy finished; the tokens of each step, per step."""
         self.done.synchronize()
+        self.gpu_s = self.started.elapsed_time(self.done) / 1e3
         return self.host.tolist()
 
 
@@ -426,6 +429,8 @@ class CudaGraphDecoder:
             self.input_ids[:bs].copy_(dev_staging[0])
             self.base_pos[:bs].copy_(dev_staging[1])
             self.active[:bs].copy_(dev_staging[2] != 0)
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
         buffer = self.next_host_buffer
         self.next_host_buffer ^= 1
         tables = torch.index_select(self.runner.block_rows.table, 0, self.runner._block_table_row_ids(seqs),
@@ -434,9 +439,9 @@ class CudaGraphDecoder:
         self.multi_graphs[bs].replay()
         host = self.host_tokens[buffer][:, :n]
         host.copy_(self.multi_tokens[bs][:, :n], non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return PendingTokens(host, done)
+        return PendingTokens(host, started, done)
 
     def run_decode(self, seqs: list[Sequence], offset: int = 0, device_input_ids: torch.Tensor | None = None,
                    num_steps: int = 1) -> torch.Tensor:
