@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead, EngineOverloaded, InvalidRequest
-from engine.llm_engine import LLMEngine, RequestOutput, StepStats
+from engine.llm_engine import LLMEngine, RequestOutput, StepStats, merge_outputs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -23,12 +23,18 @@ logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """The outputs of one request. `close()` before the end aborts it (frees its blocks)."""
+    """The outputs of one request. `close()` before the end aborts it (frees its blocks).
+
+    Deltas that queued up while the consumer was busy come out merged into one, so a consumer
+    that falls behind (an HTTP server streaming to hundreds of clients) pays its per-delta cost
+    once per wake-up instead of once per engine step.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
         self.engine = engine
         self.request_id = request_id
         self._queue = queue
+        self._held: BaseException | None = None  # an error queued behind deltas being merged
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -37,7 +43,16 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, BaseException):
+                self._held = later
+                break
+            item = merge_outputs(item, later)
         if isinstance(item, BaseException):
             self.finished = True
             self.engine._queues.pop(self.request_id, None)

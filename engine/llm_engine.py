@@ -46,6 +46,15 @@ class RequestOutput:
     finished_time_s: float | None = None
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta carrying both `earlier` and `later` (consecutive deltas of one request)."""
+    logprobs = None
+    if earlier.new_logprobs is not None or later.new_logprobs is not None:
+        logprobs = (earlier.new_logprobs or []) + (later.new_logprobs or [])
+    return replace(later, new_token_ids=earlier.new_token_ids + later.new_token_ids,
+                   new_text=earlier.new_text + later.new_text, new_logprobs=logprobs)
+
+
 @dataclass
 class _Request:
     seq: Sequence

@@ -90,3 +90,28 @@ def test_max_waiting_rejects_excess(tiny_llm):
 
     asyncio.run(main())
     asyncio.run(engine.shutdown())
+
+
+def test_a_slow_consumer_gets_merged_deltas_with_everything(tiny_llm, async_engine):
+    """Deltas queued while the consumer is busy come out as one: same tokens, text and logprobs."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    (expected,) = tiny_llm.generate(["a slow reader"], params)
+
+    async def main():
+        done = asyncio.Event()  # listeners run after the step's outputs are queued
+        async_engine.step_listeners.append(lambda _, outs: done.set() if any(o.finished for o in outs) else None)
+        stream = async_engine.add_request("slow", "a slow reader", params)
+        outs = []
+        async for out in stream:
+            outs.append(out)
+            if len(outs) == 1:
+                await done.wait()  # stay away until the engine is done: everything queues up
+        async_engine.step_listeners.pop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) == 2, "the queued deltas should arrive merged into one"
+    assert [t for o in outs for t in o.new_token_ids] == expected.token_ids
+    assert "".join(o.new_text for o in outs) == expected.text
+    assert [lp.token_id for o in outs for lp in o.new_logprobs] == expected.token_ids
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 24
