@@ -12,6 +12,8 @@ import time
 import httpx
 import pytest
 
+from load_tests.robustness import metric_value
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,10 +59,10 @@ def server(tiny_llama_dir):
 
 
 def gauge(base_url: str, name: str) -> float:
-    for line in httpx.get(base_url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    value = metric_value(base_url, name)
+    if value is None:
+        raise KeyError(name)
+    return value
 
 
 def wait_for_gauge(base_url: str, name: str, value: float, timeout_s: float = 20.0) -> float:
