@@ -1,0 +1,152 @@
+"""The engine's pipelined multi-step decode (a greedy run chained before the previous one is read),
+on the CPU: a stand-in for the CUDA-graph decoder runs the same steps eagerly, so the engine's
+chaining, draining and abort logic runs in CI. The real graphs run the same tests' twin in
+tests/engine/test_cuda.py on the GPU host.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.attention import AttentionMetadata
+
+PROMPTS = ["Hello world, my name is", "The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a land far, far away, there lived a young girl who"]
+
+
+class _Ready:
+    """What PendingTokens offers the engine: the tokens of each step, and the device time."""
+
+    def __init__(self, tokens: list[list[int]]) -> None:
+        self.tokens = tokens
+        self.gpu_s = 0.0
+
+    def wait(self) -> list[list[int]]:
+        return self.tokens
+
+
+class EagerGraphDecoder:
+    """CudaGraphDecoder's interface, computed eagerly at launch. A chained launch continues from
+    the previous run's last tokens and positions, which the host has not read yet, exactly as the
+    captured graph does from its device buffers."""
+
+    def __init__(self, runner, multi_steps: int) -> None:
+        self.runner = runner
+        self.multi_steps = multi_steps
+        self.batch_sizes = [runner.config.max_num_seqs]
+        self.last_ids: list[int] = []
+        self.last_first_pos: list[int] = []
+        self.launches = {"fresh": 0, "chained": 0}
+
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.batch_sizes[-1]
+
+    def _decode(self, seqs, ids: list[int], positions: list[int]) -> torch.Tensor:
+        bs = self.runner.block_size
+        max_blocks = max(p // bs for p in positions) + 1
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]),
+            query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32),
+            seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+            block_tables=self.runner._host_block_tables(seqs, max_blocks),
+            max_query_len=1, max_seq_len=max(positions) + 1,
+            query_start_loc_host=list(range(len(seqs) + 1)), seq_lens_host=[p + 1 for p in positions],
+        )
+        model = self.runner.model
+        with torch.inference_mode():
+            return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), self.runner.kv_caches, meta))
+
+    def run_decode(self, seqs, offset: int = 0, device_input_ids=None, num_steps: int = 1) -> torch.Tensor:
+        """`offset` steps ahead of the host, inputs from the previous step (a short multi-step run)."""
+        ids = [s.token_ids[-1] for s in seqs] if device_input_ids is None else device_input_ids[: len(seqs)].tolist()
+        return self._decode(seqs, ids, [s.num_tokens - 1 + offset for s in seqs])
+
+    def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
+        self.launches["chained" if chained else "fresh"] += 1
+        if chained:
+            ids, first = self.last_ids, [p + self.multi_steps for p in self.last_first_pos]
+        else:
+            ids, first = [s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs]
+        steps = []
+        for i in range(self.multi_steps):
+            ids = self._decode(seqs, ids, [p + i for p in first]).argmax(dim=-1).tolist()
+            steps.append(ids)
+        self.last_ids, self.last_first_pos = ids, first
+        return _Ready(steps)
+
+
+def pipelined_llm(path: str, steps: int = 4) -> LLM:
+    llm = LLM(path, num_kv_blocks=128, max_num_seqs=8, num_scheduler_steps=steps)
+    llm.engine.runner.graphs = EagerGraphDecoder(llm.engine.runner, steps)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    return LLM(tiny_llama_dir, num_kv_blocks=128, max_num_seqs=8, num_scheduler_steps=1)
+
+
+def test_chained_runs_give_the_plain_engine_tokens(tiny_llama_dir, reference):
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (40, 40, 13, 29)]
+    want = reference.generate(PROMPTS, params)
+    stop_id = want[1].token_ids[21]  # request 1 stops on a token inside a chained run
+    params[1] = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_id,))
+    want = reference.generate(PROMPTS, params)
+    assert want[1].finish_reason == "stop" and len(want[1].token_ids) < 40
+
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    launches = llm.engine.runner.graphs.launches
+    assert launches["chained"] > 0 and launches["fresh"] > 1  # it chained, and drained when the batch changed
+    llm.engine.step()  # drain a run that may still be in flight
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_while_a_run_is_in_flight(tiny_llama_dir, reference):
+    plain = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    want = reference.generate(PROMPTS, plain)
+    llm = pipelined_llm(tiny_llama_dir)
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"a{i}", prompt, plain)
+    got: dict[str, list[int]] = {}
+    aborted_in_flight = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if engine._inflight is not None and "a3" in engine.requests and len(got.get("a3", [])) >= 12:
+            aborted_in_flight = engine.abort_request("a3")  # its next run was already launched
+    assert aborted_in_flight
+    assert 12 <= len(got["a3"]) < 60 and got["a3"] == want[3].token_ids[: len(got["a3"])]
+    for i in range(3):
+        assert got[f"a{i}"] == want[i].token_ids
+    engine.step()
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.requests
+
+
+def test_waiting_requests_join_when_the_batch_has_room(tiny_llama_dir, reference):
+    """A request arriving mid-pipeline drains it and is admitted at once (batch not full)."""
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    want = reference.generate(PROMPTS, plain)
+    llm = pipelined_llm(tiny_llama_dir)
+    engine = llm.engine
+    engine.add_request("first", PROMPTS[0], plain)
+    got: dict[str, list[int]] = {}
+    while engine._inflight is None:
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    engine.add_request("late", PROMPTS[1], plain)
+    for out in engine.step():  # reads the run in flight without chaining another
+        got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert engine._inflight is None and engine.scheduler.waiting
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert got["first"] == want[0].token_ids and got["late"] == want[1].token_ids
