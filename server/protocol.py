@@ -51,11 +51,15 @@ class _SamplingFields(BaseModel):
             raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+        stops = self.stop_strings()
+        if len(stops) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
             raise InvalidRequest(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple, whether the request gave one string, a list or nothing."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, choice_index: int = 0) -> SamplingParams:
         self.check_common()
@@ -63,7 +67,7 @@ class _SamplingFields(BaseModel):
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
             raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop = self.stop_strings()
         seed = None if self.seed is None else self.seed + choice_index  # n choices must differ
         return SamplingParams(
             max_tokens=max_tokens,
