@@ -163,10 +163,13 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], endpoint
 
 
 def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
-    if args.dataset == "file":
-        if not args.dataset_path:
+    kind, *rest = args.dataset  # ["random"] or ["file", PATH]
+    if kind not in ("random", "file") or len(rest) > 1:
+        raise SystemExit("--dataset is 'random' or 'file PATH'")
+    if kind == "file":
+        if not rest:
             raise SystemExit("--dataset file needs a PATH (--dataset file PATH)")
-        return file_workload(args.dataset_path, args.num_prompts, args.output_len, args.endpoint)
+        return file_workload(rest[0], args.num_prompts, args.output_len, args.endpoint)
     if args.endpoint == "chat":
         return random_text_workload(args.num_prompts, args.input_len, args.output_len, args.shared_prefix_len, args.seed)
     lo, hi = (int(x) for x in args.token_id_range.split(":"))
@@ -230,9 +233,6 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """Run the load test(s) described by `args`; write --out; return the whole report."""
-    args.dataset, args.dataset_path = args.dataset[0], (args.dataset[1] if len(args.dataset) > 1 else None)
-    if args.dataset not in ("random", "file"):
-        raise SystemExit("--dataset is 'random' or 'file PATH'")
     slo = parse_slo(args.slo)
     specs = build_workload(args)
     rates = [parse_rate(r) for r in args.sweep_rates.split(",")] if args.sweep_rates else [args.request_rate]

@@ -94,3 +94,14 @@ def test_python_m_load_tests_runs(server, tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ})
     assert res.returncode == 0, res.stderr
     assert "Requests completed / failed:            3 / 0" in res.stdout
+
+
+def test_file_dataset_runs_and_args_can_be_reused(server, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello there", "max_tokens": 3}\n{"prompt": "The sky is", "max_tokens": 2}\n')
+    args = _args(server.base_url, "--dataset", "file", str(path))
+    for _ in range(2):  # the namespace is not consumed by a run
+        s = run_from_args(args)["runs"][0]["summary"]
+        assert s["completed"] == 2 and s["output_tokens"] <= 5
+    with pytest.raises(SystemExit):
+        run_from_args(_args(server.base_url, "--dataset", "file"))
