@@ -3,7 +3,8 @@
 The step runs in a worker thread so the event loop (and HTTP) stays
 responsive. Engine state is only mutated on the event-loop thread while no
 step is running: requests and aborts that arrive during a step are applied
-right after it, i.e. within one step.
+right after it, i.e. within one step. The next step starts before a step's
+outputs are handed out, so the two overlap.
 """
 
 from __future__ import annotations
@@ -103,12 +104,14 @@ class AsyncEngine:
         self._ensure_loop()
         if request_id in self._queues:
             raise InvalidRequest(f"duplicate request id {request_id!r}")
-        if self.max_waiting is not None and len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_waiting:
+        if self.dead is not None:
+            raise EngineDead(f"engine stopped: {self.dead}")
+        if self.max_waiting is not None and self.engine.num_waiting + len(self._pending_adds) >= self.max_waiting:
             raise EngineOverloaded(f"too many waiting requests (limit {self.max_waiting}); retry later")
         seq = self.engine.make_sequence(request_id, prompt, params)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
-        if self._stepping:
+        if self._stepping and not self.engine.accepts_commands_while_stepping:
             self._pending_adds.append(seq)
         else:
             self.engine.add_sequence(seq)
@@ -135,7 +138,7 @@ class AsyncEngine:
     def _abort_now_or_after_step(self, request_id: str) -> None:
         known = request_id in self.engine.requests or any(s.request_id == request_id for s in self._pending_adds)
         self._pending_adds = [s for s in self._pending_adds if s.request_id != request_id]
-        if self._stepping:
+        if self._stepping and not self.engine.accepts_commands_while_stepping:
             self._pending_aborts.add(request_id)
         else:
             self.engine.abort_request(request_id)
@@ -152,45 +155,66 @@ class AsyncEngine:
             self.engine.add_sequence(seq)
         self._pending_adds.clear()
 
+    def _step(self) -> tuple[list[RequestOutput], StepStats]:
+        outputs = self.engine.step()
+        return outputs, self.engine.last_step
+
+    def _start_step(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        self._stepping = True
+        return loop.run_in_executor(self._executor, self._step)
+
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
+        step: asyncio.Future | None = None
         while True:
-            if not self.engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._stepping = True
+            if step is None:
+                if not self.engine.has_unfinished():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                step = self._start_step(loop)
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs, stats = await step
             except Exception as exc:  # a broken step fails its requests, not the server
                 logger.exception("engine step failed; aborting %d requests", self.engine.num_unfinished)
                 self._stepping = False
+                if isinstance(exc, EngineDead):  # the engine process is gone: nothing will step again
+                    self.dead = exc
                 self._fail_all(exc)
+                step = None
                 continue
-            finally:
-                self._stepping = False
+            self._stepping = False
             self._apply_pending()
+            # The next step starts before these outputs go out: the engine thread, which mostly
+            # waits on the device, then overlaps the handlers' per-output work (JSON, socket
+            # writes) instead of idling the GPU behind it.
+            step = self._start_step(loop) if self.engine.has_unfinished() else None
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
             for listener in self.step_listeners:
-                listener(self.engine.last_step, outputs)
+                listener(stats, outputs)
             await asyncio.sleep(0)  # let handlers run between steps
 
     def _fail_all(self, exc: BaseException) -> None:
         self._apply_pending()
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+        if self.dead is None:
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
         err = EngineDead(f"engine step failed: {exc}")
         for queue in self._queues.values():
             queue.put_nowait(err)
 
     def stats(self) -> StepStats:
-        return self.engine.last_step
+        """The engine's gauges as of now (aborts since its last step included)."""
+        return self.engine.live_stats()
 
     async def shutdown(self) -> None:
+        stop_engine = getattr(self.engine, "shutdown", None)  # an engine process: stop it, which ends a waiting step
+        if stop_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, stop_engine)
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:

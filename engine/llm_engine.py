@@ -77,9 +77,46 @@ class StepStats:
     kv_cache_usage: float
     num_batched_tokens: int
     num_preemptions: int
+    prefix_cache_queries: int = 0  # cumulative, in prompt tokens
+    prefix_cache_hits: int = 0
+
+
+def build_sequence(tokenizer, vocab_size: int, max_model_len: int, request_id: str, prompt: str | list[int],
+                   params: SamplingParams) -> Sequence:
+    """Validate and tokenize a request: the part of admission that needs no engine state, so the
+    API process can do it when the engine runs in another (engine/engine_process.py)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        token_ids = tokenizer.encode(prompt)
+    else:
+        token_ids = [int(t) for t in prompt]
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab_size})", param="prompt")
+    if not token_ids:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    num_prompt = len(token_ids)
+    if num_prompt >= max_model_len:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {max_model_len} tokens; "
+            f"the prompt has {num_prompt} tokens", param="prompt",
+        )
+    if params.max_tokens is None:
+        params = replace(params, max_tokens=max_model_len - num_prompt)
+    elif num_prompt + params.max_tokens > max_model_len:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {max_model_len} tokens; you requested "
+            f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, {params.max_tokens} "
+            "for the completion)", param="max_tokens",
+        )
+    return Sequence(request_id, token_ids, params)
 
 
 class LLMEngine:
+    # Requests and aborts must wait for the step in flight (AsyncEngine queues them): engine state
+    # is plain Python, touched by one thread at a time.
+    accepts_commands_while_stepping = False
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
@@ -107,32 +144,7 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Validate and tokenize a request without touching engine state (safe while a step runs)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt must not be empty", param="prompt")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = [int(t) for t in prompt]
-            vocab = self.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in token_ids):
-                raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
-        if not token_ids:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
-        num_prompt = len(token_ids)
-        if num_prompt >= self.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.max_model_len} tokens; "
-                f"the prompt has {num_prompt} tokens", param="prompt",
-            )
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=self.max_model_len - num_prompt)
-        elif num_prompt + params.max_tokens > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
-                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, {params.max_tokens} "
-                "for the completion)", param="max_tokens",
-            )
-        return Sequence(request_id, token_ids, params)
+        return build_sequence(self.tokenizer, self.model_config.vocab_size, self.max_model_len, request_id, prompt, params)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -263,10 +275,19 @@ class LLMEngine:
         return outputs
 
     def _stats(self, num_batched_tokens: int) -> StepStats:
+        bm = self.block_manager
         return StepStats(
-            len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage(),
-            num_batched_tokens, self.scheduler.num_preemptions,
+            len(self.scheduler.running), len(self.scheduler.waiting), bm.usage(),
+            num_batched_tokens, self.scheduler.num_preemptions, bm.prefix_cache_queries, bm.prefix_cache_hits,
         )
+
+    def live_stats(self) -> StepStats:
+        """The gauges as of now (aborts since the last step included)."""
+        return self._stats(self.last_step.num_batched_tokens)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
     def _process(self, seq: Sequence, tokens: list[int], now: float, sampled: SampledToken | None = None) -> RequestOutput:
         """Append sampled tokens to `seq` in order, stopping at the first stop condition."""

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import aiohttp
 import httpx
 
 from load_tests.client import RequestRecord, request_body, stream_request
@@ -135,8 +136,9 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], endpoint
         from tqdm import tqdm
 
         bar = tqdm(total=len(specs), desc=f"rate {request_rate:g}", unit="req", leave=False)
-    limits = httpx.Limits(max_connections=max_concurrency or len(specs) + 8, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=max_concurrency or len(specs) + 8)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         t0 = time.perf_counter()
 
         async def one(spec: RequestSpec, offset: float) -> RequestRecord:
@@ -147,7 +149,7 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], endpoint
                 await limit.acquire()
             try:
                 record = RequestRecord(spec.index, send_s=time.perf_counter() - t0, prompt_tokens=spec.prompt_len or 0)
-                return await stream_request(client, base_url, request_body(spec, model, endpoint, temperature),
+                return await stream_request(session, base_url, request_body(spec, model, endpoint, temperature),
                                             endpoint, record, t0, headers)
             finally:
                 if limit is not None:

@@ -12,7 +12,7 @@ out=${2:-${OUT:-out}}
 mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 else
   export PYTHONPATH=$PWD
 fi
@@ -50,20 +50,39 @@ run_bench_steps() {  # a longer multi-step run than the default 8
 }
 
 # The load harness against `roseinfer serve` (rate sweep), and the same workload through
-# `roseinfer bench --mode online` in-process: the HTTP layer's overhead.
-run_serve() {
-  local engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
-  local prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
-  "${roseinfer[@]}" serve "${engine[@]}" --port 8000 > "$out/serve.log" 2>&1 &
+# `roseinfer bench --mode online` in-process: the HTTP layer's overhead. SWEEP_RATES overrides the
+# rates; ONE_PROCESS_RATES (e.g. inf,inf) also loads a --no-engine-process server, for the A/B.
+load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-prompts 512 --no-progress)
+serve_engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
+
+serve_and_load() {  # NAME RATES [serve flags...]
+  local name=$1 rates=$2 port=8000
+  shift 2
+  timeout 400 "${roseinfer[@]}" serve "${serve_engine[@]}" --port $port "$@" > "$out/serve_$name.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 180); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-  timeout 300 python3 -m load_tests --base-url http://127.0.0.1:8000 --model gpt2 --dataset random --input-len 128 \
-    --output-len 256 --num-prompts 512 --sweep-rates 16,64,inf --scrape-metrics --slo ttft=500,tpot=50 \
-    --no-progress --out "$out/loadtest" 2>&1 | tee "$out/loadtest.log" | grep -v -i warn
-  kill -TERM $pid; wait $pid; echo "serve exit $?"
-  timeout 200 "${roseinfer[@]}" bench "${engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \
-    --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs 2 \
-    --output-json "$out/bench_online_512x256.json" 2>&1 | grep -v -i warn | tail -11
+  for _ in $(seq 150); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
+  timeout 150 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates "$rates" \
+    --scrape-metrics --slo ttft=500,tpot=50 --out "$out/loadtest_$name" > "$out/loadtest_$name.log" 2>&1
+  grep -E "load test|Duration|Output token|TTFT|TPOT|server-side" "$out/loadtest_$name.log" | sed "s/^/[$name] /"
+  if [ "$name" = main ] && command -v py-spy > /dev/null; then  # where the server's time goes at rate inf
+    timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf,inf \
+      --out "$out/loadtest_spy" > /dev/null 2>&1 &
+    local client=$!
+    sleep 4
+    timeout 20 py-spy record -p $pid -d 6 -r 250 -f raw --threads --subprocesses -o "$out/pyspy_server.txt" > /dev/null 2>&1
+    wait $client
+  fi
+  kill -TERM $pid; wait $pid; echo "[$name] serve exit $?"
+}
+
+run_serve() {
+  local prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
+  serve_and_load main "${SWEEP_RATES:-8,32,128,inf}"
+  [ -n "${ONE_PROCESS_RATES:-}" ] && serve_and_load one_process "$ONE_PROCESS_RATES" --no-engine-process
+  timeout 200 "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \
+    --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs 3 \
+    --output-json "$out/bench_online_512x256.json" > "$out/bench_online.log" 2>&1
+  grep -E "Throughput|TTFT|TPOT|GPU busy" "$out/bench_online.log"
 }
 
 run_profile() {

@@ -45,13 +45,15 @@ class ServerMetrics:
         self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: soak tests watch it
-        bm = engine.engine.block_manager
-        sched = engine.engine.scheduler
-        Gauge(p + "num_requests_running", "Requests in the running batch", registry=r).set_function(lambda: len(sched.running))
+        # Read at scrape time from the engine's live stats (in one process: computed now; with an
+        # engine process: as of its latest report, which follows every step and every abort).
+        Gauge(p + "num_requests_running", "Requests in the running batch", registry=r).set_function(
+            lambda: engine.stats().num_running)
         Gauge(p + "num_requests_waiting", "Requests queued", registry=r).set_function(
-            lambda: len(sched.waiting) + len(engine._pending_adds)
+            lambda: engine.stats().num_waiting + len(engine._pending_adds)
         )
-        Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r).set_function(bm.usage)
+        Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r).set_function(
+            lambda: engine.stats().kv_cache_usage)
         self._seen_preemptions = 0
         self._seen_prefix = (0, 0)
         self._tracked: dict[str, _Tracked] = {}
@@ -62,8 +64,7 @@ class ServerMetrics:
         if stats.num_preemptions > self._seen_preemptions:
             self.preemptions.inc(stats.num_preemptions - self._seen_preemptions)
             self._seen_preemptions = stats.num_preemptions
-        bm = self.engine.engine.block_manager
-        q, h = bm.prefix_cache_queries, bm.prefix_cache_hits
+        q, h = stats.prefix_cache_queries, stats.prefix_cache_hits
         self.prefix_queries.inc(q - self._seen_prefix[0])
         self.prefix_hits.inc(h - self._seen_prefix[1])
         self._seen_prefix = (q, h)
@@ -121,9 +122,9 @@ class ServerMetrics:
             }
         stats = self.engine.stats()
         result["engine"] = {
-            "running": len(self.engine.engine.scheduler.running),
-            "waiting": len(self.engine.engine.scheduler.waiting),
-            "kv_cache_usage": self.engine.engine.block_manager.usage(),
+            "running": stats.num_running,
+            "waiting": stats.num_waiting,
+            "kv_cache_usage": stats.kv_cache_usage,
             "num_preemptions": stats.num_preemptions,
         }
         return result

@@ -51,9 +51,10 @@ class ServerProcess:
             return -9
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    srv = ServerProcess(tiny_llama_dir)
+@pytest.fixture(scope="module", params=["engine-process", "one-process"])
+def server(request, tiny_llama_dir):
+    """`roseinfer serve` both ways: the engine in its own process (the default) and in the server's."""
+    srv = ServerProcess(tiny_llama_dir, *(["--no-engine-process"] if request.param == "one-process" else []))
     yield srv
     assert srv.stop() == 0
 

@@ -1,0 +1,83 @@
+"""The engine core in a child process (EngineCoreClient) behind AsyncEngine: same tokens as in one
+process, aborts reach the child's block manager, start-up and step failures come back as errors."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from engine import AsyncEngine, SamplingParams
+from engine.config import EngineConfig
+from engine.engine_process import EngineCoreClient
+from engine.errors import EngineDead, EngineError
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def _client(model_dir: str) -> EngineCoreClient:
+    return EngineCoreClient(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64, max_num_seqs=8,
+                                         max_num_batched_tokens=256))
+
+
+async def _until(predicate, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_streams_match_one_process_and_aborts_free_blocks(tiny_llama_dir, tiny_llm):
+    engine_process = _client(tiny_llama_dir)
+    prompts = ["one two three", "the sky is", "four score and seven years ago", "hello"]
+    expected = [o.token_ids for o in tiny_llm.generate(prompts, GREEDY)]
+    assert engine_process.tokenizer.encode("the sky is") == tiny_llm.tokenizer.encode("the sky is")
+
+    async def main():
+        engine = AsyncEngine(engine=engine_process)
+        try:
+            async def tokens(rid, prompt):
+                outs = [o async for o in engine.generate(rid, prompt, GREEDY)]
+                assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 24
+                return [t for o in outs for t in o.new_token_ids]
+
+            got = await asyncio.gather(*(tokens(f"r{i}", p) for i, p in enumerate(prompts)))
+            # Leave a long request after its first delta: the abort must free its blocks in the child.
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            stream = engine.add_request("long", "count with me: one two", long)
+            first = await stream.__anext__()
+            assert first.new_token_ids and not first.finished
+            assert engine.stats().kv_cache_usage > 0
+            stream.close()
+            await _until(lambda: engine.stats().kv_cache_usage == 0.0 and engine.stats().num_running == 0)
+            assert engine_process.num_unfinished == 0
+            return got
+        finally:
+            await engine.shutdown()
+            assert not engine_process.process.is_alive()
+
+    assert asyncio.run(main()) == expected
+
+
+def test_startup_error_is_an_engine_error(tmp_path):
+    with pytest.raises(EngineError):
+        EngineCoreClient(EngineConfig(model=str(tmp_path / "no-such-model"), device="cpu"))
+
+
+def test_dead_engine_process_fails_requests(tiny_llama_dir):
+    client = _client(tiny_llama_dir)
+
+    async def main():
+        engine = AsyncEngine(engine=client)
+        stream = engine.add_request("a", "one two three", SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        await stream.__anext__()
+        os.kill(client.process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDead):
+            async for _ in stream:
+                pass
+        assert engine.dead is not None
+        with pytest.raises(EngineDead):
+            engine.add_request("b", "hello", GREEDY)
+        await engine.shutdown()
+
+    asyncio.run(main())
