@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from engine.async_engine import AsyncEngine, RequestStream
@@ -52,6 +53,41 @@ class _Choice:
 def _sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+async def _parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The generation routes' body, parsed and validated in one pass by pydantic's JSON parser.
+    A `body: Model` parameter costs several times more per request (json.loads, then validation
+    through FastAPI's dependency machinery; with StreamingResponse's setup, the largest
+    per-request costs in a py-spy profile of a 512-request burst). Errors take the same path as
+    FastAPI's own."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _documented_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that parses its body itself: the schema it would have had."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _with_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Register `models` (and what they reference) in the OpenAPI components `_documented_body` points to."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -262,8 +298,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    @app.post("/v1/completions", openapi_extra=_documented_body(CompletionRequest))
+    async def completions(request: Request):
+        body: CompletionRequest = await _parse_body(request, CompletionRequest)
         model = check_model(body.model)
         prompts = body.prompts()
         if body.suffix:
@@ -323,8 +360,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         return await with_disconnect_guard(request, collect())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=_documented_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        body: ChatCompletionRequest = await _parse_body(request, ChatCompletionRequest)
         model = check_model(body.model)
         body.check_common()
         k = body.logprobs_k()
@@ -377,6 +415,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         return await with_disconnect_guard(request, collect())
 
+    _with_body_schemas(app, (CompletionRequest, ChatCompletionRequest))
     return app
 
 
