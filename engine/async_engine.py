@@ -5,6 +5,11 @@ responsive. Engine state is only mutated on the event-loop thread while no
 step is running: requests and aborts that arrive during a step are applied
 right after it, i.e. within one step. The next step starts before a step's
 outputs are handed out, so the two overlap.
+
+`engine` is an LLMEngine in this process, or an EngineCoreClient
+(engine/engine_process.py) whose engine runs in a child process: its `step`
+waits for the child's next report, and it takes requests and aborts at any
+time (`accepts_commands_while_stepping`).
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead, EngineOverloaded, InvalidRequest
 from engine.llm_engine import LLMEngine, RequestOutput, StepStats, merge_outputs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.engine_process import EngineCoreClient
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +80,8 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, max_waiting: int | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | EngineCoreClient | None = None,
+                 max_waiting: int | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
         self.max_waiting = max_waiting
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
