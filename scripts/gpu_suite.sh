@@ -70,7 +70,9 @@ serve_and_load() {  # NAME RATES [serve flags...]
       --out "$out/loadtest_spy" > /dev/null 2>&1 &
     local client=$!
     sleep 4
-    timeout 20 py-spy record -p $pid -d 6 -r 250 -f raw --threads --subprocesses -o "$out/pyspy_server.txt" > /dev/null 2>&1
+    local server_pid
+    server_pid=$(pgrep -P $pid | head -1)  # $pid is the `timeout` wrapper; profile the server under it
+    timeout 20 py-spy record -p "$server_pid" -d 6 -r 250 -f raw --threads --subprocesses -o "$out/pyspy_server.txt" > /dev/null 2>&1
     wait $client
   fi
   kill -TERM $pid; wait $pid; echo "[$name] serve exit $?"
