@@ -124,11 +124,46 @@ def server_side_means_ms(before: str, after: str) -> dict:
 
 
 # ---- one run ------------------------------------------------------------------------------
-async def run_once(base_url: str, model: str, specs: list[RequestSpec], endpoint: str, request_rate: float,
-                   burstiness: float, max_concurrency: int | None, seed: int, temperature: float = 0.0,
-                   api_key: str | None = None, timeout_s: float = 600.0, progress: bool = True) -> tuple[list[RequestRecord], float]:
-    """Send every spec at its arrival time (bounded by max_concurrency) and stream them all."""
+def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str, request_rate: float,
+             burstiness: float, max_concurrency: int | None, seed: int, temperature: float = 0.0,
+             api_key: str | None = None, timeout_s: float = 600.0, progress: bool = True,
+             client_processes: int = 1) -> tuple[list[RequestRecord], float]:
+    """Send every spec at its arrival time (bounded by max_concurrency) and stream them all.
+
+    With `client_processes` > 1 the requests are dealt round-robin to that many processes, each
+    with its own event loop and connection pool (and max_concurrency / N): one Python client
+    spends about as much CPU per request as our server, so against a fast server its own send
+    loop becomes part of what it measures. Every process times against the same monotonic clock
+    and starts at the same instant, so records and the duration mean the same as with one."""
     offsets = arrival_offsets_s(len(specs), request_rate, burstiness, seed)
+    if client_processes <= 1:
+        return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,
+                                    api_key, timeout_s, progress))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # the client holds no CUDA, no threads
+    start = time.perf_counter() + (0.5 if method == "fork" else 5.0)  # every shard begins here
+    per_shard = None if not max_concurrency else -(-max_concurrency // client_processes)
+    shards = [list(range(i, len(specs), client_processes)) for i in range(client_processes)]
+    with ProcessPoolExecutor(client_processes, mp_context=mp.get_context(method)) as pool:
+        futures = [pool.submit(_run_shard, base_url, model, [specs[j] for j in idx], [offsets[j] for j in idx], endpoint,
+                               request_rate, per_shard, temperature, api_key, timeout_s, start) for idx in shards]
+        records = [r for f in futures for r in f.result()]
+    return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+
+
+def _run_shard(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature, api_key, timeout_s,
+               start) -> list[RequestRecord]:
+    return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,
+                                api_key, timeout_s, progress=False, start=start))[0]
+
+
+async def run_once(base_url: str, model: str, specs: list[RequestSpec], offsets: list[float], endpoint: str,
+                   request_rate: float, max_concurrency: int | None, temperature: float = 0.0, api_key: str | None = None,
+                   timeout_s: float = 600.0, progress: bool = True, start: float | None = None) -> tuple[list[RequestRecord], float]:
+    """Send each spec at `start` (a time.perf_counter() value; default now) plus its offset, and
+    stream them all. Times in the records are seconds from `start`."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     bar = None
@@ -139,7 +174,9 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], endpoint
     connector = aiohttp.TCPConnector(limit=max_concurrency or len(specs) + 8)
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=30.0)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        t0 = time.perf_counter()
+        if start is not None and start > time.perf_counter():
+            await asyncio.sleep(start - time.perf_counter())
+        t0 = time.perf_counter() if start is None else start
 
         async def one(spec: RequestSpec, offset: float) -> RequestRecord:
             delay = offset - (time.perf_counter() - t0)
@@ -231,6 +268,9 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="directory for results.json and PNG plots")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="send from N processes (requests dealt round-robin; max-concurrency split): for servers "
+                        "fast enough that one Python client's own CPU would limit the measurement")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
@@ -241,9 +281,10 @@ def run_from_args(args: argparse.Namespace) -> dict:
     runs = []
     for rate in rates:
         before = _scrape(args.base_url) if args.scrape_metrics else None
-        records, duration = asyncio.run(run_once(
+        records, duration = run_load(
             args.base_url, args.model, specs, args.endpoint, rate, args.burstiness, args.max_concurrency, args.seed,
-            args.temperature, args.api_key, args.timeout, progress=not args.no_progress))
+            args.temperature, args.api_key, args.timeout, progress=not args.no_progress,
+            client_processes=args.client_processes)
         summary = summarize(records, duration, slo)
         if before is not None:
             summary["server_side"] = server_side_means_ms(before, _scrape(args.base_url))

@@ -52,8 +52,10 @@ run_bench_steps() {  # a longer multi-step run than the default 8
 
 # The load harness against `roseinfer serve` (rate sweep), and the same workload through
 # `roseinfer bench --mode online` in-process: the HTTP layer's overhead. SWEEP_RATES overrides the
-# rates; ONE_PROCESS_RATES (e.g. inf,inf) also loads a --no-engine-process server, for the A/B.
-load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-prompts 512 --no-progress)
+# rates; ONE_PROCESS_RATES (e.g. inf,inf) also loads a --no-engine-process server, for the A/B;
+# CLIENT_PROCESSES sends from that many client processes.
+load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-prompts 512 --no-progress
+           --client-processes "${CLIENT_PROCESSES:-1}")
 serve_engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
 
 serve_and_load() {  # NAME RATES [serve flags...]

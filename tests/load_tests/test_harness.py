@@ -105,3 +105,21 @@ def test_file_dataset_runs_and_args_can_be_reused(server, tmp_path):
         assert s["completed"] == 2 and s["output_tokens"] <= 5
     with pytest.raises(SystemExit):
         run_from_args(_args(server.base_url, "--dataset", "file"))
+
+
+def test_client_processes_share_one_clock(server):
+    """Requests dealt to two client processes come back whole, in order, timed from one start: the
+    Poisson schedule (rate 40/s, so about 0.3 s of arrivals) is kept across the processes."""
+    report = run_from_args(_args(server.base_url, "--input-len", "8", "--output-len", "4", "--num-prompts", "12",
+                                 "--request-rate", "40", "--client-processes", "2"))
+    s, records = report["runs"][0]["summary"], report["runs"][0]["requests"]
+    assert s["completed"] == 12 and s["output_tokens"] == 48
+    assert [r["index"] for r in records] == list(range(12))
+    sends = [r["send_s"] for r in records]
+    assert all(0 <= t < s["duration_s"] for t in sends)
+    # No request leaves before its place in the one schedule (a shard with its own offsets would).
+    schedule = arrival_offsets_s(12, 40.0, 1.0, 0)
+    assert all(sent >= planned - 1e-3 for sent, planned in zip(sends, schedule)) and schedule[-1] > 0.1
+    # Both processes' requests interleave in time, as one schedule: even and odd indices overlap.
+    assert min(sends[1::2]) < max(sends[0::2]) and min(sends[0::2]) < max(sends[1::2])
+    assert all(r["end_s"] <= s["duration_s"] + 1e-6 for r in records)
