@@ -269,10 +269,9 @@ class ModelRunner:
     def execute_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
         """Run `num_steps` decode steps back to back on the device, feeding each step's
         tokens to the next without a host round trip; one sync at the end. Blocks for all the new
-        tokens must already be allocated. Returns the tokens of each step, per step."""
+        tokens must already be allocated. Returns the tokens of each step, per step. (Batches that
+        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined.)"""
         assert self.graphs is not None and self.graphs.fits(len(seqs))
-        if self.can_launch_greedy_run(seqs, num_steps):
-            return self.graphs.launch_greedy_steps(seqs, chained=False).wait()
         batch = self.sampling_batch(seqs)
         steps = []
         tokens = None
