@@ -75,9 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
         timeout_graceful_shutdown=int(args.shutdown_timeout), access_log=False,
     )
-    # Server.run, not asyncio.run(serve()): it builds the loop from config.loop, so uvloop (and,
-    # through http="auto", the httptools parser) serve when installed; the stock asyncio loop and
-    # h11 cost several times more per streamed chunk.
+    # Server.run, not asyncio.run(serve()): it builds the loop from config.loop, so uvloop serves
+    # when installed (http="auto" picks httptools either way). On the CPU here uvloop did not
+    # change the server's CPU per streamed token (63 vs 64 us); it is the library's default.
     _GracefulServer(config).run()
     return 0
 
