@@ -133,8 +133,9 @@ def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str,
     With `client_processes` > 1 the requests are dealt round-robin to that many processes, each
     with its own event loop and connection pool (and max_concurrency / N): one Python client
     spends about half as much CPU per request as our server (docs/BENCHMARKS.md), so against a
-    fast server its own send loop becomes part of what it measures. Every process times against the same monotonic clock
-    and starts at the same instant, so records and the duration mean the same as with one."""
+    fast server its own send loop becomes part of what it measures. Every process times against
+    the same monotonic clock and starts at the same instant, so records and the duration mean
+    the same as with one."""
     offsets = arrival_offsets_s(len(specs), request_rate, burstiness, seed)
     if client_processes <= 1:
         return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,

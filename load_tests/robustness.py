@@ -28,16 +28,26 @@ RSS_METRIC = "process_resident_memory_bytes"
 
 
 # ---- reading the server's state ---------------------------------------------------------------
-def metric_value(base_url: str, names: tuple[str, ...] | str) -> float | None:
-    """The first of `names` found in /metrics (unlabelled samples only), else None."""
-    names = (names,) if isinstance(names, str) else names
+def metric_values(base_url: str) -> dict[str, float]:
+    """Every unlabelled sample in /metrics, by name (one scrape)."""
     text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
     values = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and not line.startswith("#"):
             values[parts[0]] = float(parts[1])
+    return values
+
+
+def first_metric(values: dict[str, float], names: tuple[str, ...] | str) -> float | None:
+    """The first of `names` present in `values` (a `metric_values` scrape), else None."""
+    names = (names,) if isinstance(names, str) else names
     return next((values[n] for n in names if n in values), None)
+
+
+def metric_value(base_url: str, names: tuple[str, ...] | str) -> float | None:
+    """The first of `names` found in /metrics (unlabelled samples only), else None."""
+    return first_metric(metric_values(base_url), names)
 
 
 def assert_recovered(base_url: str, timeout_s: float = 30.0) -> dict:
@@ -45,8 +55,9 @@ def assert_recovered(base_url: str, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         health = httpx.get(base_url.rstrip("/") + "/health", timeout=10).status_code
-        state = {"health": health, "kv": metric_value(base_url, KV_GAUGES),
-                 "running": metric_value(base_url, RUNNING_GAUGES), "waiting": metric_value(base_url, WAITING_GAUGES)}
+        values = metric_values(base_url)
+        state = {"health": health, "kv": first_metric(values, KV_GAUGES),
+                 "running": first_metric(values, RUNNING_GAUGES), "waiting": first_metric(values, WAITING_GAUGES)}
         if health == 200 and not state["kv"] and not state["running"] and not state["waiting"]:
             return state
         if time.monotonic() > deadline:
