@@ -16,6 +16,7 @@ import torch
 from engine.attention import AttentionMetadata, make_attention_backend
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
+from engine.models.layers import configure_decode_kernels
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -86,6 +87,8 @@ class ModelRunner:
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype
+        if self.attention.name == "triton":  # the CUDA path: launch decisions made once, here
+            configure_decode_kernels(self.model, self.attention, self.device, self.dtype, config.max_num_seqs)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
@@ -346,6 +349,11 @@ class CudaGraphDecoder:
         self.base_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.step_inputs_kernel = None
+        if runner.attention.name == "triton":
+            from kernels.decode_step import decode_step_inputs
+
+            self.step_inputs_kernel = decode_step_inputs
         self.multi_tokens: dict[int, torch.Tensor] = {}
         # Two pinned buffers each for a run's tokens (read while the next run is in flight) and
         # its block tables (a pageable upload would wait for the run in flight to finish).
@@ -399,11 +407,15 @@ class CudaGraphDecoder:
         active = self.active[:bs]
         tokens = []
         for i in range(self.multi_steps):
-            pos = self.base_pos[:bs] + i
-            self.positions[:bs].copy_(pos)
-            self.seq_lens[:bs].copy_(torch.where(active, pos + 1, 0))
-            block_ids = self.block_tables[:bs].gather(1, (pos // block).unsqueeze(1)).squeeze(1)
-            self.slot_mapping[:bs].copy_(torch.where(active, block_ids * block + pos % block, -1))
+            if self.step_inputs_kernel is not None:  # one launch instead of a dozen
+                self.step_inputs_kernel(self.base_pos[:bs], active, self.block_tables[:bs], i, block,
+                                        self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
+            else:
+                pos = self.base_pos[:bs] + i
+                self.positions[:bs].copy_(pos)
+                self.seq_lens[:bs].copy_(torch.where(active, pos + 1, 0))
+                block_ids = self.block_tables[:bs].gather(1, (pos // block).unsqueeze(1)).squeeze(1)
+                self.slot_mapping[:bs].copy_(torch.where(active, block_ids * block + pos % block, -1))
             hidden = model(self.input_ids[:bs], self.positions[:bs], caches, meta)
             next_ids = model.compute_logits(hidden, upcast=False).argmax(dim=-1)
             tokens.append(next_ids)

@@ -14,12 +14,15 @@ from kernels.prefill_attention import paged_prefill
 class TritonAttention(AttentionBackend):
     name = "triton"
 
+    def __init__(self) -> None:
+        self.pdl = False  # programmatic dependent launch; set by configure_decode_kernels
+
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, pdl=self.pdl)
         if meta.is_decode_only:
             launch = meta.decode_launch if meta.decode_launch is not None else DecodeLaunch()
-            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch)
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch, pdl=self.pdl)
         return paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             meta.max_query_len, prefill_launch(q.shape[-1]),

@@ -6,13 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_k_tok, stride_v_tok, stride_c_block, stride_c_head, stride_c_tok,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # every program waits, also those with nothing to store (see kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:  # negative slots pad a CUDA-graph batch: nothing to store
@@ -25,7 +31,8 @@ def _write_kv_kernel(
         tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             pdl: bool = False) -> None:
     """k, v: [num_tokens, kv_heads, head_dim], each token's heads contiguous; caches [blocks, kv_heads, block_size, head_dim]."""
     num_tokens, kv_heads, head_dim = k.shape
     assert v.shape == k.shape and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
@@ -40,4 +47,5 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, ROW=row, ROW_PAD=triton.next_power_of_2(row), num_warps=4,
+        **pdl_launch(pdl, k),
     )

@@ -12,6 +12,7 @@ import json
 import os
 from functools import lru_cache
 
+from kernels.linear import LinearLaunch
 from kernels.paged_attention import DecodeLaunch
 from kernels.prefill_attention import PrefillLaunch
 
@@ -55,6 +56,35 @@ def decode_launch(dtype: str, head_dim: int, group: int, block_size: int, num_se
         if entry is not None:
             return DecodeLaunch(**entry)
     return heuristic_decode_launch(head_dim, group, num_seqs, num_kv_heads, num_sms)
+
+
+def linear_key(dtype: str, n: int, k: int, bucket: int) -> str:
+    return f"linear/{dtype}/n{n}/k{k}/b{bucket}"
+
+
+# Without a tuned entry, the skinny kernel serves batches up to this size (cuBLAS above): on the
+# H100 (scripts/step_parts.py) it beat cuBLAS at batch 64 for GPT-2's projections only when launched
+# with PDL, and larger batches were not measured.
+HEURISTIC_LINEAR_MAX_ROWS = 64
+
+
+def heuristic_linear_launch(k: int, bucket: int) -> LinearLaunch | None:
+    if bucket > HEURISTIC_LINEAR_MAX_ROWS:
+        return None
+    # 32 columns a program and 128-wide K tiles were best for every K <= 768 projection measured;
+    # a long K (GPT-2's fc2, 3072) is split three ways so that enough programs stream the weights.
+    return LinearLaunch(block_n=32, block_k=128, split_k=1 if k <= 1024 else 3, num_warps=4, num_stages=3)
+
+
+def linear_launch(dtype: str, n: int, k: int, bucket: int, table_path: str = TABLE_PATH) -> LinearLaunch | None:
+    """The skinny-kernel launch for an [n, k] projection at this batch bucket, or None for cuBLAS.
+    A tuned entry of null means cuBLAS measured faster."""
+    table = load_table(table_path)
+    key = linear_key(dtype, n, k, bucket)
+    if key in table:
+        entry = table[key]
+        return None if entry is None else LinearLaunch(**entry)
+    return heuristic_linear_launch(k, bucket)
 
 
 def prefill_launch(head_dim: int) -> PrefillLaunch:

@@ -11,13 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _add_norm_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
     stride_x, stride_res, stride_out, stride_sum, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -50,9 +56,11 @@ def add_norm(
     rms: bool,
     out: torch.Tensor | None = None,
     sum_out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual) for x, residual [rows, hidden]; with residual None,
-    (norm(x), x). LayerNorm when `rms` is False (weight and bias), else RMSNorm (weight only)."""
+    (norm(x), x). LayerNorm when `rms` is False (weight and bias), else RMSNorm (weight only).
+    `pdl`: launch with programmatic dependent launch (CUDA, Hopper or newer)."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be [rows, hidden] with contiguous rows"
     rows, hidden = x.shape
     assert weight.shape == (hidden,) and weight.is_contiguous()
@@ -75,5 +83,6 @@ def add_norm(
         x, residual if residual is not None else x, weight, bias if bias is not None else weight, out, sum_out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), sum_out.stride(0), hidden, eps,
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=num_warps,
+        **pdl_launch(pdl, x),
     )
     return out, sum_out

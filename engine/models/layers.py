@@ -1,7 +1,9 @@
-"""Layers both model families share: the residual add fused into the next norm."""
+"""Layers both model families share: the residual add fused into the next norm, and linear
+projections that run the skinny decode kernel on small batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -23,10 +25,11 @@ class AddNorm(nn.Module):
         self.eps = eps
         self.rms = rms
         self.kernel = fused_kernel("norm", "add_norm") if fused else None
+        self.pdl = False  # set by configure_decode_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
-            return self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms)
+            return self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms, pdl=self.pdl)
         h = x if residual is None else x + residual
         if not self.rms:
             return F.layer_norm(h, (h.shape[-1],), self.weight, self.bias, self.eps), h
@@ -43,3 +46,62 @@ def uses_fused_kernels(attention) -> bool:
 def fused_kernel(module: str, name: str):
     """A launcher from `kernels/`, imported only when used: the torch path needs no Triton."""
     return getattr(importlib.import_module(f"kernels.{module}"), name)
+
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` (optionally followed by tanh-GELU, GPT-2's MLP) whose small-batch calls run
+    `kernels.linear.skinny_linear` with the bias and GELU in its epilogue.
+
+    `configure_decode_kernels` decides, once per batch bucket, which launch serves it (or cuBLAS);
+    forward only looks the bucket up. Without configuration, or on the CPU, it is plain torch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.gelu = gelu
+        self.launches: list[tuple[int, object]] = []  # (max rows, LinearLaunch) ascending
+        self.kernel = None
+        self.workspace = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        for max_rows, launch in self.launches:
+            if rows <= max_rows:
+                return self.kernel(x, self.weight, self.bias, self.gelu, launch, self.workspace)
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
+def configure_decode_kernels(model: nn.Module, attention, device: torch.device, dtype: torch.dtype,
+                             max_rows: int) -> None:
+    """Decide, once at load, how the fused kernels launch: programmatic dependent launch where the
+    GPU has it (every kernel of a layer is then ours, so each can start while the one before it
+    ends), and the skinny-linear launch of every projection for each batch bucket up to `max_rows`.
+    Only for the CUDA path (the Triton attention backend)."""
+    from kernels.launch_table import BATCH_BUCKETS, batch_bucket, linear_launch
+    from kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
+    from kernels.pdl import pdl_supported
+
+    pdl = pdl_supported(device)
+    attention.pdl = pdl
+    workspace = SplitKWorkspace()
+    need = (0, 0)
+    dtype_name = str(dtype).removeprefix("torch.")
+    buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(max_rows)]
+    for module in model.modules():
+        if hasattr(module, "pdl"):  # AddNorm, the Llama attention's RoPE, its MLP's SiLU
+            module.pdl = pdl
+        elif isinstance(module, DecodeLinear):
+            module.launches = []
+            for bucket in buckets:
+                launch = linear_launch(dtype_name, module.out_features, module.in_features, bucket)
+                if launch is None:
+                    break  # cuBLAS from here up
+                launch = dataclasses.replace(launch, pdl=pdl)
+                module.launches.append((bucket, launch))
+                need = tuple(map(max, need, workspace_size(launch, bucket, module.out_features)))
+            module.kernel = skinny_linear
+            module.workspace = workspace
+    if need[0]:
+        # Allocated now, not lazily inside a CUDA-graph capture.
+        workspace.get(need[0], need[1], device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import padded_vocab_size
-from engine.models.layers import AddNorm, fused_kernel, uses_fused_kernels
+from engine.models.layers import AddNorm, DecodeLinear, fused_kernel, uses_fused_kernels
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -74,18 +74,19 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = DecodeLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = DecodeLinear(self.q_size, config.hidden_size, bias=False)
         self.attention = attention
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.rotary_kernel = fused_kernel("rotary", "rotary_inplace") if uses_fused_kernels(attention) else None
+        self.pdl = False  # set by configure_decode_kernels
 
     def forward(self, x, positions, kv_cache, meta):
         qkv = self.qkv_proj(x)
         if self.rotary_kernel is not None:
             self.rotary_kernel(qkv, positions, self.rotary.cos_half, self.rotary.sin_half,
-                               self.num_heads + self.num_kv_heads, self.head_dim)
+                               self.num_heads + self.num_kv_heads, self.head_dim, pdl=self.pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -100,14 +101,15 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = DecodeLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else None
+        self.pdl = False  # set by configure_decode_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_kernel is not None:
-            return self.down_proj(self.act_kernel(gate_up))
+            return self.down_proj(self.act_kernel(gate_up, pdl=self.pdl))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

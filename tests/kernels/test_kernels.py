@@ -6,18 +6,22 @@ GPU host, `pytest -m gpu` runs the same cases on CUDA at larger shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from kernels.activation import silu_and_mul
+from kernels.decode_step import decode_step_inputs
+from kernels.embedding import embed_add
 from kernels.kv_cache import write_kv
+from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from kernels.norm import add_norm
 from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
-from kernels.reference import (add_norm_ref, paged_decode_ref, paged_prefill_ref, rotary_ref, silu_and_mul_ref,
-                               write_kv_ref)
+from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
+                               paged_prefill_ref, rotary_ref, silu_and_mul_ref, write_kv_ref)
 from kernels.rotary import rotary_inplace
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -188,3 +192,106 @@ def test_silu_and_mul_matches_reference(device, dtype, n):
     out = torch.full((5, n), float("nan"), device=device, dtype=dtype)
     got = silu_and_mul(x, out=out)
     assert got is out and rel_err(got, silu_and_mul_ref(x)) < TOL[dtype]
+
+
+LINEAR_CASES = [
+    # (rows, n, k, bias, gelu, launch)
+    (5, 96, 64, True, False, LinearLaunch(block_n=32, block_k=32)),
+    (64, 80, 192, True, True, LinearLaunch(block_n=32, block_k=64, split_k=2)),  # split-K + GELU epilogue
+    (17, 48, 160, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3)),  # ragged K slices
+    (70, 40, 96, True, False, LinearLaunch(block_n=16, block_k=32, split_k=2)),  # two row tiles
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_skinny_linear_matches_reference(device, dtype, case):
+    rows, n, k, has_bias, gelu, launch = case
+    x = torch.randn(rows, k, device=device).to(dtype)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if has_bias else None
+    workspace = SplitKWorkspace()
+    ref = linear_ref(x, weight, bias, gelu)
+    for _ in range(2):  # the split-K tile counters must be back at zero for the second launch
+        out = torch.full((rows, n), float("nan"), device=device, dtype=dtype)
+        got = skinny_linear(x, weight, bias, gelu, launch, workspace, out=out)
+        assert got is out and rel_err(got, ref) < TOL[dtype]
+        if launch.split_k > 1:
+            assert int(workspace.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [5, 300])
+def test_decode_step_inputs_match_reference(device, rows):
+    gen = torch.Generator().manual_seed(rows)
+    block_size, max_blocks = 16, 9
+    base_pos = torch.randint(0, 100, (rows,), generator=gen).to(device)
+    active = (torch.rand(rows, generator=gen) > 0.3).to(device)
+    tables = torch.randint(0, 10_000, (rows, max_blocks), generator=gen, dtype=torch.int32).to(device)
+    for step in (0, 7):
+        got = (torch.full((rows,), -7, dtype=torch.int64, device=device),
+               torch.full((rows,), -7, dtype=torch.int32, device=device),
+               torch.full((rows,), -7, dtype=torch.int64, device=device))
+        decode_step_inputs(base_pos, active, tables, step, block_size, *got)
+        for g, r in zip(got, decode_step_inputs_ref(base_pos, active, tables, step, block_size)):
+            assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed_add_matches_reference(device, dtype):
+    wte = torch.randn(50, 96, device=device).to(dtype)
+    wpe = torch.randn(40, 96, device=device).to(dtype)
+    ids = torch.randint(0, 50, (13,), device=device)
+    positions = torch.randint(0, 40, (13,), device=device)
+    got, ref = embed_add(ids, positions, wte, wpe), embed_add_ref(ids, positions, wte, wpe)
+    if dtype is torch.bfloat16 and INTERPRET:  # the interpreter's bf16 rounding truncates (see test_add_norm)
+        assert rel_err(got, ref) < TOL[dtype]
+    else:
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper or newer GPU")
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches():
+    """A decode layer's kernels, each launched with PDL so it may start before the previous one
+    ends, captured in a CUDA graph and replayed: the same bits as plain launches, every replay."""
+    torch.manual_seed(0)
+    dev, dtype, rows, hidden, heads, dim, bs = "cuda", torch.float16, 64, 768, 12, 64, 16
+    lens = [200] * rows
+    k_cache, v_cache = make_cache(rows * 13 + 2, bs, heads, dim, dtype, dev)
+    tables = random_tables(lens, bs, rows * 13 + 2, dev, torch.Generator().manual_seed(1))
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    slots = (tables[:, 199 // bs].long() * bs + 199 % bs).contiguous()
+    x = torch.randn(rows, hidden, device=dev, dtype=dtype)
+    residual = torch.randn_like(x)
+    ln_w, ln_b = torch.rand(hidden, device=dev, dtype=dtype) + 0.5, torch.randn(hidden, device=dev, dtype=dtype)
+    w_qkv = torch.randn(3 * hidden, hidden, device=dev, dtype=dtype) / hidden**0.5
+    w_fc1 = torch.randn(4 * hidden, hidden, device=dev, dtype=dtype) / hidden**0.5
+    w_fc2 = torch.randn(hidden, 4 * hidden, device=dev, dtype=dtype) / (4 * hidden) ** 0.5
+    workspace = SplitKWorkspace()
+    workspace.get(3 * rows * hidden, 64, torch.device(dev))
+
+    def layer(pdl):
+        launch = LinearLaunch(block_n=32, block_k=128, pdl=pdl)
+        h, res = add_norm(x, residual, ln_w, ln_b, 1e-5, False, pdl=pdl)
+        q, k, v = skinny_linear(h, w_qkv, None, False, launch, workspace).view(rows, 3, heads, dim).unbind(1)
+        write_kv(k, v, k_cache, v_cache, slots, pdl=pdl)
+        o = paged_decode(q, k_cache, v_cache, tables, seq_lens, dim**-0.5, DecodeLaunch(64, 1, 2, 3), pdl=pdl)
+        o, _ = add_norm(o.reshape(rows, hidden), res, ln_w, ln_b, 1e-5, False, pdl=pdl)
+        f = skinny_linear(o, w_fc1, None, True, launch, workspace)
+        return skinny_linear(f, w_fc2, None, False, dataclasses.replace(launch, split_k=3), workspace)
+
+    expected = layer(False).clone()
+    layer(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(True)
+    for _ in range(5):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)

@@ -1,0 +1,183 @@
+"""Skinny linear layer for decode: y = act(x @ W^T + b) for few rows (the batch), in one launch.
+
+At decode the activations are a handful of rows and the weight matrix is the
+only traffic, so a linear layer is a bandwidth problem with a latency floor.
+cuBLAS picks tiles for GPT-2's small projections that leave most SMs idle or
+split K into a second reduction launch, and the bias-GELU of the MLP is a
+third launch. Here one program owns a [BLOCK_M, BLOCK_N] tile of the output
+(and, with SPLIT_K > 1, one slice of K): slices write fp32 partials to a
+workspace, and the last slice to finish a tile (counted with an atomic) sums
+them and runs the epilogue (bias, then tanh-GELU if asked). The counter is
+reset by that last slice, so the kernel can be replayed in a CUDA graph.
+
+Launch parameters come from `kernels.launch_table` per (N, K, batch bucket),
+decided once when the decode graphs are captured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pdl import pdl_launch
+
+@dataclass(frozen=True)
+class LinearLaunch:
+    """Launch parameters of the skinny linear kernel; `pdl` launches it with programmatic dependent
+    launch (Hopper+), so it starts, and pulls its weights into L2, while the previous kernel ends."""
+
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    pdl: bool = False
+
+
+@triton.jit
+def _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
+                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        # HF rounds the projection to the model dtype before its GELU; so do we (greedy parity)
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        # tanh-GELU as x * sigmoid(2u): tanh(u) = 2 sigmoid(2u) - 1; 0.79788... = sqrt(2 / pi)
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-2.0 * u))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+
+    if USE_PDL:
+        # The weights do not depend on the previous kernel: ask for this program's slice now, one
+        # L2 prefetch per 128-byte line, so the loop below finds it in L2 instead of HBM.
+        line = tl.minimum(k_start + tl.arange(0, PREFETCH_LINES) * LINE_ELEMS, k_end - 1)
+        lines = w_ptr + rn[:, None] * stride_wn + line[None, :]
+        lines = tl.where(n_mask[:, None], lines, w_ptr)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()  # the previous kernel's writes (our x) are visible from here on
+        tl.extra.cuda.gdc_launch_dependents()
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < k_end
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:  # fp32 inputs: full precision, not TF32
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+
+    tile_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, HAS_BIAS, GELU)
+    else:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        m_pad = tl.num_programs(1) * BLOCK_M
+        tl.store(ws_ptr + (pid_k * m_pad + rm[:, None]) * N + rn[None, :], acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the program announces it
+        done = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the last slice sees every partial
+        if done == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(ws_ptr + (s * m_pad + rm[:, None]) * N + rn[None, :], mask=tile_mask, other=0.0,
+                               cache_modifier=".cg")
+            _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, HAS_BIAS, GELU)
+            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (graph replay)
+
+
+class SplitKWorkspace:
+    """fp32 partials and per-tile counters for split-K launches, grown on demand and reused.
+
+    The counters start at zero and every launch leaves them at zero, so the same buffers serve
+    every layer and every graph replay (launches on one stream never overlap)."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+
+    def get(self, partial_elems: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.partials is None or self.partials.numel() < partial_elems or self.partials.device != device:
+            self.partials = torch.empty(partial_elems, dtype=torch.float32, device=device)
+        if self.counters is None or self.counters.numel() < tiles or self.counters.device != device:
+            self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
+        return self.partials, self.counters
+
+
+def workspace_size(launch: LinearLaunch, rows: int, n: int) -> tuple[int, int]:
+    """(fp32 partial elements, counters) a split-K launch over `rows` x `n` needs."""
+    if launch.split_k == 1:
+        return 0, 0
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    m_tiles = triton.cdiv(rows, block_m)
+    return launch.split_k * m_tiles * block_m * n, triton.cdiv(n, launch.block_n) * m_tiles
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+    launch: LinearLaunch = LinearLaunch(),
+    workspace: SplitKWorkspace | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias [N], then tanh-GELU if `gelu`; M is small (a decode batch)."""
+    assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+    assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
+    assert x.dtype == weight.dtype and (bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous()))
+    assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
+    if M == 0:
+        return out
+    block_m = max(16, min(64, triton.next_power_of_2(M)))
+    grid = (triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m), launch.split_k)
+    if launch.split_k > 1:
+        assert workspace is not None, "split-K needs a workspace"
+        partials, counters = workspace.get(*workspace_size(launch, M, N), x.device)
+    else:
+        partials = counters = out  # unused
+    k_per_split = triton.cdiv(triton.cdiv(K, launch.block_k), launch.split_k) * launch.block_k
+    _linear_kernel[grid](
+        x, weight, bias if bias is not None else out, out, partials, counters,
+        M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, GELU=gelu,
+        DOT_FP32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", IEEE=x.dtype == torch.float32,
+        PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * x.element_size(), 128)),
+        LINE_ELEMS=128 // x.element_size(),
+        BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(launch.pdl, x),
+    )
+    return out
