@@ -27,6 +27,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--no-engine-process", action="store_true",
                    help="run the engine in the server's process (default: its own process, so HTTP work and "
                         "the engine's host work do not share one GIL)")
+    g.add_argument("--tune-gc", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the server's start-up heap out of Python's cyclic GC and collect its youngest "
+                        "generation less often (default: on)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -61,6 +64,8 @@ def build_server_app(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import gc
+
     import uvicorn
 
     from engine.errors import EngineError
@@ -78,6 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Server.run, not asyncio.run(serve()): it builds the loop from config.loop, so uvloop serves
     # when installed (http="auto" picks httptools either way). On the CPU here uvloop did not
     # change the server's CPU per streamed token (63 vs 64 us); it is the library's default.
+    if args.tune_gc:
+        # The app, tokenizer and imported modules live as long as the process: move them out of
+        # the cyclic collector's generations, so the collections a burst of requests triggers
+        # scan the burst's own objects, not the whole heap; and collect the youngest generation
+        # every 20,000 allocations instead of 700 (a request allocates thousands of objects).
+        # API-process CPU per request on the CPU here: 882 us -> 667 (freeze) -> 576 (both).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 10, 10)
     _GracefulServer(config).run()
     return 0
 
