@@ -54,7 +54,8 @@ run_bench_steps() {  # a longer multi-step run than the default 8
 # `roseinfer bench --mode online` in-process: the HTTP layer's overhead. SWEEP_RATES overrides the
 # rates; ONE_PROCESS_RATES (e.g. inf,inf) also loads a --no-engine-process server, for the A/B;
 # CLIENT_PROCESSES sends from that many client processes; CLIENT_PROCESSES_B then loads the same
-# server again from that many; NO_PYSPY skips the profile.
+# server again from that many; NO_PYSPY skips the profile; B_FLAGS (and B_RATES) load a second
+# server started with those flags.
 load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-prompts 512 --no-progress
            --client-processes "${CLIENT_PROCESSES:-1}")
 serve_engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
@@ -92,6 +93,8 @@ run_serve() {
   local prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
   serve_and_load main "${SWEEP_RATES:-8,32,128,inf}"
   [ -n "${ONE_PROCESS_RATES:-}" ] && serve_and_load one_process "$ONE_PROCESS_RATES" --no-engine-process
+  # shellcheck disable=SC2086  # B_FLAGS: a second server with these flags, for an A/B in one call
+  [ -n "${B_FLAGS:-}" ] && CLIENT_PROCESSES_B= serve_and_load b "${B_RATES:-inf,inf,inf}" $B_FLAGS
   timeout 200 "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \
     --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs 3 \
     --output-json "$out/bench_online_512x256.json" > "$out/bench_online.log" 2>&1
