@@ -3,6 +3,7 @@ over enough distinct weights / caches that nothing stays in L2 between uses.
 
     python scripts/step_parts.py linear --batch 64 --json out.json      # cuBLAS vs kernels/linear.py
     python scripts/step_parts.py attention --contexts 64,256,512         # decode-attention launches
+    python scripts/step_parts.py layer --contexts 64,256                 # whole GPT-2 layers, 5 variants
 
 Prints the per-call time of each candidate (graph replay time / calls in the graph).
 """
@@ -271,14 +272,13 @@ def sweep_layer(batch: int, context: int, linear: dict, json_out: dict) -> None:
             x = lin(lin(h, L["fc1"], "fc1", gelu=True), L["fc2"], "fc2")
         return x
 
+    # Timing only: the residual buffers are updated in place, so repeated steps see other inputs
+    # (the kernels' results are checked in the linear sweep above and in tests/kernels).
     results = {}
-    ref = step("cublas").float()
     for variant in ("cublas", "cublas_gelu", "cublas_gelu_pdl", "triton", "triton_pdl"):
-        got = step(variant).float()
-        err = ((got - ref).norm() / ref.norm()).item()
         us = graph_us_per_call([lambda v=variant: step(v)]) / 12
-        results[variant] = {"us_per_layer": us, "rel_err_vs_cublas": err}
-        print(f"layer b{batch} ctx {context} {variant:16s} {us:6.2f} us a layer  (rel err vs cuBLAS path {err:.1e})", flush=True)
+        results[variant] = {"us_per_layer": us}
+        print(f"layer b{batch} ctx {context} {variant:16s} {us:6.2f} us a layer", flush=True)
     json_out[f"layer_b{batch}_ctx{context}"] = results
 
 

@@ -53,7 +53,7 @@ class DecodeLinear(nn.Linear):
     `kernels.linear.skinny_linear` with the bias and GELU in its epilogue.
 
     `configure_decode_kernels` decides, once per batch bucket, which launch serves it (or cuBLAS);
-    forward only looks the bucket up. Without configuration, or on the CPU, it is plain torch.
+    forward only looks the bucket up. Without configuration it is plain torch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False) -> None:
