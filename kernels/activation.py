@@ -9,14 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch
+from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch
+from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
@@ -16,9 +16,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_PAD: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # every program waits, also those with nothing to store (see kernels/pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # every program, also those with nothing to store (kernels/pdl.py)
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:  # negative slots pad a CUDA-graph batch: nothing to store

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch
+from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ def _linear_kernel(
         lines = tl.where(n_mask[:, None], lines, w_ptr)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines],
                                   dtype=tl.int32, is_pure=False, pack=1)
-        tl.extra.cuda.gdc_wait()  # the previous kernel's writes (our x) are visible from here on
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # the previous kernel's writes (our x) are visible from here on
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -134,11 +133,16 @@ class SplitKWorkspace:
         return self.partials, self.counters
 
 
+def _block_m(rows: int) -> int:
+    """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile."""
+    return max(16, min(64, triton.next_power_of_2(rows)))
+
+
 def workspace_size(launch: LinearLaunch, rows: int, n: int) -> tuple[int, int]:
     """(fp32 partial elements, counters) a split-K launch over `rows` x `n` needs."""
     if launch.split_k == 1:
         return 0, 0
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = _block_m(rows)
     m_tiles = triton.cdiv(rows, block_m)
     return launch.split_k * m_tiles * block_m * n, triton.cdiv(n, launch.block_n) * m_tiles
 
@@ -163,7 +167,7 @@ def skinny_linear(
     assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
     if M == 0:
         return out
-    block_m = max(16, min(64, triton.next_power_of_2(M)))
+    block_m = _block_m(M)
     grid = (triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m), launch.split_k)
     if launch.split_k > 1:
         assert workspace is not None, "split-K needs a workspace"

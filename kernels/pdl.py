@@ -13,6 +13,17 @@ was not launched with PDL (cuBLAS, torch), so mixed chains stay correct.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """Call first in every program of a kernel launched with `pdl_launch`: waits until the previous
+    kernel's writes are visible, then lets the next kernel start launching."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def pdl_launch(pdl: bool, like: torch.Tensor) -> dict:

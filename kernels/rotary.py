@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch
+from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
@@ -21,9 +21,7 @@ def _rotary_kernel(
     stride_tok, stride_head, stride_table, num_heads,
     HALF: tl.constexpr, HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
