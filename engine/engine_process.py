@@ -6,12 +6,17 @@ busy and the engine thread waits for the GIL while the GPU idles. Here the child
 the model, the scheduler and the KV cache and steps as fast as the device allows; the API
 process keeps tokenization, validation and the streams.
 
-Protocol: two one-way pipes, each written by its own sender thread so that neither the event
-loop nor the engine's step loop ever blocks on a full pipe. Commands to the child, in lists of
-whatever queued up: ("add", Sequence), ("abort", request_id), ("stop", None). Results from it:
-("ready", EngineInfo) or ("error", kind, message) once at start-up; then ("step", outputs as
-tuples, StepStats) after every step, and after every batch of commands applied while idle (so
-aborts show up in the gauges at once); ("stopped",) last.
+Protocol: per API process, two one-way pipes, each written by its own sender thread so that
+neither the event loop nor the engine's step loop ever blocks on a full pipe. Commands to the
+engine, in lists of whatever queued up: ("add", Sequence), ("abort", request_id), ("stop", None).
+Results from it: ("ready", EngineInfo) or ("error", kind, message) once at start-up; then
+("step", outputs as tuples, StepStats, (our running, others' waiting)) after every step, and
+after every batch of commands applied while idle (so aborts show up in the gauges at once);
+("stopped",) last, in answer to "stop".
+
+Several API processes (`roseinfer serve --api-server-count N`, as vLLM's option of that name) share
+one engine process, each over its own pair of pipes: the engine remembers which pipe each request
+came from and sends each API process the outputs of its own requests and the gauges of all.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass, fields
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from operator import attrgetter
 
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import EngineDead, EngineError, InvalidRequest
 from engine.llm_engine import LLMEngine, RequestOutput, StepStats, build_sequence
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -83,102 +89,220 @@ class _Reporter:
         self.thread.join(10)
 
 
-def run_engine_core(config: EngineConfig, commands: Connection, results: Connection) -> None:
-    """The child process: build the engine, then apply commands and step until told to stop."""
-    # Ctrl-C and `timeout`/`kill` reach the whole process group: the parent drains its requests
-    # and then stops this process; it also exits when the parent's end of the pipe closes.
+def run_engine_core(config: EngineConfig, clients: list[tuple[Connection, Connection]]) -> None:
+    """The child process: build the engine, then apply every client's commands and step until the
+    last client has stopped or gone. `clients` holds one (commands, results) pipe pair per API
+    process; each gets the outputs of its own requests."""
+    # Ctrl-C and `timeout`/`kill` reach the whole process group: the API processes drain their
+    # requests and then stop this process; it also exits when their ends of the pipes close.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        results.send(("error", type(exc).__name__, getattr(exc, "message", str(exc))))
+        for _, results in clients:
+            results.send(("error", type(exc).__name__, getattr(exc, "message", str(exc))))
         return
-    results.send(("ready", EngineInfo(engine.tokenizer, engine.model_config, engine.max_model_len, engine.live_stats())))
-    reporter = _Reporter(results)
-    try:
-        while True:
-            busy = engine.has_unfinished()
-            if busy and not commands.poll():
-                _step_and_report(engine, reporter, [])
-                continue
+    info = EngineInfo(engine.tokenizer, engine.model_config, engine.max_model_len, engine.live_stats())
+    for _, results in clients:
+        results.send(("ready", info))
+    _EngineCore(engine, clients).run()
+
+
+class _EngineCore:
+    """The engine process's loop over several clients: who owns which request, whose commands
+    have arrived, and which outputs go back to whom."""
+
+    def __init__(self, engine: LLMEngine, clients: list[tuple[Connection, Connection]]) -> None:
+        self.engine = engine
+        self.commands: dict[Connection, int] = {commands: i for i, (commands, _) in enumerate(clients)}
+        self.reporters: dict[int, _Reporter] = {i: _Reporter(results) for i, (_, results) in enumerate(clients)}
+        self.owner: dict[str, int] = {}  # request id -> client index, for unfinished requests
+        # The last per-client load and the queue sizes it was counted at: recounted only when
+        # requests came, went or moved (not on every report of a steady multi-step run).
+        self._load: dict[int, tuple[int, int]] = {}
+        self._load_at: tuple[int, int] | None = None
+
+    def run(self) -> None:
+        while self.commands:
+            busy = self.engine.has_unfinished()
             # Idle: block for the next commands. Busy: take every command that has arrived.
-            batch = commands.recv()
-            while commands.poll():
-                batch += commands.recv()
+            ready = wait(list(self.commands), timeout=0 if busy else None)
+            if busy and not ready:
+                self._step_and_report([])
+                continue
             failed: list[RequestOutput] = []
-            for kind, payload in batch:
-                if kind == "add":
-                    try:
-                        engine.add_sequence(payload)
-                    except EngineError as exc:
-                        failed.append(RequestOutput(payload.request_id, [], "", True, finish_reason="abort",
-                                                    stop_reason=exc.message))
-                elif kind == "abort":
-                    engine.abort_request(payload)
-                elif kind == "stop":
-                    reporter.send(("stopped",))
-                    reporter.close()
-                    return
-            _step_and_report(engine, reporter, failed)
-    except (EOFError, BrokenPipeError):  # the API process went away
-        return
+            for conn in ready:
+                client = self.commands[conn]
+                try:
+                    batch = conn.recv()
+                    while conn.poll():
+                        batch += conn.recv()
+                except (EOFError, OSError):  # the API process went away: drop its requests
+                    self._drop(client, reply=False)
+                    continue
+                self._load_at = None
+                for kind, payload in batch:
+                    if kind == "add":
+                        self.owner[payload.request_id] = client
+                        try:
+                            self.engine.add_sequence(payload)
+                        except EngineError as exc:
+                            failed.append(RequestOutput(payload.request_id, [], "", True, finish_reason="abort",
+                                                        stop_reason=exc.message))
+                    elif kind == "abort":
+                        self.engine.abort_request(payload)
+                        self.owner.pop(payload, None)
+                    elif kind == "stop":
+                        self._drop(client, reply=True)
+                        break
+            if self.commands:
+                self._step_and_report(failed)
 
+    def _drop(self, client: int, reply: bool) -> None:
+        """Forget a client: abort its unfinished requests; answer its stop if it asked."""
+        for request_id in [r for r, c in self.owner.items() if c == client]:
+            self.engine.abort_request(request_id)
+            del self.owner[request_id]
+        self.commands = {conn: c for conn, c in self.commands.items() if c != client}
+        self._load_at = None
+        reporter = self.reporters.pop(client)
+        if reply:
+            reporter.send(("stopped",))
+        reporter.close()
 
-def _step_and_report(engine: LLMEngine, reporter: _Reporter, outputs: list[RequestOutput]) -> None:
-    """One step (if there is work), reported. A failing step fails its requests, not the process,
-    as in one process (AsyncEngine._fail_all)."""
-    if engine.has_unfinished():
-        try:
-            outputs = outputs + engine.step()
-        except Exception as exc:  # noqa: BLE001 - reported; the parent fails the requests
-            logger.exception("engine step failed; aborting %d requests", engine.num_unfinished)
-            for request_id in list(engine.requests):
-                engine.abort_request(request_id)
-            reporter.send(("step_failed", f"{type(exc).__name__}: {exc}", engine.live_stats()))
+    def _step_and_report(self, outputs: list[RequestOutput]) -> None:
+        """One step (if there is work), reported to every client. A failing step fails its
+        requests, not the process, as in one process (AsyncEngine._fail_all)."""
+        engine = self.engine
+        if engine.has_unfinished():
+            try:
+                outputs = outputs + engine.step()
+            except Exception as exc:  # noqa: BLE001 - reported; the clients fail their requests
+                logger.exception("engine step failed; aborting %d requests", engine.num_unfinished)
+                for request_id in list(engine.requests):
+                    engine.abort_request(request_id)
+                self.owner.clear()
+                for reporter in self.reporters.values():
+                    reporter.send(("step_failed", f"{type(exc).__name__}: {exc}", engine.live_stats()))
+                return
+        stats = engine.live_stats()
+        if len(self.reporters) == 1:  # the common case: everything is this client's
+            reporter, = self.reporters.values()
+            for out in outputs:
+                if out.finished:
+                    self.owner.pop(out.request_id, None)
+            reporter.send(("step", _pack(outputs), stats, (stats.num_running, 0)))
             return
-    reporter.send(("step", _pack(outputs), engine.live_stats()))
+        by_client: dict[int, list[RequestOutput]] = {c: [] for c in self.reporters}
+        for out in outputs:
+            if out.finished:
+                client = self.owner.pop(out.request_id, None)
+                self._load_at = None
+            else:
+                client = self.owner.get(out.request_id)
+            if client in by_client:
+                by_client[client].append(out)
+        if self._load_at != (stats.num_running, stats.num_waiting):
+            self._load = self._load_by_client()
+            self._load_at = (stats.num_running, stats.num_waiting)
+        for client, reporter in self.reporters.items():
+            reporter.send(("step", _pack(by_client[client]), stats, self._load.get(client, (0, 0))))
+
+    def _load_by_client(self) -> dict[int, tuple[int, int]]:
+        """Per client: (its requests running, the requests waiting that are not its own). An API
+        process counts its own waiting requests itself, as they arrive (they reach this process
+        late); with these two it knows the engine's whole queue for --max-waiting."""
+        running = dict.fromkeys(self.reporters, 0)
+        waiting = dict.fromkeys(self.reporters, 0)
+        for request_id, request in self.engine.requests.items():
+            client = self.owner.get(request_id)
+            if client in running:
+                if request.seq.status is SequenceStatus.RUNNING:
+                    running[client] += 1
+                else:
+                    waiting[client] += 1
+        total_waiting = sum(waiting.values())
+        return {c: (running[c], total_waiting - waiting[c]) for c in self.reporters}
+
+
+@dataclass
+class EngineCoreHandle:
+    """A started engine process: its process and, per API process, the pipe ends that API process
+    uses (commands, results) and what the engine reported when it became ready."""
+
+    process: mp.process.BaseProcess
+    pipes: list[tuple[Connection, Connection]]
+    info: EngineInfo
+
+
+def start_engine_core(config: EngineConfig, num_clients: int = 1) -> EngineCoreHandle:
+    """Spawn the engine process with one pipe pair per API process and wait until it has loaded
+    the model; a start-up failure raises EngineError here."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA must not be inherited through fork
+    pipes, child_pipes = [], []
+    for _ in range(num_clients):
+        child_commands, commands = ctx.Pipe(duplex=False)
+        results, child_results = ctx.Pipe(duplex=False)
+        pipes.append((commands, results))
+        child_pipes.append((child_commands, child_results))
+    process = ctx.Process(target=run_engine_core, args=(config, child_pipes), name="roseinfer-engine-core", daemon=True)
+    process.start()
+    for child_commands, child_results in child_pipes:
+        child_commands.close()
+        child_results.close()
+    info = None
+    for _, results in pipes:
+        try:
+            msg = results.recv()
+        except EOFError:
+            process.join(5)
+            raise EngineError(f"the engine process exited during start-up (exit code {process.exitcode})") from None
+        if msg[0] == "error":
+            process.join(5)
+            raise EngineError(f"{msg[1]}: {msg[2]}")
+        info = msg[1]
+    return EngineCoreHandle(process, pipes, info)
 
 
 class EngineCoreClient:
-    """Stands in for LLMEngine inside AsyncEngine; the engine itself runs in a child process.
+    """Stands in for LLMEngine inside AsyncEngine; the engine itself runs in another process.
 
-    `step()` blocks until the child reports (AsyncEngine runs it in its worker thread), while
-    `add_sequence` and `abort_request` return at once: a sender thread writes them to the pipe and
-    the child applies them between its steps. The event loop never writes to the pipe itself: with
-    hundreds of requests arriving at once the pipe fills, and a loop blocked on it could not
-    restart the step that reads the child's results, while the child, blocked on sending those
-    results, would never read its commands.
+    `step()` blocks until the engine process reports (AsyncEngine runs it in its worker thread),
+    while `add_sequence` and `abort_request` return at once: a sender thread writes them to the
+    pipe and the engine process applies them between its steps. The event loop never writes to
+    the pipe itself: with hundreds of requests arriving at once the pipe fills, and a loop blocked
+    on it could not restart the step that reads the engine's results, while the engine, blocked
+    on sending those results, would never read its commands.
+
+    `EngineCoreClient(config)` starts an engine process of its own. With `--api-server-count` the
+    engine process is shared: each API process attaches to its own pipe pair (`pipes`, `info`)
+    and the process that started the engine reaps it (`process` stays None here).
     """
 
     accepts_commands_while_stepping = True
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, pipes: tuple[Connection, Connection] | None = None,
+                 info: EngineInfo | None = None) -> None:
         self.config = config
-        ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA must not be inherited through fork
-        child_commands, self._commands = ctx.Pipe(duplex=False)
-        self._results, child_results = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=run_engine_core, args=(config, child_commands, child_results),
-                                   name="roseinfer-engine-core", daemon=True)
-        self.process.start()
-        child_commands.close()
-        child_results.close()
-        try:
-            msg = self._results.recv()
-        except EOFError:
-            self.process.join(5)
-            raise EngineError(f"the engine process exited during start-up (exit code {self.process.exitcode})") from None
-        if msg[0] == "error":
-            self.process.join(5)
-            raise EngineError(f"{msg[1]}: {msg[2]}")
-        info: EngineInfo = msg[1]
+        self.process: mp.process.BaseProcess | None = None
+        if pipes is None:
+            handle = start_engine_core(config)
+            self.process, pipes, info = handle.process, handle.pipes[0], handle.info
+        assert info is not None
+        self._commands, self._results = pipes
         self.tokenizer = info.tokenizer
         self.model_config = info.model_config
         self.max_model_len = info.max_model_len
         self.last_step = info.stats
         self.requests: dict[str, None] = {}  # unfinished request ids, in arrival order
+        # From the engine's latest report: how many of our requests run, how many of the other
+        # API processes' wait.
+        self._running_here = 0
+        self._waiting_elsewhere = 0
         self._open = True
+        self._stop_deadline: float | None = None
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_commands, name="roseinfer-engine-commands", daemon=True)
         self._sender.start()
@@ -193,9 +317,10 @@ class EngineCoreClient:
 
     @property
     def num_waiting(self) -> int:
-        # Counted here, not from the child's last report, which lags a burst of arrivals: requests
-        # not known to be running. Over-counts those admitted since the report (errs toward 429).
-        return max(0, len(self.requests) - self.last_step.num_running)
+        # Our own counted here, not from the engine's last report, which lags a burst of arrivals:
+        # requests not known to be running. Over-counts those admitted since the report (errs
+        # toward 429). Other API processes' waiting requests as of that report.
+        return max(0, len(self.requests) - self._running_here) + self._waiting_elsewhere
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         return build_sequence(self.tokenizer, self.model_config.vocab_size, self.max_model_len, request_id, prompt, params)
@@ -214,19 +339,19 @@ class EngineCoreClient:
         return True
 
     def has_unfinished(self) -> bool:
-        # While the child runs, the worker thread always waits on its results, so gauge updates
+        # While the engine runs, the worker thread always waits on its results, so gauge updates
         # after aborts arrive even with no request left.
         return self._open
 
     def step(self) -> list[RequestOutput]:
-        """The outputs of every step the child has reported since the last call (at least one)."""
+        """The outputs of every step the engine has reported since the last call (at least one)."""
         outputs: list[RequestOutput] = []
         while True:
             try:
-                msg = self._results.recv()
+                msg = self._receive()
             except (EOFError, OSError):
                 self._open = False
-                raise EngineDead(f"the engine process died (exit code {self.process.exitcode})") from None
+                raise EngineDead(self._dead_message()) from None
             if msg[0] == "stopped":
                 self._open = False
                 break
@@ -235,6 +360,7 @@ class EngineCoreClient:
                 raise RuntimeError(msg[1])  # outputs of earlier steps in `outputs` are lost with the batch
             outputs.extend(_unpack(msg[1]))
             self.last_step = msg[2]
+            self._running_here, self._waiting_elsewhere = msg[3]
             if not self._results.poll():
                 break
         for out in outputs:
@@ -245,9 +371,21 @@ class EngineCoreClient:
     def live_stats(self) -> StepStats:
         return self.last_step
 
+    def _receive(self) -> tuple:
+        # Wait in slices: after shutdown() of a client that does not own the engine process,
+        # give up on the "stopped" reply at the deadline instead of waiting forever.
+        while not self._results.poll(0.5):
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                raise EOFError
+        return self._results.recv()
+
+    def _dead_message(self) -> str:
+        code = "" if self.process is None else f" (exit code {self.process.exitcode})"
+        return f"the engine process died{code}"
+
     def _send(self, command: tuple) -> None:
         if not self._open:
-            raise EngineDead(f"the engine process died (exit code {self.process.exitcode})")
+            raise EngineDead(self._dead_message())
         self._outbox.put(command)
 
     def _send_commands(self) -> None:
@@ -260,15 +398,19 @@ class EngineCoreClient:
             try:
                 if batch:
                     self._commands.send(batch)
-            except (BrokenPipeError, OSError):  # the child is gone; `step` reports it
+            except (BrokenPipeError, OSError):  # the engine is gone; `step` reports it
                 return
             if closing:
                 return
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to stop (the worker thread's `step` then returns), then reap it."""
+        """Ask the engine to stop serving us (the worker thread's `step` then returns); reap its
+        process if we started it. A shared engine process exits after its last client stops."""
         self._outbox.put(("stop", None))
         self._outbox.put(None)
+        if self.process is None:
+            self._stop_deadline = time.monotonic() + timeout_s
+            return
         if self.process.is_alive():
             self.process.join(timeout_s)
         if self.process.is_alive():

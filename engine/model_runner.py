@@ -54,6 +54,11 @@ class BlockTableRows:
 
     def __init__(self, num_rows: int, max_blocks: int, pin: bool) -> None:
         self.table = torch.zeros(num_rows, max_blocks, dtype=torch.int32, pin_memory=pin)
+        # Written through a numpy view of the same memory: a slice assignment from a list costs
+        # about a microsecond there, against 10-15 through torch indexing and torch.tensor, and
+        # an 8-step decode run rewrites about half of 256 rows (py-spy: 11% of the engine
+        # process's time at a 512-request burst on the H100 host).
+        self.table_np = self.table.numpy()
         self.free_rows = list(range(num_rows - 1, -1, -1))
         self.rows: dict[str, tuple[int, list[int], int]] = {}
 
@@ -67,7 +72,7 @@ class BlockTableRows:
             if known is not table:
                 written = 0
         if written < len(table):
-            self.table[row, written:len(table)] = torch.tensor(table[written:], dtype=torch.int32)
+            self.table_np[row, written:len(table)] = table[written:]
         self.rows[seq.request_id] = (row, table, len(table))
         return row
 

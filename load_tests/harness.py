@@ -150,14 +150,18 @@ def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str,
     with ProcessPoolExecutor(client_processes, mp_context=mp.get_context(method)) as pool:
         futures = [pool.submit(_run_shard, base_url, model, [specs[j] for j in idx], [offsets[j] for j in idx], endpoint,
                                request_rate, per_shard, temperature, api_key, timeout_s, start) for idx in shards]
-        records = [r for f in futures for r in f.result()]
-    return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+        results = [f.result() for f in futures]
+    # The run ends when the last shard's last stream does, on the shared clock: not after the
+    # records travel back and the pool's processes exit, which would count the harness's own
+    # teardown (tens of ms, a few percent of a short burst) against the server.
+    records = [r for shard_records, _ in results for r in shard_records]
+    return sorted(records, key=lambda r: r.index), max(duration for _, duration in results)
 
 
 def _run_shard(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature, api_key, timeout_s,
-               start) -> list[RequestRecord]:
+               start) -> tuple[list[RequestRecord], float]:
     return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,
-                                api_key, timeout_s, progress=False, start=start))[0]
+                                api_key, timeout_s, progress=False, start=start))
 
 
 async def run_once(base_url: str, model: str, specs: list[RequestSpec], offsets: list[float], endpoint: str,

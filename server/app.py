@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -34,6 +34,8 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 8 * 1024**2
     model_aliases: tuple[str, ...] = field(default=())
+    # Set when several API processes serve one engine: where their metrics are shared.
+    metrics_multiprocess_dir: str | None = None
 
 
 @dataclass
@@ -124,7 +126,7 @@ class _AuthAndSizeGuard:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="roseinfer", version=VERSION)
-    metrics = ServerMetrics(engine)
+    metrics = ServerMetrics(engine, settings.metrics_multiprocess_dir)
     tokenizer = engine.tokenizer
     max_model_len = engine.engine.max_model_len
     created = int(time.time())
@@ -176,7 +178,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metrics/summary")
     async def metrics_summary():

@@ -1,14 +1,20 @@
 """Prometheus metrics and a JSON latency summary, fed by the engine's step outputs.
 
 Each app owns its own registry (no module-level state), so tests can run
-several servers in one process.
+several servers in one process. With several API processes (`--api-server-count`) the metrics
+live in prometheus_client's multiprocess files instead (PROMETHEUS_MULTIPROC_DIR, set by the
+process that starts them), and /metrics in any of them reads the files of all: counters and
+histograms add up, the engine's gauges are the latest report's.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import RequestOutput, StepStats
@@ -16,6 +22,11 @@ from engine.llm_engine import RequestOutput, StepStats
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 SUMMARY_WINDOW = 10_000
+
+
+def _resident_bytes() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Tracked:
@@ -26,8 +37,9 @@ class _Tracked:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, multiprocess_dir: str | None = None) -> None:
         self.engine = engine
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         p = "roseinfer_"
@@ -44,23 +56,46 @@ class ServerMetrics:
         self.preemptions = Counter(p + "num_preemptions", "Sequences preempted (recompute)", registry=r)
         self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
-        ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: soak tests watch it
-        # Read at scrape time from the engine's live stats (in one process: computed now; with an
-        # engine process: as of its latest report, which follows every step and every abort).
-        Gauge(p + "num_requests_running", "Requests in the running batch", registry=r).set_function(
-            lambda: engine.stats().num_running)
-        Gauge(p + "num_requests_waiting", "Requests queued", registry=r).set_function(
-            lambda: engine.stats().num_waiting + len(engine._pending_adds)
-        )
-        Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r).set_function(
-            lambda: engine.stats().kv_cache_usage)
+        gauges = (("num_requests_running", "Requests in the running batch", lambda: engine.stats().num_running),
+                  ("num_requests_waiting", "Requests queued", lambda: engine.stats().num_waiting + len(engine._pending_adds)),
+                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", lambda: engine.stats().kv_cache_usage))
+        self._engine_gauges: list[tuple[Gauge, object]] = []
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: soak tests watch it
+            # Read at scrape time from the engine's live stats (in one process: computed now; with
+            # an engine process: as of its latest report, which follows every step and every abort).
+            for name, doc, read in gauges:
+                Gauge(p + name, doc, registry=r).set_function(read)
+        else:
+            # A function gauge lives in one process's memory: set the shared files on every report.
+            self._engine_gauges = [(Gauge(p + name, doc, registry=r, multiprocess_mode="mostrecent"), read)
+                                   for name, doc, read in gauges]
+            # ProcessCollector's would describe whichever process answered: the API processes' sum,
+            # each refreshed at most once a second.
+            self._rss = Gauge("process_resident_memory_bytes", "Resident memory of the API processes", registry=r,
+                              multiprocess_mode="sum")
+            self._rss_time_s = 0.0
         self._seen_preemptions = 0
         self._seen_prefix = (0, 0)
         self._tracked: dict[str, _Tracked] = {}
         self.samples: dict[str, deque[float]] = {k: deque(maxlen=SUMMARY_WINDOW) for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s")}
         engine.step_listeners.append(self.on_step)
 
+    def exposition(self) -> bytes:
+        """The Prometheus text for /metrics: this registry, or every API process's files."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
+
     def on_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        if self._engine_gauges:
+            for gauge, read in self._engine_gauges:
+                gauge.set(read())
+            if time.monotonic() - self._rss_time_s >= 1.0:
+                self._rss.set(_resident_bytes())
+                self._rss_time_s = time.monotonic()
         if stats.num_preemptions > self._seen_preemptions:
             self.preemptions.inc(stats.num_preemptions - self._seen_preemptions)
             self._seen_preemptions = stats.num_preemptions
@@ -102,13 +137,50 @@ class ServerMetrics:
             tpot = (out.finished_time_s - out.first_token_time_s) / (out.num_output_tokens - 1)
             self._observe("tpot_s", self.tpot, tpot)
 
+    def _summary_from_histograms(self) -> dict:
+        """Count, mean and percentiles of every latency from all API processes' histograms; the
+        percentiles interpolate inside a bucket, as Prometheus's histogram_quantile does."""
+        names = {self.ttft: "ttft_s", self.tpot: "tpot_s", self.itl: "itl_s", self.e2e: "e2e_s", self.queue: "queue_s"}
+        by_name = {hist._name: key for hist, key in names.items()}
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        result = {}
+        for family in registry.collect():
+            key = by_name.get(family.name)
+            if key is None:
+                continue
+            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
+            count = next((s.value for s in family.samples if s.name.endswith("_count")), 0.0)
+            total = next((s.value for s in family.samples if s.name.endswith("_sum")), 0.0)
+            if not count:
+                result[key] = {"count": 0}
+                continue
+
+            def quantile(q: float) -> float:
+                rank, lower, below = q * count, 0.0, 0.0
+                for upper, cumulative in buckets:
+                    if cumulative >= rank:
+                        if upper == float("inf"):
+                            return lower
+                        return lower + (upper - lower) * (rank - below) / max(cumulative - below, 1e-12)
+                    lower, below = upper, cumulative
+                return lower
+
+            result[key] = {"count": int(count), "mean": total / count, "p50": quantile(0.5), "p90": quantile(0.9),
+                           "p99": quantile(0.99)}
+        return result
+
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float:
             idx = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
             return values[idx]
 
         result = {}
+        if self.multiprocess_dir is not None:  # only the shared histograms see every API process
+            result = self._summary_from_histograms()
         for key, dq in self.samples.items():
+            if key in result:
+                continue
             values = sorted(dq)
             if not values:
                 result[key] = {"count": 0}

@@ -10,7 +10,7 @@ import pytest
 
 from engine import AsyncEngine, SamplingParams
 from engine.config import EngineConfig
-from engine.engine_process import EngineCoreClient
+from engine.engine_process import EngineCoreClient, start_engine_core
 from engine.errors import EngineDead, EngineError
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -118,3 +118,66 @@ def test_a_burst_never_blocks_the_event_loop_on_the_pipe(tiny_llama_dir):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_two_clients_share_one_engine_process(tiny_llama_dir, tiny_llm):
+    """`--api-server-count`'s plumbing: two clients on one engine process each get exactly their
+    own requests' outputs, see the other's waiting requests, and one stopping leaves the other
+    served; the engine process exits after the last."""
+    config = EngineConfig(model=tiny_llama_dir, device="cpu", num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=256)
+    handle = start_engine_core(config, num_clients=2)
+    first, second = (EngineCoreClient(config, pipes, handle.info) for pipes in handle.pipes)
+    prompts = ["one two three", "the sky is", "four score and seven years ago", "hello"]
+    expected = [o.token_ids for o in tiny_llm.generate(prompts, GREEDY)]
+
+    async def main():
+        a, b = AsyncEngine(engine=first), AsyncEngine(engine=second)
+
+        async def tokens(engine, rid, prompt):
+            return [t async for o in engine.generate(rid, prompt, GREEDY) for t in o.new_token_ids]
+
+        got = await asyncio.gather(*(tokens(a if i % 2 else b, f"r{i}", p) for i, p in enumerate(prompts)))
+        assert got == expected and first.num_unfinished == 0 and second.num_unfinished == 0
+
+        # Two running slots: of a's five long requests three wait, and b counts them.
+        long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        streams = [a.add_request(f"long{i}", "count with me: one two", long) for i in range(5)]
+        await _until(lambda: second.num_waiting == 3 and first.num_waiting == 3)
+        for stream in streams:
+            stream.close()
+        await _until(lambda: b.stats().kv_cache_usage == 0.0 and second.num_waiting == 0)
+
+        stream = b.add_request("after", "count with me: one two", long)
+        await a.shutdown()  # a stops; b's request keeps going
+        outs = [o async for o in stream]
+        assert outs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outs) == 60
+        assert handle.process.is_alive()
+        await b.shutdown()
+
+    asyncio.run(main())
+    handle.process.join(10)
+    assert handle.process.exitcode == 0
+
+
+def test_a_client_that_vanishes_has_its_requests_aborted(tiny_llama_dir):
+    """An API process that dies without a word (its pipes close) must not leave its requests
+    holding KV blocks in the shared engine."""
+    config = EngineConfig(model=tiny_llama_dir, device="cpu", num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256)
+    handle = start_engine_core(config, num_clients=2)
+    (commands, results), survivor_pipes = handle.pipes
+    survivor = EngineCoreClient(config, survivor_pipes, handle.info)
+    seq = survivor.make_sequence("doomed", "count with me: one two", SamplingParams(max_tokens=200, ignore_eos=True))
+
+    async def main():
+        engine = AsyncEngine(engine=survivor)
+        engine._ensure_loop()
+        commands.send([("add", seq)])
+        await _until(lambda: engine.stats().kv_cache_usage > 0)
+        commands.close()
+        results.close()
+        await _until(lambda: engine.stats().kv_cache_usage == 0.0 and engine.stats().num_running == 0)
+        await engine.shutdown()
+
+    asyncio.run(main())
+    handle.process.join(10)
+    assert handle.process.exitcode == 0

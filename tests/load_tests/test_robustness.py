@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from load_tests.robustness import (assert_recovered, check_bad_inputs, check_disconnects, check_fuzz, check_overload,
                                    check_soak)
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import SERVE_MODES, ServerProcess
 
 
 def test_bad_inputs_all_get_openai_4xx(server):
@@ -22,8 +24,11 @@ def test_dropped_streams_leak_nothing_and_survivors_finish(server):
     assert report.survivors_ok == 4
 
 
-def test_overload_rejects_the_excess_and_recovers(tiny_llama_dir):
-    srv = ServerProcess(tiny_llama_dir, "--max-waiting", "2", "--max-num-seqs", "2")
+@pytest.mark.parametrize("mode", ["engine-process", "two-api-processes"])
+def test_overload_rejects_the_excess_and_recovers(tiny_llama_dir, mode):
+    """With two API processes each counts its own queue and the other's as of the engine's last
+    report, so the excess is still turned away."""
+    srv = ServerProcess(tiny_llama_dir, "--max-waiting", "2", "--max-num-seqs", "2", *SERVE_MODES[mode])
     try:
         result = check_overload(srv.base_url, "tiny", admitted=4, factor=10, max_tokens=16)
         assert result["rejected"] > 0 and result["ok"] >= 2 and result["ok"] + result["rejected"] == 40

@@ -51,10 +51,15 @@ class ServerProcess:
             return -9
 
 
-@pytest.fixture(scope="module", params=["engine-process", "one-process"])
+SERVE_MODES = {"engine-process": ("--api-server-count", "1"), "one-process": ("--no-engine-process",),
+               "two-api-processes": ("--api-server-count", "2")}
+
+
+@pytest.fixture(scope="module", params=list(SERVE_MODES))
 def server(request, tiny_llama_dir):
-    """`roseinfer serve` both ways: the engine in its own process (the default) and in the server's."""
-    srv = ServerProcess(tiny_llama_dir, *(["--no-engine-process"] if request.param == "one-process" else []))
+    """`roseinfer serve` every way: the engine in its own process (the default), in the server's,
+    and shared by two API processes on one port."""
+    srv = ServerProcess(tiny_llama_dir, *SERVE_MODES[request.param])
     yield srv
     assert srv.stop() == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 
 import httpx
 import openai
@@ -257,3 +258,24 @@ def test_openapi_documents_the_generation_bodies(server):
     # A wrong type deep in the body is reported with its path, as FastAPI's own validation did.
     r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_api_processes_stop_with_their_supervisor(tiny_llama_dir):
+    """--api-server-count: a SIGTERM as soon as the first API process answers (the others may
+    still be starting) drains to exit 0; a supervisor killed outright takes its API processes
+    (and so the engine process) down with it instead of leaving them serving."""
+    early = ServerProcess(tiny_llama_dir, "--api-server-count", "3")
+    assert early.stop() == 0
+    orphaned = ServerProcess(tiny_llama_dir, "--api-server-count", "2")
+    assert post(orphaned, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    orphaned.proc.kill()
+    orphaned.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(orphaned.base_url + "/health", timeout=1.0)
+        except httpx.HTTPError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the API processes kept serving after their supervisor was killed")
