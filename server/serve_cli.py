@@ -96,9 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def default_api_server_count(args: argparse.Namespace) -> int:
     """--api-server-count, or its default. On a GPU one API process is the bottleneck of a burst:
-    GPT-2 on an H100, 512 requests at once, HTTP reached 77% of the in-process throughput with
-    one API process, 96% with two and 103% with four (docs/BENCHMARKS.md). On the CPU the engine
-    itself needs the cores."""
+    GPT-2 on an H100, 512 requests at once, HTTP reached 77-90% of the in-process throughput with
+    one API process and 90-103% with four, in four calls (docs/BENCHMARKS.md). On the CPU the
+    engine itself needs the cores."""
     if args.api_server_count is not None:
         return args.api_server_count
     if args.no_engine_process:
