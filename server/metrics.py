@@ -141,7 +141,7 @@ class ServerMetrics:
         """Count, mean and percentiles of every latency from all API processes' histograms; the
         percentiles interpolate inside a bucket, as Prometheus's histogram_quantile does."""
         names = {self.ttft: "ttft_s", self.tpot: "tpot_s", self.itl: "itl_s", self.e2e: "e2e_s", self.queue: "queue_s"}
-        by_name = {hist._name: key for hist, key in names.items()}
+        by_name = {hist.describe()[0].name: key for hist, key in names.items()}
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)
         result = {}
