@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection, wait
 from operator import attrgetter
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import LOG_FORMAT, EngineConfig, ModelConfig
 from engine.errors import EngineDead, EngineError, InvalidRequest
 from engine.llm_engine import LLMEngine, RequestOutput, StepStats, build_sequence
 from engine.sampling_params import SamplingParams
@@ -97,7 +97,7 @@ def run_engine_core(config: EngineConfig, clients: list[tuple[Connection, Connec
     # requests and then stop this process; it also exits when their ends of the pipes close.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         engine = LLMEngine(config)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -235,6 +235,23 @@ class EngineCoreHandle:
     process: mp.process.BaseProcess
     pipes: list[tuple[Connection, Connection]]
     info: EngineInfo
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """For the process that started the engine, once its API processes have stopped or gone:
+        close this process's copies of their pipes (the engine exits when no client end is left
+        open), then reap it."""
+        for commands, results in self.pipes:
+            commands.close()
+            results.close()
+        reap(self.process, timeout_s)
+
+
+def reap(process: mp.process.BaseProcess, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for `process` to exit, then kill it."""
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
 
 
 def start_engine_core(config: EngineConfig, num_clients: int = 1) -> EngineCoreHandle:
@@ -411,9 +428,5 @@ class EngineCoreClient:
         if self.process is None:
             self._stop_deadline = time.monotonic() + timeout_s
             return
-        if self.process.is_alive():
-            self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+        reap(self.process, timeout_s)
         self._open = False

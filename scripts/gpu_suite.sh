@@ -63,12 +63,30 @@ load_args=(--model gpt2 --dataset random --input-len 128 --output-len 256 --num-
            --client-processes "${CLIENT_PROCESSES:-1}")
 serve_engine=(--model gpt2 --load-format dummy --device cuda --max-num-seqs 256 --no-prefix-cache)
 
-serve_and_load() {  # NAME RATES [serve flags...]
-  local name=$1 rates=$2 port=8000
-  shift 2
-  timeout 400 "${roseinfer[@]}" serve "${serve_engine[@]}" --port $port "$@" > "$out/serve_$name.log" 2>&1 &
-  local pid=$!
+port=8000
+start_server() {  # LOG [serve flags...]: serve in the background (its `timeout` wrapper's pid in server_pid), wait for /health
+  local log=$1
+  shift
+  timeout 500 "${roseinfer[@]}" serve "${serve_engine[@]}" --port $port "$@" > "$log" 2>&1 &
+  server_pid=$!
   for _ in $(seq 150); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
+}
+
+# The issue's workload in-process (`roseinfer bench --mode online`): OUTJSON LOG RUNS [command prefix...]
+bench_online() {
+  local json=$1 log=$2 runs=$3 prompt128
+  shift 3
+  prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
+  timeout 200 "$@" "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok \
+    --num-requests 512 --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 \
+    --repeat-runs "$runs" --output-json "$json" > "$log" 2>&1
+}
+
+serve_and_load() {  # NAME RATES [serve flags...]
+  local name=$1 rates=$2 pid
+  shift 2
+  start_server "$out/serve_$name.log" "$@"
+  pid=$server_pid
   timeout 150 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates "$rates" \
     --scrape-metrics --slo ttft=500,tpot=50 --out "$out/loadtest_$name" > "$out/loadtest_$name.log" 2>&1
   grep -E "load test|Duration|Output token|TTFT|TPOT|server-side" "$out/loadtest_$name.log" | sed "s/^/[$name] /"
@@ -93,14 +111,11 @@ serve_and_load() {  # NAME RATES [serve flags...]
 }
 
 run_serve() {
-  local prompt128="Hello$(printf ' Hello%.0s' $(seq 127))"
   serve_and_load main "${SWEEP_RATES:-8,32,128,inf}"
   [ -n "${ONE_PROCESS_RATES:-}" ] && serve_and_load one_process "$ONE_PROCESS_RATES" --no-engine-process
   # shellcheck disable=SC2086  # B_FLAGS: a second server with these flags, for an A/B in one call
   [ -n "${B_FLAGS:-}" ] && CLIENT_PROCESSES_B= serve_and_load b "${B_RATES:-inf,inf,inf}" $B_FLAGS
-  timeout 200 "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok --num-requests 512 \
-    --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs 3 \
-    --output-json "$out/bench_online_512x256.json" > "$out/bench_online.log" 2>&1
+  bench_online "$out/bench_online_512x256.json" "$out/bench_online.log" 3
   grep -E "Throughput|TTFT|TPOT|GPU busy" "$out/bench_online.log"
 }
 
@@ -111,7 +126,7 @@ run_serve() {
 # scripts/http_overhead.py compares the medians per server. The device tool returns at most 8
 # files: everything detailed goes into overhead.tgz.
 run_overhead() {
-  local n=${OVERHEAD_RUNS:-8} port=8000 prompt128="Hello$(printf ' Hello%.0s' $(seq 127))" tick variant v=0
+  local n=${OVERHEAD_RUNS:-8} tick variant v=0
   local work=/tmp/overhead
   rm -rf $work; mkdir -p $work
   tick=$(getconf CLK_TCK)
@@ -126,9 +141,8 @@ run_overhead() {
     v=$((v + 1))
     local flags=() dirs=() pid
     [ "$variant" != default ] && read -ra flags <<< "$variant"
-    timeout 500 "${roseinfer[@]}" serve "${serve_engine[@]}" --port $port "${flags[@]}" > "$work/serve_$v.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 150); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
+    start_server "$work/serve_$v.log" "${flags[@]}"
+    pid=$server_pid
     timeout 60 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf --out "$work/warm_$v" > /dev/null 2>&1
     for i in $(seq "$n"); do
       local before after
@@ -160,9 +174,7 @@ run_overhead() {
   done
   local spy=()
   [ -n "${RUN_PYSPY:-}" ] && command -v py-spy > /dev/null && spy=(py-spy record -r 250 -f raw --threads -o "$work/pyspy_inprocess.txt" --)
-  timeout 200 "${spy[@]}" "${roseinfer[@]}" bench "${serve_engine[@]}" --hf-model-id gpt2 --prompt "$prompt128" --pretok \
-    --num-requests 512 --max-new-tokens 256 --mode online --no-stop-on-eos --paged-attn --warmup-runs 1 --repeat-runs "$n" \
-    --output-json "$work/inprocess.json" > "$work/inprocess.log" 2>&1
+  bench_online "$work/inprocess.json" "$work/inprocess.log" "$n" "${spy[@]}"
   v=0
   for variant in "${variants[@]}"; do
     v=$((v + 1))

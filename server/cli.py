@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from engine.config import LOG_FORMAT
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     from engine.loader import DEFAULT_MODEL
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     load.set_defaults(func=cmd_loadtest)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     return args.func(args)
 
 

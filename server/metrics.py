@@ -90,7 +90,7 @@ class ServerMetrics:
         return generate_latest(registry)
 
     def on_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
-        if self._engine_gauges:
+        if self.multiprocess_dir is not None:
             for gauge, read in self._engine_gauges:
                 gauge.set(read())
             if time.monotonic() - self._rss_time_s >= 1.0:

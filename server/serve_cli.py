@@ -148,7 +148,7 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
-    from engine.engine_process import start_engine_core
+    from engine.engine_process import reap, start_engine_core
     from engine.errors import EngineError
     from server.cli import engine_config_from_args
 
@@ -161,7 +161,7 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
         _port_socket(args.host, args.port).close()
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-        _stop_engine_process(core)
+        core.stop()
         return 2
     metrics_dir = tempfile.mkdtemp(prefix="roseinfer-metrics-")
     # prometheus_client reads this when an API process imports it: they share metric files there.
@@ -197,14 +197,11 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
             if worker.is_alive():
                 worker.terminate()  # SIGTERM: uvicorn's graceful shutdown
         for worker in workers:
-            worker.join(args.shutdown_timeout + 15)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(5)
+            reap(worker, args.shutdown_timeout + 15)
             if worker.exitcode not in (0, -signal.SIGTERM) and status == 0:
                 status = 1
     finally:
-        _stop_engine_process(core)
+        core.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -217,10 +214,11 @@ def _api_process(args: argparse.Namespace, pipes, info, metrics_dir: str, superv
     import signal
     import threading
 
+    from engine.config import LOG_FORMAT
     from engine.engine_process import EngineCoreClient
     from server.cli import engine_config_from_args
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
 
     def drain_if_orphaned() -> None:  # the supervisor was killed outright: do not serve on alone
         while os.getppid() == supervisor_pid:
@@ -245,18 +243,6 @@ def _port_socket(host: str, port: int):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
-
-
-def _stop_engine_process(core) -> None:
-    """The engine process exits once every API process has stopped (or gone) and no copy of their
-    pipes is left open here; wait for it, then make sure."""
-    for commands, results in core.pipes:
-        commands.close()
-        results.close()
-    core.process.join(15)
-    if core.process.is_alive():
-        core.process.kill()
-        core.process.join(5)
 
 
 def _graceful_server_class():
