@@ -53,7 +53,10 @@ class AttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`rope` = (positions, cos, sin): rotate q and k first (only backends that fuse it are
+        given one; the torch path rotates in the model, with HF's arithmetic)."""
         raise NotImplementedError
 
 
@@ -95,7 +98,8 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, kv_cache, meta, scale):
+    def forward(self, q, k, v, kv_cache, meta, scale, rope=None):
+        assert rope is None, "the torch backend does not fuse RoPE"
         write_kv_torch(kv_cache, k, v, meta.slot_mapping)
         if meta.is_decode_only:
             return paged_decode_torch(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
@@ -129,16 +133,3 @@ class TorchAttention(AttentionBackend):
             )
             out[start:end] = o.transpose(0, 1)
         return out
-
-
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto` picks the Triton kernels on CUDA and torch elsewhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return TorchAttention()
-    if name == "triton":
-        from engine.triton_attention import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"unknown attention backend {name!r}")

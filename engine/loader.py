@@ -12,23 +12,24 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from engine.architectures import ARCHITECTURES, named_architecture
 from engine.attention import AttentionBackend
-from engine.config import EngineConfig, ModelConfig
+from engine.config import DEFAULT_MODEL, EngineConfig, ModelConfig
 from engine.errors import UnknownModel
 from engine.models import build_model
-from engine.tokenizer import TokenizerWrapper, gguf_tokenizer, gpt2_tokenizer, hf_dir_tokenizer
+from engine.tokenizer import TokenizerWrapper, gguf_tokenizer, gpt2_tokenizer, hf_dir_tokenizer, standin_tokenizer
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
-DEFAULT_MODEL = SMOLLM2_NAMES[0]
+SMOLLM2_NAMES = (DEFAULT_MODEL, "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 SMOLLM2_135M = ModelConfig(
     architecture="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -201,21 +202,51 @@ def hf_model_config(path: str) -> tuple[ModelConfig, torch.dtype | None]:
     raise UnknownModel(f"{path}: architectures {archs} are not supported (GPT-2 and Llama family only)")
 
 
-def iter_hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(path: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's tensors, each already on `device`, one at a time: safetensors shards are read
+    tensor by tensor (a few in flight on reader threads, so host memory stays near one tensor's
+    size and the disk, the copy and the caller overlap), with a progress bar over the bytes."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        from safetensors import safe_open
-
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+        yield from _stream_safetensors(files, device)
         return
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
         raise UnknownModel(f"{path}: no *.safetensors or pytorch_model*.bin weights")
     for file in files:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+# Tensors read ahead of the one being copied into the model; each is one checkpoint tensor (the
+# largest, an 8B model's embedding, is about 1 GB in bf16).
+_READ_AHEAD = 4
+
+
+def _stream_safetensors(files: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    handles = [safe_open(file, framework="pt") for file in files]
+    names = [(h, name) for h in handles for name in h.keys()]
+    total = sum(os.path.getsize(f) for f in files)
+
+    def read(item) -> torch.Tensor:
+        handle, name = item
+        # The read from the page cache (or disk) and the host-to-device copy release the GIL.
+        return handle.get_tensor(name).to(device)
+
+    with ThreadPoolExecutor(_READ_AHEAD) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None) as bar:
+        pending = [pool.submit(read, item) for item in names[:_READ_AHEAD]]
+        for i, (_, name) in enumerate(names):
+            tensor = pending[i].result()
+            if i + _READ_AHEAD < len(names):
+                pending.append(pool.submit(read, names[i + _READ_AHEAD]))
+            pending[i] = None  # drop the reference: host and device memory stay bounded
+            bar.update(tensor.numel() * tensor.element_size())
+            yield name, tensor
 
 
 # ---- the entry point ----------------------------------------------------------------------
@@ -230,16 +261,35 @@ def resolve_dtype(requested: str, device: torch.device, checkpoint_dtype: torch.
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights with a sane scale, so activations and logits look like a real model's."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights with a sane scale, so activations and logits look like a real model's; drawn
+    where the parameters live (on a GPU, an 8B model's take well under a second)."""
+    gen = None
     for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
         if "norm" in name or name.split(".")[-2].startswith("ln_"):
-            cpu = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+            p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
         elif name.endswith("bias"):
-            cpu = torch.zeros(p.shape)
+            p.data.zero_()
         else:
-            cpu = torch.randn(p.shape, generator=gen) * 0.02
-        p.data.copy_(cpu)
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def materialize(model_config: ModelConfig, attention: AttentionBackend, device: torch.device,
+                dtype: torch.dtype) -> nn.Module:
+    """The model with its parameters allocated on `device` in `dtype` and zeroed: built on the meta
+    device first, so no full-size host copy or fp32 intermediate ever exists. Buffers that are
+    computed, not loaded (RoPE tables), are computed afterwards by the modules' `compute_buffers`."""
+    with torch.device("meta"):
+        model = build_model(model_config, attention)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # padding rows of the embedding stay zero; a missing tensor is not garbage
+        for module in model.modules():
+            if hasattr(module, "compute_buffers"):
+                module.compute_buffers()
+    return model
 
 
 def load_model(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> LoadedModel:
@@ -249,6 +299,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
     weights: Iterator[tuple[str, torch.Tensor]] | None = None
     ckpt_dtype: torch.dtype | None = None
     tokenizer: TokenizerWrapper | None = None
+    named = None
 
     if name in SMOLLM2_NAMES or name.endswith(".gguf"):
         path = name if name.endswith(".gguf") else smollm2_gguf_path()
@@ -278,7 +329,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
                     f"model {name!r}: no weights in the local HF cache and no hub access; "
                     "use --load-format dummy for random weights"
                 )
-            weights = iter_hf_weights(snap)
+            weights = iter_hf_weights(snap, device)
     elif os.path.isdir(name):
         model_config, ckpt_dtype = hf_model_config(name)
         if os.path.exists(os.path.join(name, "tokenizer.json")):
@@ -286,28 +337,48 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         elif model_config.architecture == "gpt2":
             tokenizer = gpt2_tokenizer()
         if not dummy:
-            weights = iter_hf_weights(name)
+            weights = iter_hf_weights(name, device)
+    elif (named := named_architecture(name)) is not None:
+        canonical, model_config = named
+        if not dummy:
+            raise UnknownModel(
+                f"model {name!r}: the {canonical} architecture is known but its weights are not here; "
+                "use --load-format dummy for random weights, or pass a local HF checkpoint directory"
+            )
+        ckpt_dtype = torch.bfloat16
     else:
         raise UnknownModel(
             f"model {name!r} not found: use {DEFAULT_MODEL!r}, a GPT-2 size ({', '.join(GPT2_SIZES)}), "
+            f"an architecture name ({', '.join(ARCHITECTURES)}) with --load-format dummy, "
             "a .gguf file or a local HF checkpoint directory"
         )
 
     if config.tokenizer is not None:
         tokenizer = load_tokenizer_override(config.tokenizer, model_config)
     if tokenizer is None:
-        raise UnknownModel(f"model {name!r}: no tokenizer found; pass --tokenizer")
+        if named is None:
+            raise UnknownModel(f"model {name!r}: no tokenizer found; pass --tokenizer")
+        logger.warning(
+            "%s: no tokenizer here, using a byte-level STAND-IN (one token per UTF-8 byte; ids >= 256 decode as "
+            "' t<id>'): token counts are right, text is not; pass --tokenizer for the real one", name,
+        )
+        tokenizer = standin_tokenizer(model_config.vocab_size, model_config.eos_token_ids, model_config.bos_token_id)
 
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
-    model = build_model(model_config, attention)
-    if weights is None:
-        logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
-        init_dummy_weights(model, config.seed)
-    else:
-        loaded = model.load_weights(weights)  # type: ignore[operator]
-        logger.info("loaded %d weight tensors for %s", len(loaded), name)
-    model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(name, model_config, model, tokenizer, dtype, ckpt_dtype)
+    start = time.monotonic()
+    model = materialize(model_config, attention, device, dtype)
+    with torch.no_grad():
+        if weights is None:
+            logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
+            init_dummy_weights(model, config.seed)
+        else:
+            loaded = model.load_weights(weights)  # type: ignore[operator]
+            logger.info("loaded %d weight tensors for %s", len(loaded), name)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("model weights: %.2f GB %s on %s in %.1f s", nbytes / 1e9, dtype, device, time.monotonic() - start)
+    return LoadedModel(name, model_config, model.eval(), tokenizer, dtype, ckpt_dtype)
 
 
 def load_tokenizer_override(path: str, model_config: ModelConfig) -> TokenizerWrapper:

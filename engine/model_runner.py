@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, make_attention_backend
+from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import configure_decode_kernels
@@ -33,6 +33,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but CUDA is not available")
     return device
+
+
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks the Triton kernels on CUDA and torch elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        from engine.triton_attention import TritonAttention  # Triton only when asked for
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r}")
 
 
 @dataclass

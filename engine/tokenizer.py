@@ -144,6 +144,20 @@ def gpt2_tokenizer() -> TokenizerWrapper:
     return TokenizerWrapper(tok, eos_token_ids=(eos,), bos_token_id=eos, add_bos=False)
 
 
+def standin_tokenizer(vocab_size: int, eos_token_ids: Sequence[int], bos_token_id: int | None) -> TokenizerWrapper:
+    """A byte-level stand-in for a model whose tokenizer is not here (a named architecture with
+    dummy weights): text encodes to one token per UTF-8 byte (ids 0-255), id i >= 256 decodes as
+    " t<i>", the model's EOS/BOS ids are special tokens. Token counts and compute are real; text is not."""
+    byte_chars = _bytes_to_unicode()
+    specials = {i: f"<|special_{i}|>" for i in (*eos_token_ids, *(() if bos_token_id is None else (bos_token_id,)))}
+    vocab = {byte_chars[b]: b for b in range(256)}
+    for i in range(256, vocab_size):
+        vocab[specials.get(i) or "".join(byte_chars[b] for b in f" t{i}".encode())] = i
+    tok = _byte_level_bpe(vocab, [])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
+    return TokenizerWrapper(tok, eos_token_ids=eos_token_ids, bos_token_id=bos_token_id, add_bos=False)
+
+
 def gguf_tokenizer(fields: dict) -> TokenizerWrapper:
     """A byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.*`)."""
     model = fields.get("tokenizer.ggml.model")

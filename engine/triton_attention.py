@@ -9,6 +9,7 @@ from kernels.kv_cache import write_kv
 from kernels.launch_table import prefill_launch
 from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import paged_prefill
+from kernels.rotary import rotary_write_kv
 
 
 class TritonAttention(AttentionBackend):
@@ -17,9 +18,13 @@ class TritonAttention(AttentionBackend):
     def __init__(self) -> None:
         self.pdl = False  # programmatic dependent launch; set by configure_decode_kernels
 
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, pdl=self.pdl)
+        if rope is None:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping, pdl=self.pdl)
+        else:  # one launch: q rotated in place, rotated k and v into the cache
+            rotary_write_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope, pdl=self.pdl)
         if meta.is_decode_only:
             launch = meta.decode_launch if meta.decode_launch is not None else DecodeLaunch()
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch, pdl=self.pdl)

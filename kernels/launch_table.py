@@ -76,15 +76,17 @@ def heuristic_linear_launch(k: int, bucket: int) -> LinearLaunch | None:
     return LinearLaunch(block_n=32, block_k=128, split_k=1 if k <= 1024 else 3, num_warps=4, num_stages=3)
 
 
-def linear_launch(dtype: str, n: int, k: int, bucket: int, table_path: str = TABLE_PATH) -> LinearLaunch | None:
+def linear_launch(dtype: str, n: int, k: int, bucket: int, table_path: str = TABLE_PATH,
+                  heuristic: bool = True) -> LinearLaunch | None:
     """The skinny-kernel launch for an [n, k] projection at this batch bucket, or None for cuBLAS.
-    A tuned entry of null means cuBLAS measured faster."""
+    A tuned entry of null means cuBLAS measured faster. Without an entry, the heuristic's launch
+    (or cuBLAS when `heuristic` is False: a shape the heuristic was never measured on)."""
     table = load_table(table_path)
     key = linear_key(dtype, n, k, bucket)
     if key in table:
         entry = table[key]
         return None if entry is None else LinearLaunch(**entry)
-    return heuristic_linear_launch(k, bucket)
+    return heuristic_linear_launch(k, bucket) if heuristic else None
 
 
 def prefill_launch(head_dim: int) -> PrefillLaunch:

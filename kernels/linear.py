@@ -53,7 +53,9 @@ def _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
+# M (the batch) varies from step to step: no specialisation on its value (1, multiples of 16), so
+# one compiled kernel per launch serves every batch of its bucket and warm-up covers them all.
+@triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
@@ -133,7 +135,7 @@ class SplitKWorkspace:
         return self.partials, self.counters
 
 
-def _block_m(rows: int) -> int:
+def tile_rows(rows: int) -> int:
     """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile."""
     return max(16, min(64, triton.next_power_of_2(rows)))
 
@@ -142,7 +144,7 @@ def workspace_size(launch: LinearLaunch, rows: int, n: int) -> tuple[int, int]:
     """(fp32 partial elements, counters) a split-K launch over `rows` x `n` needs."""
     if launch.split_k == 1:
         return 0, 0
-    block_m = _block_m(rows)
+    block_m = tile_rows(rows)
     m_tiles = triton.cdiv(rows, block_m)
     return launch.split_k * m_tiles * block_m * n, triton.cdiv(n, launch.block_n) * m_tiles
 
@@ -167,7 +169,7 @@ def skinny_linear(
     assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
     if M == 0:
         return out
-    block_m = _block_m(M)
+    block_m = tile_rows(M)
     grid = (triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m), launch.split_k)
     if launch.split_k > 1:
         assert workspace is not None, "split-K needs a workspace"

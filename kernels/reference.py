@@ -108,3 +108,15 @@ def decode_step_inputs_ref(base_pos, active, block_tables, step: int, block_size
 
 def embed_add_ref(input_ids, positions, wte, wpe) -> torch.Tensor:
     return F.embedding(input_ids, wte) + F.embedding(positions, wpe)
+
+
+def rotary_write_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin) -> torch.Tensor:
+    """The rotated q (a copy); rotated k and v written into the caches at the slots."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    rows = torch.cat([q.reshape(tokens, -1), k.reshape(tokens, -1)], dim=1)
+    rotated = rotary_ref(rows, positions, cos, sin, heads + kv_heads, head_dim)
+    q_rot = rotated[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k_rot = rotated[:, heads * head_dim:].reshape(tokens, kv_heads, head_dim).to(k_cache.dtype)
+    write_kv_ref(k_rot, v.to(v_cache.dtype), k_cache, v_cache, slot_mapping)
+    return q_rot

@@ -1,5 +1,6 @@
-"""Rotary position embedding (HF's rotate-half form) applied in place to the query and key heads
-of the fused qkv projection: one launch for what torch does in about a dozen.
+"""Rotary position embedding (HF's rotate-half form) fused with the KV-cache write: the query heads
+rotated in place, the rotated keys and the values stored straight into the paged cache. One launch
+for what torch does in about a dozen, and one fewer than RoPE and the cache write apart.
 
 Head h of token t holds [x1, x2] (two halves of head_dim); with the angle table of position p,
 it becomes [x1 cos - x2 sin, x2 cos + x1 sin]. Math is fp32; the tables are read in their own
@@ -16,40 +17,68 @@ from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
-def _rotary_kernel(
-    qk_ptr, positions_ptr, cos_ptr, sin_ptr,
-    stride_tok, stride_head, stride_table, num_heads,
-    HALF: tl.constexpr, HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+def _rotary_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    stride_q_tok, stride_k_tok, stride_v_tok, stride_table, stride_c_block, stride_c_head, stride_c_tok,
+    num_heads, num_kv_heads,
+    HALF: tl.constexpr, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HALF)[None, :]
-    mask = h < num_heads
     cos = tl.load(cos_ptr + pos * stride_table + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_table + d).to(tl.float32)
-    base = qk_ptr + tok * stride_tok + h * stride_head
-    x1 = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    dtype = qk_ptr.dtype.element_ty
-    tl.store(base + d, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    dtype = q_ptr.dtype.element_ty
+    # Query heads: rotated in place (attention reads them next).
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    mask = h < num_heads
+    q = q_ptr + tok * stride_q_tok + h * (2 * HALF)
+    x1 = tl.load(q + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(q + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(q + d, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(q + HALF + d, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    # Key heads rotated and value heads as they are, straight into the paged cache.
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:  # negative slots pad a CUDA-graph batch: nothing to store
+        kh = tl.arange(0, KV_HEADS_PAD)[:, None]
+        kv_mask = kh < num_kv_heads
+        dst = (slot // BLOCK_SIZE) * stride_c_block + kh * stride_c_head + (slot % BLOCK_SIZE) * stride_c_tok
+        k = k_ptr + tok * stride_k_tok + kh * (2 * HALF)
+        k1 = tl.load(k + d, mask=kv_mask, other=0.0).to(tl.float32)  # new names: the compiler wants
+        k2 = tl.load(k + HALF + d, mask=kv_mask, other=0.0).to(tl.float32)  # one shape per variable
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst + d, (k1 * cos - k2 * sin).to(dtype).to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + dst + HALF + d, (k2 * cos + k1 * sin).to(dtype).to(cache_dtype), mask=kv_mask)
+        dd = tl.arange(0, 2 * HALF)[None, :]
+        v = tl.load(v_ptr + tok * stride_v_tok + kh * (2 * HALF) + dd, mask=kv_mask)
+        tl.store(v_cache_ptr + dst + dd, v, mask=kv_mask)
 
 
-def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   num_rotated_heads: int, head_dim: int, pdl: bool = False) -> torch.Tensor:
-    """Rotate the first `num_rotated_heads` heads (the query heads, then the key heads) of each row
-    of qkv [tokens, >= num_rotated_heads * head_dim], in place. cos/sin [max_positions, head_dim / 2]
-    hold each position's angles; positions [tokens] int."""
-    assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] >= num_rotated_heads * head_dim
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    pdl: bool = False) -> torch.Tensor:
+    """RoPE and the KV-cache write in one launch: q [tokens, heads, head_dim] is rotated in place;
+    k rotated and v as is are stored at `slot_mapping` (negative: skipped) in the caches
+    [blocks, kv_heads, block_size, head_dim]; k and v themselves are left unchanged. q, k, v may
+    be strided views of a fused qkv row (heads contiguous). Returns q."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    assert k.shape == v.shape == (tokens, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype
+    assert all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (q, k, v)), "heads must be contiguous"
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two in [16, 256]"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[1] == kv_heads and k_cache.shape[3] == head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert cos.shape == sin.shape and cos.shape[1] == head_dim // 2 and cos.stride() == sin.stride() and cos.stride(1) == 1
-    assert positions.shape == (qkv.shape[0],) and not positions.dtype.is_floating_point
-    if qkv.shape[0] == 0:
-        return qkv
-    _rotary_kernel[(qkv.shape[0],)](
-        qkv, positions, cos, sin, qkv.stride(0), head_dim, cos.stride(0), num_rotated_heads,
-        HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rotated_heads), num_warps=4, **pdl_launch(pdl, qkv),
+    assert positions.shape == (tokens,) and slot_mapping.shape == (tokens,)
+    if tokens == 0:
+        return q
+    _rotary_write_kv_kernel[(tokens,)](
+        q, k, v, positions, cos, sin, slot_mapping, k_cache, v_cache,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        heads, kv_heads,
+        HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(heads), KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
+        BLOCK_SIZE=k_cache.shape[2], num_warps=4, **pdl_launch(pdl, q),
     )
-    return qkv
+    return q

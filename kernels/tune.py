@@ -1,6 +1,8 @@
 """Measure decode-kernel launch candidates on this GPU and write the launch table.
 
-    python -m kernels.tune --out kernels/tuned_launch.json       # tune, write the table
+    python -m kernels.tune --out kernels/tuned_launch.json       # tune attention, write the table
+    python -m kernels.tune --linear 6144x4096,4096x4096 --dtype bfloat16 --out kernels/tuned_launch.json
+                                                                  # tune projections [N x K] (cuBLAS or ours)
     python -m kernels.tune --experiment --json out.json           # the three-variant experiment + bandwidth
 
 The table is read once by the engine (kernels/launch_table.py); nothing
@@ -10,16 +12,28 @@ here runs on the serving path.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.testing
 
-from kernels.launch_table import decode_key, heuristic_decode_launch, load_table
+from kernels.launch_table import (
+    BATCH_BUCKETS,
+    decode_key,
+    heuristic_decode_launch,
+    heuristic_linear_launch,
+    linear_key,
+    load_table,
+)
+from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
+from kernels.norm import add_norm
 from kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
 
 TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)  # other batch sizes map to these buckets' neighbours or the heuristic
@@ -27,6 +41,9 @@ TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)  # other batch sizes map to these b
 SHAPES = [
     ("gpt2", 12, 12, 64, torch.float16),
     ("smollm2", 9, 3, 64, torch.bfloat16),
+    ("llama-3.1-8b", 32, 8, 128, torch.bfloat16),  # also Mistral-7B
+    ("llama-3.2-1b", 32, 8, 64, torch.bfloat16),
+    ("qwen2.5-7b", 28, 4, 128, torch.bfloat16),
 ]
 
 
@@ -41,37 +58,73 @@ def make_inputs(num_seqs: int, context: int, heads: int, kv_heads: int, dim: int
     return q, k, v, tables, seq_lens
 
 
-def candidates(num_seqs: int, kv_heads: int, group: int, num_sms: int):
+def candidates(num_seqs: int, kv_heads: int, head_dim: int, num_sms: int):
     programs = num_seqs * kv_heads
     split_options = [1] if programs >= 4 * num_sms else [1, 2, 4, 8]
-    for tokens, warps, stages, splits in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), split_options):
+    warp_options = (2, 4, 8) if head_dim <= 64 else (4, 8)
+    for tokens, warps, stages, splits in itertools.product((32, 64, 128), warp_options, (2, 3, 4), split_options):
         yield DecodeLaunch(tokens=tokens, num_splits=splits, num_warps=warps, num_stages=stages)
 
 
-def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = ()) -> dict:
+def _compile_decode(jobs: list[tuple[int, int, int, str, dict, bool]]) -> int:
+    """Compile decode-attention launches into Triton's on-disk cache (a worker process)."""
+    done = 0
+    for heads, kv_heads, dim, dtype_name, launch, pdl in jobs:
+        q, k, v, tables, lens = make_inputs(2, 64, heads, kv_heads, dim, getattr(torch, dtype_name))
+        try:
+            paged_decode(q, k, v, tables, lens, 0.125, DecodeLaunch(**launch), pdl=pdl)
+            done += 1
+        except Exception:  # out of shared memory etc.: the measuring pass skips it too
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def _compile_in_workers(fn, jobs: list, workers: int) -> None:
+    import multiprocessing as mp
+
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        compiled = sum(pool.map(fn, [jobs[i::workers] for i in range(workers)]))
+    print(f"compiled {compiled}/{len(jobs)} launches in {time.time() - t0:.0f} s ({workers} processes)", flush=True)
+
+
+def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (), workers: int = 8) -> dict:
     """Per shape and batch bucket, the candidate with the lowest geometric mean of its time relative to
     the best candidate at each context: a CUDA graph keeps one launch for every context it will see,
     and a config that wins at one length can be several times slower at another (tokens=128, 4 warps,
-    3 stages: tied for best at context 256, 3.4x the best at 64 on the H100)."""
+    3 stages: tied for best at context 256, 3.4x the best at 64 on the H100). Launched with
+    programmatic dependent launch where the GPU has it, as the engine launches them."""
+    from kernels.pdl import pdl_supported
+
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    entries: dict[str, dict] = dict(load_table(out_path))  # shapes not tuned now keep their entries
-    for name, heads, kv_heads, dim, dtype in SHAPES:
-        if shapes and name not in shapes:
-            continue
+    pdl = pdl_supported(torch.device("cuda"))
+    selected = [s for s in SHAPES if not shapes or s[0] in shapes]
+    jobs = sorted({(heads, kv_heads, dim, str(dtype).removeprefix("torch."), tuple(sorted(vars(c).items())), pdl)
+                   for _, heads, kv_heads, dim, dtype in selected for bucket in TUNED_BUCKETS
+                   for c in candidates(bucket, kv_heads, dim, num_sms)})
+    _compile_in_workers(_compile_decode, [(h, kh, d, dt, dict(c), p) for h, kh, d, dt, c, p in jobs], workers)
+    entries: dict[str, dict] = {}
+    for name, heads, kv_heads, dim, dtype in selected:
         for bucket in TUNED_BUCKETS:
-            launches = list(candidates(bucket, kv_heads, heads // kv_heads, num_sms))
+            launches = list(candidates(bucket, kv_heads, dim, num_sms))
             times: dict[DecodeLaunch, list[float]] = {c: [] for c in launches}
             for context in contexts:
-                q, k, v, tables, lens = make_inputs(bucket, context, heads, kv_heads, dim, dtype)
-                out = torch.empty_like(q)
+                # As in a decode step: back to back in a CUDA graph, over enough layers of K/V that
+                # L2 holds none of the next one (a standalone timing is mostly launch overhead).
+                kv_bytes = 2 * bucket * context * kv_heads * dim * dtype.itemsize
+                layers = [make_inputs(bucket, context, heads, kv_heads, dim, dtype)
+                          for _ in range(min(12, max(2, math.ceil(2**28 / kv_bytes))))]
+                outs = [torch.empty_like(layer[0]) for layer in layers]
                 for launch in list(times):
                     try:
-                        ms = triton.testing.do_bench(lambda: paged_decode(q, k, v, tables, lens, 0.125, launch, out=out),
-                                                     warmup=5, rep=20, return_mode="median")
+                        us = graph_us_per_call([lambda a=a, o=o, la=launch: paged_decode(*a, 0.125, la, out=o, pdl=pdl)
+                                                for a, o in zip(layers, outs)], 5, 10)
                     except Exception:  # e.g. out of shared memory for this shape
                         del times[launch]
                         continue
-                    times[launch].append(ms)
+                    times[launch].append(us / 1e3)
+                del layers, outs
             best_at = [min(t[i] for t in times.values()) for i in range(len(contexts))]
             score = {c: math.prod(ms / b for ms, b in zip(t, best_at)) ** (1 / len(contexts)) for c, t in times.items()}
             best = min(score, key=score.get)
@@ -82,11 +135,166 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = ())
             heur_us = " ".join(f"{ms * 1e3:.1f}" for ms in times.get(heur, []))
             print(f"{key:<42} {best}  us at contexts {contexts}: {us}  (x{score[best]:.3f} of per-context best; "
                   f"heuristic {heur_us or 'n/a'})", flush=True)
-    table = {"device": torch.cuda.get_device_name(0), "contexts": list(contexts), "date": time.strftime("%Y-%m-%d"),
-             "entries": entries}
-    with open(out_path, "w") as f:
+    return write_table(out_path, entries, contexts=contexts)
+
+
+def write_table(out_path: str, entries: dict, measured: dict | None = None, contexts: tuple[int, ...] = ()) -> dict:
+    """Write the launch table, keeping what the file already records about shapes not tuned now."""
+    old = {}
+    if os.path.exists(out_path):
+        with open(out_path, encoding="utf-8") as f:
+            old = json.load(f)
+    table = {
+        "device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+        "contexts": list(contexts) or old.get("contexts", []),
+        "entries": {**old.get("entries", {}), **entries},
+        "measured": {**old.get("measured", {}), **(measured or {})},
+    }
+    with open(out_path, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)
+    load_table.cache_clear()
     return table
+
+
+def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
+    """Median over rounds of (replay time / calls), for a CUDA graph that runs every fn once in order:
+    what a decode step sees (no launch gaps; programmatic dependent launch overlaps neighbours)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays / len(fns))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+# Batch buckets the projections are measured at; the others take the nearest measured one below.
+LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
+
+
+def linear_candidates(n: int, k: int, rows: int, num_sms: int) -> list[LinearLaunch]:
+    """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
+    columns, K tiles of 128 or 256, 3 or 4 stages, and the split-K counts that give between one
+    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums)."""
+    out = []
+    m_tiles = triton.cdiv(rows, tile_rows(rows))
+    for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256), (3, 4)):
+        tiles = triton.cdiv(n, block_n) * m_tiles
+        splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
+        if not splits:  # too few tiles even split 16 ways, or too many unsplit: the nearest one
+            splits = [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
+        for split in splits:
+            out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _compile_linear(jobs: list[tuple[int, int, bool, str, int, dict]]) -> int:
+    """Compile launches into Triton's on-disk cache (a worker process: compilation is CPU work,
+    and the measuring process then only loads the binaries)."""
+    done = 0
+    for n, k, bias, dtype_name, rows, launch in jobs:
+        dtype = getattr(torch, dtype_name)
+        x = torch.zeros(rows, k, device="cuda", dtype=dtype)
+        w = torch.zeros(n, k, device="cuda", dtype=dtype)
+        b = torch.zeros(n, device="cuda", dtype=dtype) if bias else None
+        try:
+            skinny_linear(x, w, b, False, LinearLaunch(**launch), SplitKWorkspace())
+            done += 1
+        except Exception:  # out of shared memory etc.: the measuring pass skips it too
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
+                buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True) -> dict:
+    """For each projection [n, k] (bias or not) and batch bucket, time cuBLAS and our skinny kernel's
+    candidates in CUDA graphs over enough weight copies that L2 holds none, and record the fastest:
+    a launch, or null for cuBLAS. Every bucket in BATCH_BUCKETS gets an entry (the nearest measured
+    bucket at or below it). Compilation runs in `workers` processes first."""
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtype_name = str(dtype).removeprefix("torch.")
+    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
+            for n, k, bias in shapes for b in buckets}
+    # One job per compiled variant: buckets with the same row tile share a binary (M is not specialised).
+    jobs = sorted({(n, k, bias, dtype_name, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
+                   for (n, k, bias, b), cands in plan.items() for c in cands})
+    jobs = [(n, k, bias, d, b, dict(launch)) for n, k, bias, d, b, launch in jobs]
+    _compile_in_workers(_compile_linear, jobs, workers)
+
+    entries, measured = {}, {}
+    workspace = SplitKWorkspace()
+    for n, k, bias in shapes:
+        nbytes = n * k * dtype.itemsize
+        copies = max(4, math.ceil(3 * 2**28 / nbytes))  # 768 MB of weights: far more than L2
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
+        biases = [torch.randn(n, device="cuda", dtype=dtype) if bias else None for _ in range(copies)]
+        best_of: dict[int, tuple[float, LinearLaunch | None, float, LinearLaunch | None]] = {}
+        for bucket in buckets:
+            # In a step a projection follows a small kernel (a norm, attention, SiLU): time it there,
+            # after an RMSNorm that writes its input, so that a launch gap after cuBLAS and the
+            # weight prefetch under PDL both count. A projection's time: chain minus norms alone.
+            src, residual = torch.randn(bucket, k, device="cuda", dtype=dtype), torch.randn(bucket, k, device="cuda", dtype=dtype)
+            norm_weight = torch.ones(k, device="cuda", dtype=dtype)
+            x, summed = torch.empty_like(src), torch.empty_like(src)
+            out = torch.empty(bucket, n, device="cuda", dtype=dtype)
+
+            def norm():
+                add_norm(src, residual, norm_weight, None, 1e-5, True, out=x, sum_out=summed, pdl=pdl)
+
+            def chain_us(project) -> float:
+                return graph_us_per_call([lambda w=w, b=b: (norm(), project(w, b)) for w, b in zip(weights, biases)], 5, 10)
+
+            norms_us = graph_us_per_call([norm] * copies, 5, 10)
+            cublas_us = chain_us(lambda w, b: F.linear(x, w, b)) - norms_us
+            norm()
+            ref = F.linear(x, weights[0], biases[0]).float()
+            timed = []
+            for cand in plan[(n, k, bias, bucket)]:
+                launch = dataclasses.replace(cand, pdl=pdl)
+                try:
+                    got = skinny_linear(x, weights[0], biases[0], False, launch, workspace, out=out).float()
+                    if not ((got - ref).norm() / ref.norm()).item() < 1e-2:
+                        print(f"  {n}x{k} b{bucket} {launch}: wrong result", flush=True)
+                        continue
+                    us = chain_us(lambda w, b, la=launch: skinny_linear(x, w, b, False, la, workspace, out=out)) - norms_us
+                except Exception as exc:  # out of resources
+                    print(f"  {n}x{k} b{bucket} {launch}: {type(exc).__name__}", flush=True)
+                    continue
+                timed.append((us, launch))
+            timed.sort(key=lambda t: t[0])
+            ours_us, ours = timed[0] if timed else (math.inf, None)
+            winner = ours if ours_us < cublas_us else None
+            best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours)
+            print(f"linear {n}x{k}{'+bias' if bias else ''} b{bucket} ({nbytes / 1e6:.1f} MB, after a norm of {norms_us:.1f} us): "
+                  f"cuBLAS {cublas_us:.1f} us ({nbytes / cublas_us / 1e6:.2f} TB/s); ours {ours_us:.1f} us "
+                  f"({nbytes / ours_us / 1e6:.2f} TB/s) {ours} -> {'ours' if winner else 'cuBLAS'}", flush=True)
+        for bucket in BATCH_BUCKETS:
+            measured_at = max((b for b in buckets if b <= bucket), default=min(buckets))
+            us, winner, cublas_us, ours = best_of[measured_at]
+            key = linear_key(dtype_name, n, k, bucket)
+            entries[key] = None if winner is None else {f: v for f, v in vars(winner).items() if f != "pdl"}
+            if measured_at == bucket:
+                measured[key] = {"us": round(us, 2), "cublas_us": round(cublas_us, 2), "tb_s": round(nbytes / us / 1e6, 3),
+                                 "ours": None if ours is None else {f: v for f, v in vars(ours).items() if f != "pdl"}}
+        del weights, biases
+    return write_table(out_path, entries, measured)
 
 
 def experiment(json_path: str | None) -> dict:
@@ -167,13 +375,24 @@ def main() -> None:
     p.add_argument("--out", default="kernels/tuned_launch.json")
     p.add_argument("--contexts", default="64,256,1024", help="context lengths the table is tuned over")
     p.add_argument("--shapes", default="", help="comma-separated names from SHAPES to tune (default: all)")
+    p.add_argument("--linear", default="", help="projections to tune instead: NxK[+bias],... (e.g. 6144x4096)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the --linear projections")
+    p.add_argument("--workers", type=int, default=8, help="processes compiling --linear candidates")
     p.add_argument("--experiment", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.experiment:
         experiment(args.json)
+    elif args.linear:
+        shapes = []
+        for item in args.linear.split(","):
+            nk, _, bias = item.partition("+")
+            n, k = map(int, nk.split("x"))
+            shapes.append((n, k, bias == "bias"))
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers)
     else:
-        tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))))
+        tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
+             args.workers)
 
 
 if __name__ == "__main__":

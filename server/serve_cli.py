@@ -12,7 +12,7 @@ logger = logging.getLogger("roseinfer.serve")
 
 
 def add_serve_parser(sub) -> None:
-    from server.cli import add_engine_args
+    from engine.config import add_engine_args
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_engine_args(p)
@@ -45,7 +45,7 @@ def build_server_app(args: argparse.Namespace, core=None, metrics_multiprocess_d
     from engine.engine_process import EngineCoreClient
     from engine.llm_engine import LLMEngine
     from server.app import ServerSettings, build_app, default_aliases
-    from server.cli import engine_config_from_args
+    from engine.config import engine_config_from_args
 
     config = engine_config_from_args(args)
     if core is None:
@@ -150,7 +150,7 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
 
     from engine.engine_process import reap, start_engine_core
     from engine.errors import EngineError
-    from server.cli import engine_config_from_args
+    from engine.config import engine_config_from_args
 
     try:
         core = start_engine_core(engine_config_from_args(args), args.api_server_count)
@@ -216,7 +216,7 @@ def _api_process(args: argparse.Namespace, pipes, info, metrics_dir: str, superv
 
     from engine.config import LOG_FORMAT
     from engine.engine_process import EngineCoreClient
-    from server.cli import engine_config_from_args
+    from engine.config import engine_config_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
 

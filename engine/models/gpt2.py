@@ -10,8 +10,14 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
-from engine.models import padded_vocab_size
-from engine.models.layers import AddNorm, DecodeLinear, fused_kernel, uses_fused_kernels
+from engine.models.layers import (
+    AddNorm,
+    DecodeLinear,
+    ProjectionLaunches,
+    fused_kernel,
+    padded_vocab_size,
+    uses_fused_kernels,
+)
 
 
 class GPT2Attention(nn.Module):
@@ -66,6 +72,7 @@ class GPT2LMHeadModel(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, attention) for _ in range(config.num_layers))
         self.ln_f = AddNorm(config.hidden_size, config.norm_eps, rms=False, fused=uses_fused_kernels(attention))
         self.embed_kernel = fused_kernel("embedding", "embed_add") if uses_fused_kernels(attention) else None
+        self.lm_head_projection = ProjectionLaunches()
 
     def forward(
         self,
@@ -83,10 +90,13 @@ class GPT2LMHeadModel(nn.Module):
             x, residual = block(x, residual, kv_cache, meta)
         return self.ln_f(x, residual)[0]
 
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight  # GPT-2's LM head is tied to the token embedding
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
         (argmax needs no copy: the fp32 values are exact conversions)."""
-        logits = F.linear(hidden, self.wte.weight)[:, : self.config.vocab_size]  # lm_head is tied to wte
+        logits = self.lm_head_projection(hidden, self.wte.weight, None)[:, : self.config.vocab_size]
         return logits.float() if upcast else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -11,6 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def padded_vocab_size(vocab_size: int) -> int:
+    """Rows of the embedding / LM-head matrix: a multiple of 64, so cuBLAS picks its aligned
+    (fast) kernels for the logits GEMM; logits past the real vocabulary are sliced off."""
+    return -(-vocab_size // 64) * 64
+
+
 class AddNorm(nn.Module):
     """`norm(x + residual)` and the new residual stream `x + residual` (x alone when residual is None).
 
@@ -48,36 +54,45 @@ def fused_kernel(module: str, name: str):
     return getattr(importlib.import_module(f"kernels.{module}"), name)
 
 
-class DecodeLinear(nn.Linear):
-    """`nn.Linear` (optionally followed by tanh-GELU, GPT-2's MLP) whose small-batch calls run
-    `kernels.linear.skinny_linear` with the bias and GELU in its epilogue.
+class ProjectionLaunches:
+    """How one projection runs at each batch size: the skinny decode kernel with the launch decided
+    for its batch bucket (by `configure_decode_kernels`, once), cuBLAS above the largest bucket
+    that has one. Unconfigured (the CPU path), always plain torch."""
 
-    `configure_decode_kernels` decides, once per batch bucket, which launch serves it (or cuBLAS);
-    forward only looks the bucket up. Without configuration it is plain torch.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.gelu = gelu
+    def __init__(self) -> None:
         self.launches: list[tuple[int, object]] = []  # (max rows, LinearLaunch) ascending
         self.kernel = None
         self.workspace = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
         rows = x.shape[0]
         for max_rows, launch in self.launches:
             if rows <= max_rows:
-                return self.kernel(x, self.weight, self.bias, self.gelu, launch, self.workspace)
-        y = F.linear(x, self.weight, self.bias)
-        return F.gelu(y, approximate="tanh") if self.gelu else y
+                return self.kernel(x, weight, bias, gelu, launch, self.workspace)
+        y = F.linear(x, weight, bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` (optionally followed by tanh-GELU, GPT-2's MLP) whose small-batch calls run
+    `kernels.linear.skinny_linear` with the bias and GELU in its epilogue, as `projection` decides."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.gelu = gelu
+        self.projection = ProjectionLaunches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x, self.weight, self.bias, self.gelu)
 
 
 def configure_decode_kernels(model: nn.Module, attention, device: torch.device, dtype: torch.dtype,
                              max_rows: int) -> None:
     """Decide, once at load, how the fused kernels launch: programmatic dependent launch where the
     GPU has it (every kernel of a layer is then ours, so each can start while the one before it
-    ends), and the skinny-linear launch of every projection for each batch bucket up to `max_rows`.
-    Only for the CUDA path (the Triton attention backend)."""
+    ends), and the launch of every projection, the LM head included (`model.lm_head_projection`
+    over `model.lm_head_weight()`), for each batch bucket up to `max_rows`: the skinny kernel's
+    from the launch table, or cuBLAS. Only for the CUDA path (the Triton attention backend)."""
     from kernels.launch_table import BATCH_BUCKETS, batch_bucket, linear_launch
     from kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
     from kernels.pdl import pdl_supported
@@ -88,20 +103,28 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     need = (0, 0)
     dtype_name = str(dtype).removeprefix("torch.")
     buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(max_rows)]
+
+    def configure(projection: ProjectionLaunches, n: int, k: int, heuristic: bool = True) -> None:
+        nonlocal need
+        projection.launches = []
+        for bucket in buckets:
+            launch = linear_launch(dtype_name, n, k, bucket, heuristic=heuristic)
+            if launch is None:
+                break  # cuBLAS from here up
+            launch = dataclasses.replace(launch, pdl=pdl)
+            projection.launches.append((bucket, launch))
+            need = tuple(map(max, need, workspace_size(launch, bucket, n)))
+        projection.kernel = skinny_linear
+        projection.workspace = workspace
+
     for module in model.modules():
         if hasattr(module, "pdl"):  # AddNorm, the Llama attention's RoPE, its MLP's SiLU
             module.pdl = pdl
         elif isinstance(module, DecodeLinear):
-            module.launches = []
-            for bucket in buckets:
-                launch = linear_launch(dtype_name, module.out_features, module.in_features, bucket)
-                if launch is None:
-                    break  # cuBLAS from here up
-                launch = dataclasses.replace(launch, pdl=pdl)
-                module.launches.append((bucket, launch))
-                need = tuple(map(max, need, workspace_size(launch, bucket, module.out_features)))
-            module.kernel = skinny_linear
-            module.workspace = workspace
+            configure(module.projection, module.out_features, module.in_features)
+    lm_head = model.lm_head_weight()
+    # The LM head keeps cuBLAS unless the table holds a measured launch for its shape.
+    configure(model.lm_head_projection, lm_head.shape[0], lm_head.shape[1], heuristic=False)
     if need[0]:
         # Allocated now, not lazily inside a CUDA-graph capture.
         workspace.get(need[0], need[1], device)

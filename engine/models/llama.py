@@ -16,8 +16,14 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
-from engine.models import padded_vocab_size
-from engine.models.layers import AddNorm, DecodeLinear, fused_kernel, uses_fused_kernels
+from engine.models.layers import (
+    AddNorm,
+    DecodeLinear,
+    ProjectionLaunches,
+    fused_kernel,
+    padded_vocab_size,
+    uses_fused_kernels,
+)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -48,14 +54,26 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        t = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(config))
+        self.config = config
+        half = config.head_dim // 2
+        self.register_buffer("cos_half", torch.empty(config.max_position_embeddings, half), persistent=False)
+        self.register_buffer("sin_half", torch.empty(config.max_position_embeddings, half), persistent=False)
+        if self.cos_half.device.type != "meta":
+            self.compute_buffers()
+
+    @torch.no_grad()
+    def compute_buffers(self) -> None:
+        """Fill the tables where they live (the loader calls this once the model is on its device):
+        angles in fp32, then cast to the tables' dtype (the model's, as HF casts cos/sin)."""
+        device = self.cos_half.device
+        t = torch.arange(self.config.max_position_embeddings, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, rope_inv_freq(self.config).to(device))
         # One angle per pair of dims; the rotate-half form repeats them across both halves.
-        self.register_buffer("cos_half", freqs.cos(), persistent=False)
-        self.register_buffer("sin_half", freqs.sin(), persistent=False)
+        self.cos_half.copy_(freqs.cos())
+        self.sin_half.copy_(freqs.sin())
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The torch path (HF's arithmetic, in the model dtype); CUDA uses kernels.rotary."""
+        """The torch path (HF's arithmetic, in the model dtype); CUDA fuses RoPE into the cache write."""
         cos = self.cos_half[positions].to(q.dtype).repeat(1, 2).unsqueeze(1)
         sin = self.sin_half[positions].to(q.dtype).repeat(1, 2).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -79,21 +97,21 @@ class LlamaAttention(nn.Module):
         self.attention = attention
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
-        self.rotary_kernel = fused_kernel("rotary", "rotary_inplace") if uses_fused_kernels(attention) else None
-        self.pdl = False  # set by configure_decode_kernels
+        # The Triton backend applies RoPE in the same launch that writes K/V to the cache.
+        self.rotary_in_attention = uses_fused_kernels(attention)
 
     def forward(self, x, positions, kv_cache, meta):
         qkv = self.qkv_proj(x)
-        if self.rotary_kernel is not None:
-            self.rotary_kernel(qkv, positions, self.rotary.cos_half, self.rotary.sin_half,
-                               self.num_heads + self.num_kv_heads, self.head_dim, pdl=self.pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.rotary_kernel is None:
+        if self.rotary_in_attention:
+            rope = (positions, self.rotary.cos_half, self.rotary.sin_half)
+            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, rope)
+        else:
             q, k = self.rotary(positions, q, k)
-        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
+            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
 
@@ -154,6 +172,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attention)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, padded_vocab_size(config.vocab_size), bias=False)
+        self.lm_head_projection = ProjectionLaunches()
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -162,11 +181,13 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, kv_cache, meta)
         return self.model.norm(x, residual)[0]
 
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
         (argmax needs no copy: the fp32 values are exact conversions)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)[:, : self.config.vocab_size]
+        logits = self.lm_head_projection(hidden, self.lm_head_weight(), None)[:, : self.config.vocab_size]
         return logits.float() if upcast else logits
 
     def _shard_sizes(self, fused: str) -> list[int]:

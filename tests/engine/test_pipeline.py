@@ -150,3 +150,33 @@ def test_waiting_requests_join_when_the_batch_has_room(tiny_llama_dir, reference
         for out in engine.step():
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert got["first"] == want[0].token_ids and got["late"] == want[1].token_ids
+
+
+def test_one_token_prompt_gets_its_first_token_after_one_step(tiny_llama_dir, reference):
+    """The first step of a one-token prompt (a prefill that looks like a decode step) must not
+    start a multi-step run: time to first token is one step, not num_scheduler_steps."""
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    want = reference.generate([[314]], plain)[0].token_ids
+    llm = pipelined_llm(tiny_llama_dir)
+    engine = llm.engine
+    engine.add_request("one", [314], plain)
+    (first,) = engine.step()
+    assert first.new_token_ids == want[:1] and engine._inflight is None
+    assert llm.engine.runner.graphs.launches == {"fresh": 0, "chained": 0}
+    got = list(first.new_token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.extend(out.new_token_ids)
+    assert got == want and llm.engine.runner.graphs.launches["fresh"] >= 1
+
+
+def test_a_run_one_step_past_max_tokens_drops_that_token(tiny_llama_dir, reference):
+    """1 + 4 + 4 + 3 tokens with 4-step runs: the last run is a whole one, its fourth token dropped."""
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = reference.generate([PROMPTS[1]], plain)[0]
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate([PROMPTS[1]], plain)[0]
+    assert got.token_ids == want.token_ids and got.finish_reason == "length" and len(got.token_ids) == 12
+    assert llm.engine.runner.graphs.launches["fresh"] + llm.engine.runner.graphs.launches["chained"] == 3
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

@@ -21,8 +21,8 @@ from kernels.norm import add_norm
 from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
-                               paged_prefill_ref, rotary_ref, silu_and_mul_ref, write_kv_ref)
-from kernels.rotary import rotary_inplace
+                               paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref)
+from kernels.rotary import rotary_write_kv
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -168,20 +168,34 @@ def test_add_norm_matches_reference(device, dtype, rms, hidden, with_residual):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 32)])
-def test_rotary_matches_reference(device, dtype, q_heads, kv_heads, head_dim):
-    tokens, max_pos = 11, 300
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (28, 4, 128), (2, 1, 32)])
+def test_rotary_write_kv_matches_reference(device, dtype, q_heads, kv_heads, head_dim):
+    """RoPE fused with the cache write: q rotated in place, rotated k and plain v in the cache, the
+    padding slot skipped, k and v in the qkv row untouched."""
+    tokens, max_pos, num_blocks, bs = 13, 300, 4, 16
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = torch.outer(torch.arange(max_pos).float(), inv_freq)
     cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
     qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
     positions = torch.randint(0, max_pos, (tokens,), device=device)
-    ref = rotary_ref(qkv, positions, cos, sin, q_heads + kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * bs)[:tokens].to(device)
+    slots[5] = -1
+
+    def views(t):
+        q, k, v = t.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+        return q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+
+    caches = [torch.full((num_blocks, kv_heads, bs, head_dim), float("nan"), device=device, dtype=dtype) for _ in range(4)]
+    ref_q = rotary_write_kv_ref(*views(qkv.clone()), caches[2], caches[3], slots, positions, cos, sin)
     got = qkv.clone()
-    rotary_inplace(got, positions, cos, sin, q_heads + kv_heads, head_dim)
-    rotated = (q_heads + kv_heads) * head_dim
-    assert rel_err(got[:, :rotated], ref[:, :rotated]) < TOL[dtype]
-    assert torch.equal(got[:, rotated:], qkv[:, rotated:])  # the value heads are not touched
+    q, k, v = views(got)
+    assert rotary_write_kv(q, k, v, caches[0], caches[1], slots, positions, cos, sin) is q
+    assert rel_err(q, ref_q) < TOL[dtype]
+    assert torch.equal(got[:, q_heads * head_dim:], qkv[:, q_heads * head_dim:])
+    written = slots[slots >= 0]
+    for got_cache, ref_cache in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert rel_err(got_cache[written // bs, :, written % bs], ref_cache[written // bs, :, written % bs]) < TOL[dtype]
+        assert got_cache.isnan().sum() == ref_cache.isnan().sum()  # nothing else written
 
 
 @pytest.mark.parametrize("device", DEVICES)

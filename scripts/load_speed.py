@@ -1,0 +1,108 @@
+"""How long a model takes to be ready, and how fast a real checkpoint's weights stream in.
+
+1. `LLM(model, load_format="dummy")` to ready (weights, KV cache, CUDA graphs, warm-up).
+2. Its weights written as an HF safetensors directory (shards of about 5 GB), read once so they
+   sit in the page cache, then loaded by the engine's loader alone: GB/s from the page cache;
+   then `LLM(directory)` to ready.
+
+    python scripts/load_speed.py --model llama-3.1-8b --dir /tmp/ckpt --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import time
+
+import torch
+
+from engine import LLM
+from engine.config import EngineConfig
+
+
+def write_checkpoint(llm: LLM, path: str, shard_bytes: int = 5 * 10**9) -> int:
+    from safetensors.torch import save_file
+
+    from engine.bench import hf_config_of
+    from engine.models.llama import to_hf_state_dict
+    from engine.tokenizer import standin_tokenizer
+
+    runner = llm.engine.runner
+    mc = runner.model_config
+    os.makedirs(path, exist_ok=True)
+    state = to_hf_state_dict(runner.model)
+    if mc.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    shards, shard, size = [], {}, 0
+    for name in sorted(state):
+        shard[name] = state[name].contiguous().cpu()
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            shards.append(shard)
+            shard, size = {}, 0
+    shards.append(shard)
+    for i, part in enumerate(shards):
+        save_file(part, os.path.join(path, f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"))
+    cfg, _ = hf_config_of(mc)
+    cfg.architectures = ["Qwen2ForCausalLM" if mc.attention_bias else "LlamaForCausalLM"]
+    cfg.torch_dtype = str(runner.dtype).removeprefix("torch.")
+    cfg.save_pretrained(path)
+    standin_tokenizer(mc.vocab_size, mc.eos_token_ids, mc.bos_token_id).tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--dir", default="/tmp/roseinfer-ckpt")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = {"model": args.model, "device": torch.cuda.get_device_name(0)}
+
+    t = time.monotonic()
+    llm = LLM(args.model, load_format="dummy", device="cuda", max_num_seqs=args.max_num_seqs)
+    report["dummy_ready_s"] = time.monotonic() - t
+    print(f"LLM({args.model!r}, load_format='dummy') ready in {report['dummy_ready_s']:.1f} s", flush=True)
+
+    t = time.monotonic()
+    nbytes = write_checkpoint(llm, args.dir)
+    report["write_s"], report["checkpoint_bytes"] = time.monotonic() - t, nbytes
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    for f in os.listdir(args.dir):  # into the page cache
+        with open(os.path.join(args.dir, f), "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+    from engine.loader import load_model
+    from engine.model_runner import make_attention_backend
+
+    device = torch.device("cuda")
+    t = time.monotonic()
+    loaded = load_model(EngineConfig(model=args.dir, device="cuda"), device, make_attention_backend("triton", device))
+    torch.cuda.synchronize()
+    load_s = time.monotonic() - t
+    report["weights_load_s"] = load_s
+    report["weights_gb_s"] = nbytes / load_s / 1e9
+    print(f"weights of {args.dir} ({nbytes / 1e9:.2f} GB, page cache): {load_s:.2f} s = {nbytes / load_s / 1e9:.2f} GB/s",
+          flush=True)
+    del loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    t = time.monotonic()
+    LLM(args.dir, device="cuda", max_num_seqs=args.max_num_seqs)
+    report["dir_ready_s"] = time.monotonic() - t
+    print(f"LLM({args.dir!r}) ready in {report['dir_ready_s']:.1f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Tune the launch table for named architectures on this GPU: every decode projection (and the LM
+head) against cuBLAS at each batch bucket, and optionally the decode-attention launch of their head
+shapes. Writes kernels/tuned_launch.json (entries for other shapes are kept).
+
+    python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from engine.architectures import decode_projection_shapes, named_architecture
+from kernels.tune import tune, tune_linear
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="llama-3.1-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attention", default="", help="names from kernels.tune.SHAPES to tune attention for")
+    p.add_argument("--contexts", default="64,256,1024")
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--out", default="kernels/tuned_launch.json")
+    args = p.parse_args()
+    shapes = []
+    for name in filter(None, args.models.split(",")):
+        named = named_architecture(name)
+        if named is None:
+            raise SystemExit(f"unknown architecture {name!r}")
+        shapes += [s for s in decode_projection_shapes(named[1]) if s not in shapes]
+    if shapes:
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers)
+    if args.attention:
+        tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
+
+
+if __name__ == "__main__":
+    main()
