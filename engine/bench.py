@@ -52,6 +52,8 @@ def add_bench_parser(sub) -> None:
                    help="prompts of this many token ids (fixed random ids) instead of --prompt")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--guided-json", default=None,
+                   help="constrain every request to this JSON schema (JSON text, or @file): the cost of constrained decoding")
     p.add_argument("--mode", choices=["offline", "online", "latency"], default="offline",
                    help="latency: the requests one after another, batch 1 (time to first token, time per token)")
     p.add_argument("--no-stop-on-eos", action="store_true", help="ignore EOS: every request makes max-new-tokens")
@@ -273,7 +275,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     llm = LLM(config=config)
     logger.info("engine ready in %.1f s", time.monotonic() - load_start)
     runner = llm.engine.runner
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos)
+    structured = None
+    if args.guided_json is not None:
+        from engine.sampling_params import StructuredOutputSpec
+
+        text = args.guided_json
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        structured = StructuredOutputSpec.json_schema(text)
+        llm.engine.structured.validate(structured)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos,
+                            structured_output=structured)
     if args.input_len is not None:
         rng = random.Random(args.seed)
         # Ids from the vocabulary's middle: no BOS/EOS or other special tokens at either end.

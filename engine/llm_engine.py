@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 
 from engine.block_manager import BlockManager
@@ -14,7 +16,8 @@ from engine.errors import ContextLengthExceeded, InvalidRequest
 from engine.model_runner import ModelRunner, PendingTokens, SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
+from engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
 class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
+    # Constrained decoding: the grammar matcher once the request's grammar has compiled.
+    matcher: object | None = None
 
 
 @dataclass
@@ -130,6 +135,11 @@ class LLMEngine:
             self.block_manager,
         )
         self.requests: dict[str, _Request] = {}
+        # Constrained requests whose grammar is compiling (on worker threads): they join the
+        # scheduler once it is ready, and the batch keeps stepping meanwhile.
+        self.structured = StructuredOutputs.for_tokenizer(self.tokenizer, self.model_config.vocab_size,
+                                                          self.model_config.eos_token_ids)
+        self._compiling: dict[str, Future] = {}
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
@@ -187,7 +197,10 @@ class LLMEngine:
             seq.params.include_stop_str_in_output, seq.params.skip_special_tokens,
         )
         self.requests[seq.request_id] = _Request(seq, detok)
-        self.scheduler.add(seq)
+        if seq.params.structured_output is None:
+            self.scheduler.add(seq)
+        else:
+            self._compiling[seq.request_id] = self.structured.compile_async(seq.params.structured_output)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         seq = self.make_sequence(request_id, prompt, params)
@@ -199,12 +212,53 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.finish(req.seq, "abort")
+        if self._compiling.pop(request_id, None) is not None:  # never reached the scheduler
+            req.seq.status, req.seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        else:
+            self.scheduler.finish(req.seq, "abort")
         self.runner.release(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Constrained requests whose grammar is ready join the scheduler with their matcher; one
+        whose grammar failed to compile (the API validates first, so rarely) finishes aborted.
+        With nothing else to run, wait briefly for a compile instead of spinning."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished():
+            wait_futures(list(self._compiling.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+        failed = []
+        for request_id, future in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            req = self.requests[request_id]
+            if future.exception() is not None:
+                del self.requests[request_id]
+                req.seq.status, req.seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                message = getattr(future.exception(), "message", str(future.exception()))
+                failed.append(RequestOutput(request_id, [], "", True, finish_reason="abort", stop_reason=message,
+                                            num_prompt_tokens=req.seq.num_prompt_tokens))
+                continue
+            req.matcher = self.structured.matcher(future.result())
+            self.scheduler.add(req.seq)
+        return failed
+
+    def _allowed_token_bitmask(self, sched):
+        """Each sampling row's allowed tokens from its matcher (all ones when unconstrained), or
+        None when no row of this step is constrained."""
+        rows = [self.requests[s.seq.request_id].matcher for s in sched.scheduled if s.samples_next_token]
+        if not any(m is not None for m in rows):
+            return None
+        bitmask = self.structured.allocate_bitmask(len(rows))
+        bitmask.fill_(-1)
+        for i, matcher in enumerate(rows):
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(bitmask, i)
+        return bitmask
 
     @property
     def num_unfinished(self) -> int:
@@ -215,21 +269,22 @@ class LLMEngine:
         if self._inflight is not None:
             run, self._inflight = self._inflight, None
             return self._finish_decode_run(run)
+        failed = self._admit_compiled()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self.runner.on_preempted(seq)
         if sched.is_empty:
             self.last_step = self._stats(0)
-            return []
+            return failed
         num_steps = self._multi_step_count(sched)
         if num_steps > 1:
-            return self._decode_steps(sched, num_steps)
-        sampled = self.runner.execute(sched)
+            return failed + self._decode_steps(sched, num_steps)
+        sampled = self.runner.execute(sched, self._allowed_token_bitmask(sched))
         self.scheduler.on_step_done(sched)
         now = time.monotonic()
         outputs = [self._process(tok.seq, [tok.token_id], now, tok) for tok in sampled]
         self.last_step = self._stats(sched.num_batched_tokens)
-        return outputs
+        return failed + outputs
 
     def _can_admit(self) -> bool:
         """Someone waits and the batch has room: run single steps so they join at once. With the
@@ -253,8 +308,8 @@ class LLMEngine:
             p = seq.params
             if s.num_new_tokens != 1 or not s.samples_next_token or p.logprobs is not None or p.uses_penalties or p.min_tokens:
                 return 1
-            if seq.num_output_tokens == 0:
-                return 1
+            if seq.num_output_tokens == 0 or self.requests[seq.request_id].matcher is not None:
+                return 1  # a first token (TTFT), or a grammar that must see each token before the next
             left = (p.max_tokens or 0) - seq.num_output_tokens
             room = self.max_model_len - seq.num_tokens
             if left == self.config.num_scheduler_steps - 1 and room >= left + 1:
@@ -383,6 +438,14 @@ class LLMEngine:
                 if reason is not None:
                     break
 
+        if req.matcher is not None and accepted:
+            for token in accepted:
+                if not req.matcher.accept_token(token):  # the mask allows only tokens it accepts
+                    logger.warning("request %s: token %d rejected by its grammar", seq.request_id, token)
+                    reason = reason or "stop"
+                    break
+            if reason is None and req.matcher.is_terminated():
+                reason = "stop"  # the grammar is complete (and took its stop token)
         finished = reason is not None
         if finished:
             if stop_str is None:

@@ -255,8 +255,10 @@ class ModelRunner:
         return batch
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        """Run one step; return a token for each sequence whose prompt (or decode) completed."""
+    def execute(self, sched: SchedulerOutput, allowed_token_bitmask: torch.Tensor | None = None) -> list[SampledToken]:
+        """Run one step; return a token for each sequence whose prompt (or decode) completed.
+        `allowed_token_bitmask`: a row per sampling sequence, in schedule order (constrained
+        decoding; unconstrained rows all ones)."""
         sampling_seqs = [s.seq for s in sched.scheduled if s.samples_next_token]
         decode_only = len(sampling_seqs) == len(sched.scheduled) and all(s.num_new_tokens == 1 for s in sched.scheduled)
         if decode_only and self.graphs is not None and self.graphs.fits(len(sampling_seqs)):
@@ -267,7 +269,9 @@ class ModelRunner:
             if not sampling_seqs:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
-        return self._to_host(sampling_seqs, sample(logits, self.sampling_batch(sampling_seqs)))
+        batch = self.sampling_batch(sampling_seqs)
+        batch.allowed_token_bitmask = allowed_token_bitmask
+        return self._to_host(sampling_seqs, sample(logits, batch))
 
     def can_launch_greedy_run(self, seqs: list[Sequence], num_steps: int) -> bool:
         """Whether `launch_greedy_run` serves this batch: the captured greedy multi-step graph

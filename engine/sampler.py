@@ -24,6 +24,9 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]] | None = None
     output_token_ids: list[list[int]] | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Constrained rows (engine/structured_output.py): one bit per token, 1 = allowed; rows of
+    # the batch without a constraint are all ones. [rows, ceil(vocab / 32)] int32 on the host.
+    allowed_token_bitmask: torch.Tensor | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -83,12 +86,22 @@ def apply_penalties_and_biases(logits: torch.Tensor, batch: SamplingBatch) -> to
     return logits
 
 
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[rows, words] int32 bitmask -> [rows, vocab_size] bool on `device` (True = allowed)."""
+    packed = bitmask.to(device, non_blocking=True)
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, :vocab_size].bool()
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Pick one token per row. `logits` is [num_rows, vocab] float32 on the device."""
     raw_logits = logits
     needs_processing = any(p.logit_bias or p.uses_penalties or p.min_tokens for p in batch.params)
     if needs_processing:
         logits = apply_penalties_and_biases(logits.clone(), batch)
+    if batch.allowed_token_bitmask is not None:
+        allowed = allowed_tokens(batch.allowed_token_bitmask, logits.shape[1], logits.device)
+        logits = logits.masked_fill(~allowed, float("-inf"))
 
     if batch.all_greedy:
         token_ids = logits.argmax(dim=-1)

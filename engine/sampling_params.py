@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from engine.errors import InvalidRequest
 
 MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """What the output must match. `value`: the schema as canonical JSON text (json_schema), the
+    regex, the JSON list of choices (choice), the EBNF grammar (grammar), or "" (json_object).
+    JSON comes out compact (no free whitespace): a small model given free whitespace can fill
+    max_tokens with newlines."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: str = ""
+
+    @staticmethod
+    def json_schema(schema: dict | str) -> StructuredOutputSpec:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}", param="response_format") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("a JSON schema must be an object", param="response_format")
+        # Key order kept: properties are generated in the order the schema lists them.
+        return StructuredOutputSpec("json_schema", json.dumps(schema, separators=(",", ":")))
+
+    @staticmethod
+    def choice(options: list[str]) -> StructuredOutputSpec:
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise InvalidRequest("choice needs a list of non-empty strings", param="guided_choice")
+        return StructuredOutputSpec("choice", json.dumps(list(options)))
 
 
 @dataclass(frozen=True)
@@ -35,6 +66,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Constrained decoding (engine/structured_output.py): the output must match this.
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

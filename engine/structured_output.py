@@ -1,0 +1,120 @@
+"""Constrained decoding with xgrammar: what a request's output must match (a JSON schema, any JSON
+object, a regex, one of several strings, or an EBNF grammar), compiled once per distinct spec and
+cached, one matcher per request, and the allowed-token bitmask each step fills for the sampler.
+
+Compilation runs on worker threads (`compile_async`): the engine admits a constrained request to
+the scheduler only once its grammar is ready, so other requests keep stepping meanwhile. The API
+processes compile the same spec first (`validate`, off their event loop) so an invalid schema or
+regex is a 400 before anything is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from engine.errors import InvalidRequest
+from engine.sampling_params import StructuredOutputSpec
+
+
+class StructuredOutputs:
+    """Compiles specs against one tokenizer's vocabulary (built on first use) and hands out
+    matchers. Thread-safe: compilation runs on a small pool; the cache is keyed by the spec."""
+
+    def __init__(self, token_bytes: list[bytes] | None, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 threads: int = 2) -> None:
+        self._token_bytes = token_bytes
+        self.vocab_size = vocab_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._compiler = None
+        self._lock = threading.Lock()
+        self._cache: dict[StructuredOutputSpec, Future] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> StructuredOutputs:
+        # Special tokens as empty strings: xgrammar then never places them inside the output,
+        # only the stop tokens at its end.
+        return cls(tokenizer.token_bytes_table(skip_special_tokens=True), vocab_size, stop_token_ids)
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                if self._token_bytes is None:
+                    raise InvalidRequest("structured outputs need a byte-level BPE vocabulary; this model's is not")
+                import xgrammar as xgr
+
+                vocab = list(self._token_bytes[: self.vocab_size])
+                vocab += [b""] * (self.vocab_size - len(vocab))
+                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                         stop_token_ids=self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def prepare(self) -> None:
+        """Build the vocabulary's tokenizer info in the background (0.5 s for SmolLM2's 49k tokens
+        on one core), so the first constrained request does not wait for it."""
+        if self._token_bytes is not None:
+            self._pool.submit(self._get_compiler)
+
+    def _compile(self, spec: StructuredOutputSpec):
+        compiler = self._get_compiler()
+        try:
+            if spec.kind == "json_schema":
+                return compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+            if spec.kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.value)
+            if spec.kind == "choice":
+                return compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
+            if spec.kind == "grammar":
+                return compiler.compile_grammar(spec.value)
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for bad input
+            raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {_first_line(exc)}",
+                                 param=_PARAM.get(spec.kind)) from None
+        raise InvalidRequest(f"unknown structured output kind {spec.kind!r}")
+
+    def compile_async(self, spec: StructuredOutputSpec) -> Future:
+        """The compiled grammar, as a future: the cached one, or compiling on a worker thread."""
+        with self._lock:
+            future = self._cache.get(spec)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(self._compile, spec)
+                self._cache[spec] = future
+            return future
+
+    def validate(self, spec: StructuredOutputSpec) -> None:
+        """Compile now (blocking: call off the event loop); InvalidRequest if the spec is bad."""
+        self.compile_async(spec).result()
+
+    def matcher(self, compiled):
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled)
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        """[rows, ceil(vocab / 32)] int32, one bit per token (1 = allowed)."""
+        return torch.empty(rows, (self.vocab_size + 31) // 32, dtype=torch.int32)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
+          "choice": "guided_choice", "grammar": "guided_grammar"}
+
+
+def _first_line(exc: Exception) -> str:
+    """xgrammar's message without its timestamp and C++ source location."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", line)[:300]
+
+
+def choice_ebnf(options: list[str]) -> str:
+    """An EBNF grammar matching exactly one of `options`."""
+    return "root ::= " + " | ".join(json.dumps(o) for o in options)

@@ -1,0 +1,227 @@
+"""Constrained decoding in the engine (xgrammar masks applied by the sampler), and the tool-call
+formats: prompts, constraints, parsing whole and streamed outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import jsonschema
+import pytest
+
+from engine import SamplingParams
+from engine.errors import InvalidRequest
+from engine.sampling_params import StructuredOutputSpec
+from engine import tool_calls
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+     "required": ["color", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
+                                                  "minItems": 1, "maxItems": 3}},
+        "required": ["id", "tags"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
+    {"anyOf": [{"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["kind", "x"], "additionalProperties": False},
+               {"type": "object", "properties": {"kind": {"const": "b"}}, "required": ["kind"], "additionalProperties": False}]},
+]
+
+
+def constrained(spec: StructuredOutputSpec, seed: int | None = None, max_tokens: int = 120, **kw) -> SamplingParams:
+    temperature = 0.0 if seed is None else 1.0
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_output=spec, **kw)
+
+
+def test_every_schema_and_seed_gives_valid_json_beside_free_requests(tiny_llm):
+    """Random weights: only the mask makes these valid. Constrained and free rows share steps."""
+    prompts, params = [], []
+    for i, schema in enumerate(SCHEMAS):
+        for seed in (None, 1, 2, 3):
+            prompts.append(f"Request {i}: JSON please")
+            params.append(constrained(StructuredOutputSpec.json_schema(schema), seed))
+    prompts += ["free text one", "free text two"]
+    params += [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)] * 2
+    outs = tiny_llm.generate(prompts, params)
+    for out, p in zip(outs[:-2], params[:-2]):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), json.loads(p.structured_output.value))
+    assert all(len(o.token_ids) == 20 for o in outs[-2:])
+    bm = tiny_llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not tiny_llm.engine._compiling
+
+
+def test_regex_choice_grammar_and_json_object(tiny_llm):
+    specs = [StructuredOutputSpec("regex", r"[0-9]{3}-[a-z]{2}"), StructuredOutputSpec.choice(["yes", "no", "maybe"]),
+             StructuredOutputSpec("grammar", 'root ::= "(" [0-9] [0-9]? ")"'), StructuredOutputSpec("json_object")]
+    outs = tiny_llm.generate(["a", "b", "c", "d"], [constrained(s, seed=5, max_tokens=60) for s in specs])
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", outs[0].text)
+    assert outs[1].text in ("yes", "no", "maybe")
+    assert re.fullmatch(r"\([0-9]{1,2}\)", outs[2].text)
+    assert all(o.finish_reason == "stop" for o in outs[:3])
+    # Any object: a random model may not close it in 60 tokens, but it is one from the first byte.
+    assert outs[3].text.startswith("{") and (outs[3].finish_reason == "length" or isinstance(json.loads(outs[3].text), dict))
+
+
+def test_bad_specs_are_invalid_requests(tiny_llm):
+    structured = tiny_llm.engine.structured
+    for spec in (StructuredOutputSpec("regex", "(unclosed"), StructuredOutputSpec("json_schema", '{"type": "nonsense"}'),
+                 StructuredOutputSpec("grammar", "root ::= undefined_rule")):
+        with pytest.raises(InvalidRequest) as err:
+            structured.validate(spec)
+        assert "/" not in err.value.message.split(":")[0]  # no C++ source path in the message
+    with pytest.raises(InvalidRequest):
+        StructuredOutputSpec.json_schema("{not json")
+
+
+def test_a_bad_spec_reaching_the_engine_aborts_only_its_request(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("bad", "x", constrained(StructuredOutputSpec("regex", "(")))
+    engine.add_request("good", "y", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["bad"].finish_reason == "abort" and "regex" in finished["bad"].stop_reason
+    assert finished["good"].finish_reason == "length"
+
+
+def test_abort_while_compiling_and_after(tiny_llm):
+    engine = tiny_llm.engine
+    spec = StructuredOutputSpec.json_schema({"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]})
+    engine.add_request("early", "x", constrained(spec))
+    assert engine.abort_request("early") and not engine._compiling and not engine.has_unfinished()
+    engine.add_request("late", "x", constrained(spec))
+    engine.step()
+    engine.step()
+    assert engine.abort_request("late")
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.requests
+
+
+def test_seeded_constrained_sampling_is_reproducible(tiny_llm):
+    spec = StructuredOutputSpec.json_schema(SCHEMAS[2])
+    a = tiny_llm.generate(["p"], constrained(spec, seed=7))[0].text
+    b = tiny_llm.generate(["p", "q"], [constrained(spec, seed=7), constrained(spec, seed=8)])[0].text
+    assert a == b
+
+
+# ---- tool calls ------------------------------------------------------------------------------
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"]}}},
+]
+
+
+def replay(stream: tool_calls.ToolCallStream, text: str, rng: random.Random) -> tuple[str, list[dict]]:
+    """Feed `text` in random pieces; assemble the deltas as an OpenAI client does."""
+    deltas, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        deltas += stream.feed(text[i:i + n])
+        i += n
+    deltas += stream.finish()
+    content, calls = "", {}
+    for d in deltas:
+        content += d.get("content", "")
+        for tc in d.get("tool_calls", []):
+            call = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in tc:
+                assert call["id"] is None, "id, type and name come once per call"
+                call["id"], call["name"] = tc["id"], tc["function"]["name"]
+                assert tc["type"] == "function"
+            call["arguments"] += tc["function"]["arguments"]
+    return content, [calls[i] for i in sorted(calls)]
+
+
+def test_required_tool_choice_always_yields_valid_calls(tiny_llm):
+    mode, named = tool_calls.resolve_mode(TOOLS, "required")
+    spec = tool_calls.constraint(mode, TOOLS, named, parallel=False)
+    outs = tiny_llm.generate(["call a tool"] * 4, [constrained(spec, seed=s, max_tokens=200) for s in range(4)])
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed, out in enumerate(outs):
+        content, calls = tool_calls.parse(out.text, mode, TOOLS, named)
+        assert out.finish_reason == "stop" and content is None and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
+        streamed_content, streamed = replay(tool_calls.ToolCallStream(mode, TOOLS, named), out.text, random.Random(seed))
+        assert streamed_content == "" and [(c["name"], json.loads(c["arguments"])) for c in streamed] == \
+            [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_parallel_required_calls_stream_as_they_complete(tiny_llm):
+    """Parallel calls: a random model rarely closes the array, so check what completes: every call
+    the stream finished is valid, in order, and a finished output parses whole."""
+    mode, named = tool_calls.resolve_mode(TOOLS, "required")
+    spec = tool_calls.constraint(mode, TOOLS, named, parallel=True)
+    outs = tiny_llm.generate(["call tools"] * 3, [constrained(spec, seed=s, max_tokens=150) for s in range(3)])
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed, out in enumerate(outs):
+        _, streamed = replay(tool_calls.ToolCallStream(mode, TOOLS, named), out.text, random.Random(seed))
+        complete = streamed if out.finish_reason == "stop" else streamed[:-1]
+        assert len(streamed) >= 1 and (out.finish_reason == "stop" or len(streamed) >= 2)
+        for call in complete:
+            jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+        if out.finish_reason == "stop":
+            assert [c.name for c in tool_calls.parse(out.text, mode, TOOLS, named)[1]] == [c["name"] for c in streamed]
+
+
+def test_named_tool_choice_constrains_to_its_arguments(tiny_llm):
+    mode, named = tool_calls.resolve_mode(TOOLS, {"type": "function", "function": {"name": "add"}})
+    assert mode == "named" and named is TOOLS[1]
+    spec = tool_calls.constraint(mode, TOOLS, named, True)
+    out = tiny_llm.generate(["add"], constrained(spec, seed=3))[0]
+    _, calls = tool_calls.parse(out.text, mode, TOOLS, named)
+    assert [c.name for c in calls] == ["add"]
+    jsonschema.validate(json.loads(calls[0].arguments), TOOLS[1]["function"]["parameters"])
+    _, streamed = replay(tool_calls.ToolCallStream(mode, TOOLS, named), out.text, random.Random(0))
+    assert streamed[0]["name"] == "add" and streamed[0]["arguments"] == out.text
+
+
+def test_auto_mode_parses_hermes_blocks_and_llama_json():
+    text = 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>' \
+           '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    content, calls = tool_calls.parse(text, "auto", TOOLS, None)
+    assert content == "Let me check." and [c.name for c in calls] == ["get_weather", "add"]
+    assert json.loads(calls[1].arguments) == {"a": 1, "b": 2} and calls[0].id != calls[1].id
+    streamed_content, streamed = replay(tool_calls.ToolCallStream("auto", TOOLS, None), text, random.Random(1))
+    assert streamed_content.strip() == "Let me check." and [c["name"] for c in streamed] == ["get_weather", "add"]
+    assert tool_calls.parse('{"name": "add", "parameters": {"a": 5, "b": 6}}', "auto", TOOLS, None)[1][0].arguments \
+        == '{"a": 5, "b": 6}'
+    # Unknown names, broken JSON and lookalike text stay content.
+    for plain in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "<tool_call>{oops</tool_call>",
+                  "I like <tool_calls> and < tool_call >"):
+        assert tool_calls.parse(plain, "auto", TOOLS, None) == (plain, [])
+        assert replay(tool_calls.ToolCallStream("auto", TOOLS, None), plain, random.Random(2)) == (plain, [])
+
+
+def test_tool_history_renders_for_templates_without_tools():
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]
+    out = tool_calls.template_messages(messages, TOOLS, template_takes_tools=False)
+    assert out[0]["role"] == "system" and "<tools>" in out[0]["content"] and "get_weather" in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert out[3] == {"role": "tool", "content": "-3 C"}
+    native = tool_calls.template_messages(messages, TOOLS, template_takes_tools=True)
+    assert native[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"} and len(native) == 3
+
+
+def test_tool_choice_errors():
+    with pytest.raises(InvalidRequest):
+        tool_calls.resolve_mode(TOOLS, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(InvalidRequest):
+        tool_calls.resolve_mode(None, "required")
+    assert tool_calls.resolve_mode(None, None) == ("none", None) and tool_calls.resolve_mode(TOOLS, None) == ("auto", None)
