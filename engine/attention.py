@@ -44,6 +44,8 @@ class AttentionBackend:
     """Writes this step's K/V into the cache, then attends over each sequence's context."""
 
     name = "base"
+    # Whether forward takes `rope` and rotates q and k itself (fused with the cache write).
+    fuses_rotary = False
 
     def forward(
         self,

@@ -18,6 +18,9 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     load_format: str = "auto"  # auto | dummy
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    # auto: a GGUF's Q4_1/Q8_0 blocks run as they are on the CPU when that measures faster than
+    # dequantised weights; gguf: always (CPU only); none: dequantise to `dtype`.
+    quantization: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     tokenizer: str | None = None  # override: a tokenizer.json, a directory, or a .gguf
     seed: int = 0
@@ -32,7 +35,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu | triton
     enforce_eager: bool = False
     # Decode steps run back to back on the device before the host looks at the tokens
     # (only for pure decode batches with nobody waiting; CUDA graphs only).
@@ -42,10 +45,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.quantization not in ("auto", "none", "gguf"):
+            raise ValueError(f"quantization must be auto, none or gguf, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}")
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError("block_size must be 8, 16, 32 or 64")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -65,6 +70,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-model-id", dest="model", help=argparse.SUPPRESS)
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights, real architecture")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    g.add_argument("--quantization", choices=["auto", "none", "gguf"], default="auto",
+                   help="auto: run a GGUF's Q4_1/Q8_0 blocks as they are on the CPU where that measures faster; "
+                        "gguf: always; none: dequantise to --dtype")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--tokenizer", default=None, help="tokenizer override: .gguf, tokenizer.json or a directory")
     g.add_argument("--seed", type=int, default=0)
@@ -76,7 +84,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton"], default="auto",
+                   help="auto: triton on CUDA; on the CPU the C++ kernels (float32) where they build, else torch")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps run back to back on the GPU between host looks (CUDA graphs only)")
@@ -87,6 +96,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         load_format=args.load_format,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         tokenizer=args.tokenizer,
         seed=args.seed,
@@ -125,6 +135,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     hidden_act: str = "silu"
+    # Projections kept in GGUF blocks (engine/models/layers.py GGUFBlockLinear): (module name, scheme),
+    # e.g. ("qkv_proj", "q4_1"), ("lm_head", "q8_0"). Empty: dense weights.
+    linear_schemes: tuple[tuple[str, str], ...] = ()
+
+    def linear_scheme(self, module: str) -> str | None:
+        return dict(self.linear_schemes).get(module)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype_bytes: int) -> int:
         return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -134,15 +134,77 @@ def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# GGUF block types the CPU kernels run as they are (kernels/gguf_linear.py), and our projections
+# with the GGUF tensors that fill them.
+_GGUF_BLOCK_SCHEMES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
+_GGUF_PROJECTIONS = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",),
+                     "gate_up_proj": ("ffn_gate", "ffn_up"), "down_proj": ("ffn_down",)}
+
+
+def gguf_block_schemes(reader) -> tuple[tuple[str, str], ...]:
+    """The projections whose every GGUF tensor (all layers) is in one block type we run, and the
+    LM head (`output`, or the tied token embedding)."""
+    types: dict[str, set[str]] = {}
+    for t in reader.tensors:
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.removesuffix(".weight")
+        types.setdefault(kind, set()).add(t.tensor_type.name)
+    schemes = []
+    for module, kinds in _GGUF_PROJECTIONS.items():
+        found = set().union(*(types.get(k, set()) for k in kinds))
+        if len(found) == 1 and next(iter(found)) in _GGUF_BLOCK_SCHEMES:
+            schemes.append((module, _GGUF_BLOCK_SCHEMES[next(iter(found))]))
+    head = types.get("output") or types.get("token_embd", set())
+    if len(head) == 1 and next(iter(head)) in _GGUF_BLOCK_SCHEMES:
+        schemes.append(("lm_head", _GGUF_BLOCK_SCHEMES[next(iter(head))]))
+    return tuple(schemes)
+
+
+def choose_gguf_blocks(config: EngineConfig, device: torch.device, model_config: ModelConfig,
+                       schemes: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The projections to keep in GGUF blocks: on the CPU with fp32 activations, when the block
+    kernel measures faster than dense fp32 on this machine (auto) or always (gguf); else none."""
+    if config.quantization == "none" or not schemes:
+        return ()
+    if device.type != "cpu" or config.dtype not in ("auto", "float32"):
+        if config.quantization == "gguf":
+            raise UnknownModel("--quantization gguf runs GGUF blocks on the CPU with float32 activations only")
+        return ()
+    from kernels.gguf_linear import blocks_speedup
+
+    n, k = 2 * model_config.intermediate_size, model_config.hidden_size  # the largest projection
+    try:
+        speedup = blocks_speedup(n, k, dict(schemes).get("gate_up_proj", "q4_1"))
+    except Exception as exc:  # no compiler, no headers: dense weights still work
+        if config.quantization == "gguf":
+            raise
+        logger.warning("GGUF block kernels unavailable (%s): weights dequantised to float32", exc)
+        return ()
+    if config.quantization == "auto" and speedup <= 1.0:
+        logger.info("GGUF blocks measured %.2fx dense float32 here (%dx%d, one row): weights dequantised", speedup, n, k)
+        return ()
+    logger.info("GGUF weights run as blocks on the CPU (%s): %.2fx dense float32 on a %dx%d projection here; "
+                "--quantization none dequantises them", ", ".join(f"{m} {s}" for m, s in schemes), speedup, n, k)
+    return schemes
+
+
 def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named, dequantised float32 tensors from a llama GGUF."""
+    """HF-named tensors from a llama GGUF: float32, dequantised, except those of projections the
+    model keeps in blocks (`config.linear_schemes`), which come as raw block rows (uint8)."""
     import gguf
 
+    raw_kinds = {k for module, _ in config.linear_schemes for k in _GGUF_PROJECTIONS.get(module, ())}
     for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
         name = t.name.removesuffix(".weight")
+        kind = name.split(".", 2)[2] if name.startswith("blk.") else name
+        keep_raw = kind in raw_kinds or (name == "output" and config.linear_scheme("lm_head"))
+        if keep_raw:
+            w = torch.from_numpy(t.data.copy())
+        else:
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
         if name == "token_embd":
             yield "model.embed_tokens.weight", w
+            if config.tie_word_embeddings and config.linear_scheme("lm_head"):
+                yield "lm_head.weight", torch.from_numpy(t.data.copy())  # the LM head reads the blocks
         elif name == "output_norm":
             yield "model.norm.weight", w
         elif name == "output":
@@ -316,6 +378,8 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
                 model_config = replace(model_config, tie_word_embeddings=False)
             tokenizer = gguf_tokenizer(fields)
             if not dummy:
+                model_config = replace(model_config, linear_schemes=choose_gguf_blocks(
+                    config, device, model_config, gguf_block_schemes(reader)))
                 weights = iter_gguf_weights(reader, model_config)
         ckpt_dtype = torch.bfloat16
     elif name in GPT2_SIZES or name.removeprefix("openai-community/") in GPT2_SIZES:

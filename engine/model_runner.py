@@ -35,12 +35,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto` picks the Triton kernels on CUDA and torch elsewhere."""
+def make_attention_backend(name: str, device: torch.device, dtype: str = "auto") -> AttentionBackend:
+    """`auto` picks the Triton kernels on CUDA; on the CPU the C++ kernels for float32 where they
+    build, else plain torch."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        else:
+            from kernels.cpu_build import available
+
+            name = "cpu" if dtype in ("auto", "float32") and available() else "torch"
     if name == "torch":
         return TorchAttention()
+    if name == "cpu":
+        from engine.cpu_attention import CpuAttention  # compiles the C++ kernels on first use
+
+        return CpuAttention()
     if name == "triton":
         from engine.triton_attention import TritonAttention  # Triton only when asked for
 
@@ -100,7 +110,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        self.attention = make_attention_backend(config.attention_backend, self.device)
+        self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype)
         self.loaded: LoadedModel = load_model(config, self.device, self.attention)
         self.model = self.loaded.model
         self.model_config = self.loaded.config

@@ -14,6 +14,7 @@ from kernels.rotary import rotary_write_kv
 
 class TritonAttention(AttentionBackend):
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self) -> None:
         self.pdl = False  # programmatic dependent launch; set by configure_decode_kernels

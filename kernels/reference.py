@@ -120,3 +120,21 @@ def rotary_write_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos,
     k_rot = rotated[:, heads * head_dim:].reshape(tokens, kv_heads, head_dim).to(k_cache.dtype)
     write_kv_ref(k_rot, v.to(v_cache.dtype), k_cache, v_cache, slot_mapping)
     return q_rot
+
+
+def gguf_dequantize_ref(blocks: torch.Tensor, k: int, scheme: str) -> torch.Tensor:
+    """GGUF Q4_1 (fp16 d, fp16 m, 16 bytes of nibbles: w = d q + m) or Q8_0 (fp16 d, 32 int8:
+    w = d q) blocks [n, k / 32 * bytes] uint8 as fp32 [n, k]."""
+    n = blocks.shape[0]
+    per = {"q4_1": 20, "q8_0": 34}[scheme]
+    b = blocks.view(n, k // 32, per)
+    d = b[..., :2].contiguous().view(torch.float16).float()  # [n, blocks, 1]
+    if scheme == "q4_1":
+        m = b[..., 2:4].contiguous().view(torch.float16).float()
+        qs = b[..., 4:].long()
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # low nibbles first, then high
+        w = d * codes + m
+    else:
+        codes = b[..., 2:].contiguous().view(torch.int8).float()
+        w = d * codes
+    return w.reshape(n, k)

@@ -21,21 +21,25 @@ class AddNorm(nn.Module):
     """`norm(x + residual)` and the new residual stream `x + residual` (x alone when residual is None).
 
     LayerNorm (weight and bias, GPT-2) or RMSNorm (weight, Llama); parameter names match HF's.
-    `fused` runs one Triton kernel (the CUDA path); otherwise plain torch with HF's rounding.
+    `fused` runs one Triton kernel (the CUDA path), `cpu` one C++ call for RMSNorm (the CPU
+    backend's); otherwise plain torch with HF's rounding.
     """
 
-    def __init__(self, hidden_size: int, eps: float, rms: bool, fused: bool) -> None:
+    def __init__(self, hidden_size: int, eps: float, rms: bool, fused: bool, cpu: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.bias = None if rms else nn.Parameter(torch.zeros(hidden_size))
         self.eps = eps
         self.rms = rms
         self.kernel = fused_kernel("norm", "add_norm") if fused else None
+        self.cpu_kernel = fused_kernel("cpu_elementwise", "add_rms_norm") if cpu and rms else None
         self.pdl = False  # set by configure_decode_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
             return self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms, pdl=self.pdl)
+        if self.cpu_kernel is not None:
+            return self.cpu_kernel(x, residual, self.weight, self.eps)
         h = x if residual is None else x + residual
         if not self.rms:
             return F.layer_norm(h, (h.shape[-1],), self.weight, self.bias, self.eps), h
@@ -47,6 +51,11 @@ class AddNorm(nn.Module):
 def uses_fused_kernels(attention) -> bool:
     """The Triton attention backend brings the other Triton kernels with it (norms, RoPE, SiLU)."""
     return attention.name == "triton"
+
+
+def uses_cpu_kernels(attention) -> bool:
+    """The CPU attention backend brings the C++ RMSNorm and SiLU * up with it."""
+    return attention.name == "cpu"
 
 
 def fused_kernel(module: str, name: str):
@@ -71,6 +80,37 @@ class ProjectionLaunches:
                 return self.kernel(x, weight, bias, gelu, launch, self.workspace)
         y = F.linear(x, weight, bias)
         return F.gelu(y, approximate="tanh") if gelu else y
+
+
+class GGUFBlockLinear(nn.Module):
+    """A projection whose weight stays in GGUF blocks (Q4_1 or Q8_0), run by
+    `kernels.gguf_linear` on the CPU: the bytes a decode step reads are the file's 4.5 or 8.5
+    bits a weight, and the weights are exactly the ones dequantisation gives. `weight` holds the
+    blocks, [out_features, in_features / 32 * block bytes] uint8, rows in output order (so fused
+    projections concatenate rows, as dense ones do)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, bias: bool = False) -> None:
+        super().__init__()
+        from kernels.gguf_linear import row_bytes
+
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.weight = nn.Parameter(torch.zeros(out_features, row_bytes(in_features, scheme), dtype=torch.uint8),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.gguf_linear import gguf_linear
+
+        return gguf_linear(x, self.weight, self.out_features, self.in_features, self.scheme, self.bias)
+
+
+def projection(in_features: int, out_features: int, scheme: str | None, bias: bool = True,
+               gelu: bool = False) -> nn.Module:
+    """A decode projection: GGUF blocks when the model keeps this one in `scheme`, else dense."""
+    if scheme is None:
+        return DecodeLinear(in_features, out_features, bias=bias, gelu=gelu)
+    assert not gelu, "GGUF blocks serve the Llama family only"
+    return GGUFBlockLinear(in_features, out_features, scheme, bias=bias)
 
 
 class DecodeLinear(nn.Linear):

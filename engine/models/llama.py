@@ -18,10 +18,12 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import (
     AddNorm,
-    DecodeLinear,
+    GGUFBlockLinear,
     ProjectionLaunches,
     fused_kernel,
     padded_vocab_size,
+    projection,
+    uses_cpu_kernels,
     uses_fused_kernels,
 )
 
@@ -92,13 +94,14 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = DecodeLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = DecodeLinear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = projection(config.hidden_size, self.q_size + 2 * self.kv_size, config.linear_scheme("qkv_proj"),
+                                   bias=config.attention_bias)
+        self.o_proj = projection(self.q_size, config.hidden_size, config.linear_scheme("o_proj"), bias=False)
         self.attention = attention
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
-        # The Triton backend applies RoPE in the same launch that writes K/V to the cache.
-        self.rotary_in_attention = uses_fused_kernels(attention)
+        # The Triton and CPU backends apply RoPE in the same call that writes K/V to the cache.
+        self.rotary_in_attention = attention.fuses_rotary
 
     def forward(self, x, positions, kv_cache, meta):
         qkv = self.qkv_proj(x)
@@ -116,18 +119,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, fused: bool) -> None:
+    def __init__(self, config: ModelConfig, fused: bool, cpu: bool = False) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = DecodeLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else None
+        self.gate_up_proj = projection(config.hidden_size, 2 * config.intermediate_size,
+                                       config.linear_scheme("gate_up_proj"), bias=False)
+        self.down_proj = projection(config.intermediate_size, config.hidden_size, config.linear_scheme("down_proj"),
+                                    bias=False)
+        self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else \
+            fused_kernel("cpu_elementwise", "silu_mul") if cpu else None
         self.pdl = False  # set by configure_decode_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_kernel is not None:
-            return self.down_proj(self.act_kernel(gate_up, pdl=self.pdl))
+            return self.down_proj(self.act_kernel(gate_up, pdl=True) if self.pdl else self.act_kernel(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -135,11 +141,11 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        fused = uses_fused_kernels(attention)
-        self.input_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused)
+        fused, cpu = uses_fused_kernels(attention), uses_cpu_kernels(attention)
+        self.input_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused, cpu=cpu)
         self.self_attn = LlamaAttention(config, attention, rotary)
-        self.post_attention_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused)
-        self.mlp = LlamaMLP(config, fused)
+        self.post_attention_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused, cpu=cpu)
+        self.mlp = LlamaMLP(config, fused, cpu)
 
     def forward(self, x, residual, positions, kv_cache, meta):
         """x: the previous sublayer's output, not yet added to `residual` (the add is fused into the norm)."""
@@ -154,7 +160,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention, self.rotary) for _ in range(config.num_layers))
-        self.norm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=uses_fused_kernels(attention))
+        self.norm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=uses_fused_kernels(attention),
+                            cpu=uses_cpu_kernels(attention))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -171,7 +178,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, attention)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, padded_vocab_size(config.vocab_size), bias=False)
+        vocab_rows = padded_vocab_size(config.vocab_size)
+        if config.linear_scheme("lm_head") is not None:  # GGUF blocks (a tied embedding keeps a dense copy for lookups)
+            self.lm_head = GGUFBlockLinear(config.hidden_size, vocab_rows, config.linear_scheme("lm_head"))
+        else:
+            self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab_rows, bias=False)
         self.lm_head_projection = ProjectionLaunches()
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -187,7 +198,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
         (argmax needs no copy: the fp32 values are exact conversions)."""
-        logits = self.lm_head_projection(hidden, self.lm_head_weight(), None)[:, : self.config.vocab_size]
+        if isinstance(self.lm_head, GGUFBlockLinear):
+            logits = self.lm_head(hidden)[:, : self.config.vocab_size]
+        else:
+            logits = self.lm_head_projection(hidden, self.lm_head_weight(), None)[:, : self.config.vocab_size]
         return logits.float() if upcast else logits
 
     def _shard_sizes(self, fused: str) -> list[int]:
@@ -204,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
-                continue
+                continue  # tied: the embedding serves as the LM head
             target, shard = name, None
             for hf, (fused, idx) in self._FUSED.items():
                 if f".{hf}." in name:

@@ -98,3 +98,23 @@ def test_triton_kernel_path_matches_hf_under_interpreter(arch, tiny_llama_dir, t
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     for out in outs:
         assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, 10)
+
+
+def test_smollm2_gguf_blocks_give_the_dequantised_models_tokens(smollm2_gguf):
+    """The default CPU path (Q4_1/Q8_0 blocks through the C++ kernels, C++ decode attention) and
+    the dequantised fp32 weights through plain torch: the same greedy tokens."""
+    blocks = LLM("smollm2-135m-instruct", quantization="gguf", num_kv_blocks=64)
+    dense = LLM("smollm2-135m-instruct", quantization="none", attention_backend="torch", num_kv_blocks=64)
+    assert dict(blocks.engine.model_config.linear_schemes) == {
+        "qkv_proj": "q4_1", "o_proj": "q4_1", "gate_up_proj": "q4_1", "down_proj": "q4_1", "lm_head": "q8_0"}
+    assert not dense.engine.model_config.linear_schemes and blocks.engine.runner.attention.name == "cpu"
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in blocks.generate(PROMPTS, params)] == [o.token_ids for o in dense.generate(PROMPTS, params)]
+
+
+def test_cpu_attention_backend_matches_torch(tiny_llama_dir):
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    cpu = LLM(tiny_llama_dir, attention_backend="cpu", num_kv_blocks=64)
+    torch_backend = LLM(tiny_llama_dir, attention_backend="torch", num_kv_blocks=64)
+    assert [o.token_ids for o in cpu.generate(PROMPTS, params)] == \
+        [o.token_ids for o in torch_backend.generate(PROMPTS, params)]
