@@ -1,6 +1,6 @@
 """Linear layers over GGUF Q4_1 / Q8_0 blocks on the CPU (kernels/cpu/gguf_gemm.cpp, built by
-kernels/cpu_build.py). Decode batches (up to 16 rows) run the block kernel; larger batches
-(prefill) dequantise the matrix and run one sgemm.
+kernels/cpu_build.py). Up to MAX_KERNEL_ROWS rows run the block kernel, 8 rows a pass; larger
+batches (long prefills) dequantise the matrix and run one sgemm.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from kernels.cpu_build import extension
 
 BLOCK = 32
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
-# Above this many rows, dequantising once and one sgemm beats the block kernel (prefill).
-MAX_KERNEL_ROWS = 16
+# Where dequantise + sgemm starts to win, measured on this 2-core AVX-512 box: a 3072x576 Q4_1
+# projection took 7.1 against 7.7 ms at 256 rows, 14.0 against 11.9 ms at 512.
+MAX_KERNEL_ROWS = 256
 
 
 def row_bytes(k: int, scheme: str) -> int:

@@ -11,6 +11,9 @@ import aiohttp
 
 from load_tests.workload import RequestSpec
 
+# The parts of roseinfer's per-request timing (server/app.py request_timing), in ms.
+TIMING_PARTS = ("queue", "prefill", "decode", "ttft", "e2e")
+
 
 @dataclass
 class RequestRecord:
@@ -27,6 +30,9 @@ class RequestRecord:
     # Arrival time of every chunk that carried text; a chunk may carry several tokens.
     chunk_times_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    # Where the server says the time went (roseinfer's "timing" in the last chunk): queue,
+    # prefill, decode, ttft, e2e in ms on the server's clock. None from other servers.
+    server_timing_ms: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -55,9 +61,12 @@ class RequestRecord:
         return asdict(self) | {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
 
 
-def request_body(spec: RequestSpec, model: str, endpoint: str, temperature: float) -> dict:
+def request_body(spec: RequestSpec, model: str, endpoint: str, temperature: float, timing: bool = True) -> dict:
+    """The streamed request; `timing` asks the server for its per-request timing (a roseinfer
+    extension inside stream_options, which OpenAI-compatible servers ignore or refuse: --no-timing)."""
+    stream_options = {"include_usage": True, **({"include_timing": True} if timing else {})}
     body: dict = {"model": model, "max_tokens": spec.max_tokens, "temperature": temperature, "stream": True,
-                  "stream_options": {"include_usage": True}}
+                  "stream_options": stream_options}
     if spec.ignore_eos:
         body["ignore_eos"] = True  # a vLLM extension; exact output lengths for random prompts
     if endpoint == "chat":
@@ -114,6 +123,8 @@ def _read_event(event: bytes, record: RequestRecord, text_key: str, now: float) 
         if data == b"[DONE]":
             return True
         chunk = json.loads(data)
+        if chunk.get("timing"):
+            record.server_timing_ms = chunk["timing"]
         if chunk.get("usage"):
             record.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
             record.output_tokens = chunk["usage"].get("completion_tokens", 0)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import statistics
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import aiohttp
 import httpx
 
-from load_tests.client import RequestRecord, request_body, stream_request
+from load_tests.client import TIMING_PARTS, RequestRecord, request_body, stream_request
 from load_tests.workload import (RequestSpec, arrival_offsets_s, file_workload, random_text_workload,
                                  random_token_workload)
 
@@ -86,6 +87,9 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO) -> dict
         "tpot_ms": _ms(percentiles([r.tpot_s for r in ok if r.tpot_s is not None])),
         "itl_ms": _ms(percentiles([g for r in ok for g in r.itls_s])),
         "e2e_ms": _ms(percentiles([r.e2e_s for r in ok if r.e2e_s is not None])),
+        # The server's own split of each request's time (roseinfer's timing), percentile by percentile.
+        "server_timing_ms": {part: percentiles([r.server_timing_ms[part] for r in ok if r.server_timing_ms])
+                             for part in TIMING_PARTS} if any(r.server_timing_ms for r in ok) else None,
     }
 
 
@@ -127,7 +131,7 @@ def server_side_means_ms(before: str, after: str) -> dict:
 def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str, request_rate: float,
              burstiness: float, max_concurrency: int | None, seed: int, temperature: float = 0.0,
              api_key: str | None = None, timeout_s: float = 600.0, progress: bool = True,
-             client_processes: int = 1) -> tuple[list[RequestRecord], float]:
+             client_processes: int = 1, timing: bool = True) -> tuple[list[RequestRecord], float]:
     """Send every spec at its arrival time (bounded by max_concurrency) and stream them all.
 
     With `client_processes` > 1 the requests are dealt round-robin to that many processes, each
@@ -139,7 +143,7 @@ def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str,
     offsets = arrival_offsets_s(len(specs), request_rate, burstiness, seed)
     if client_processes <= 1:
         return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,
-                                    api_key, timeout_s, progress))
+                                    api_key, timeout_s, progress, timing=timing))
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -149,7 +153,7 @@ def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str,
     shards = [list(range(i, len(specs), client_processes)) for i in range(client_processes)]
     with ProcessPoolExecutor(client_processes, mp_context=mp.get_context(method)) as pool:
         futures = [pool.submit(_run_shard, base_url, model, [specs[j] for j in idx], [offsets[j] for j in idx], endpoint,
-                               request_rate, per_shard, temperature, api_key, timeout_s, start) for idx in shards]
+                               request_rate, per_shard, temperature, api_key, timeout_s, start, timing) for idx in shards]
         results = [f.result() for f in futures]
     # The run ends when the last shard's last stream does, on the shared clock: not after the
     # records travel back and the pool's processes exit, which would count the harness's own
@@ -159,14 +163,15 @@ def run_load(base_url: str, model: str, specs: list[RequestSpec], endpoint: str,
 
 
 def _run_shard(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature, api_key, timeout_s,
-               start) -> tuple[list[RequestRecord], float]:
+               start, timing) -> tuple[list[RequestRecord], float]:
     return asyncio.run(run_once(base_url, model, specs, offsets, endpoint, request_rate, max_concurrency, temperature,
-                                api_key, timeout_s, progress=False, start=start))
+                                api_key, timeout_s, progress=False, start=start, timing=timing))
 
 
 async def run_once(base_url: str, model: str, specs: list[RequestSpec], offsets: list[float], endpoint: str,
                    request_rate: float, max_concurrency: int | None, temperature: float = 0.0, api_key: str | None = None,
-                   timeout_s: float = 600.0, progress: bool = True, start: float | None = None) -> tuple[list[RequestRecord], float]:
+                   timeout_s: float = 600.0, progress: bool = True, start: float | None = None,
+                   timing: bool = True) -> tuple[list[RequestRecord], float]:
     """Send each spec at `start` (a time.perf_counter() value; default now) plus its offset, and
     stream them all. Times in the records are seconds from `start`."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -191,7 +196,7 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], offsets:
                 await limit.acquire()
             try:
                 record = RequestRecord(spec.index, send_s=time.perf_counter() - t0, prompt_tokens=spec.prompt_len or 0)
-                return await stream_request(session, base_url, request_body(spec, model, endpoint, temperature),
+                return await stream_request(session, base_url, request_body(spec, model, endpoint, temperature, timing),
                                             endpoint, record, t0, headers)
             finally:
                 if limit is not None:
@@ -244,6 +249,13 @@ def format_summary(summary: dict, rate: float | str) -> str:
         p = summary[key]
         cells = "".join(f"{p[k]:>10.2f}" if p[k] is not None else f"{'-':>10}" for k in ("mean", "median", "p90", "p99"))
         lines.append(f"{label:<14}{cells}")
+    timing = summary.get("server_timing_ms")
+    if timing:
+        lines.append("where the time went, server's clock (ms):")
+        for part in TIMING_PARTS:
+            p = timing[part]
+            cells = "".join(f"{p[k]:>10.2f}" if p[k] is not None else f"{'-':>10}" for k in ("mean", "median", "p90", "p99"))
+            lines.append(f"{'  ' + part:<14}{cells}")
     server = summary.get("server_side")
     if server:
         lines.append("server-side means (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in server.items() if v is not None))
@@ -269,7 +281,10 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", default=None, help="goodput thresholds in ms, e.g. ttft=500,tpot=50")
     p.add_argument("--sweep-rates", default=None, help="comma-separated rates (inf allowed): one run each, plus plots")
-    p.add_argument("--scrape-metrics", action="store_true", help="read /metrics before and after: server-side latencies")
+    p.add_argument("--scrape-metrics", action="store_true",
+                   help="read /metrics before and after (server-side latencies) and every 0.25 s (running/waiting)")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="do not ask for roseinfer's per-request timing (for servers that refuse unknown fields)")
     p.add_argument("--out", default=None, help="directory for results.json and PNG plots")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--no-progress", action="store_true")
@@ -286,14 +301,16 @@ def run_from_args(args: argparse.Namespace) -> dict:
     runs = []
     for rate in rates:
         before = _scrape(args.base_url) if args.scrape_metrics else None
-        records, duration = run_load(
-            args.base_url, args.model, specs, args.endpoint, rate, args.burstiness, args.max_concurrency, args.seed,
-            args.temperature, args.api_key, args.timeout, progress=not args.no_progress,
-            client_processes=args.client_processes)
+        with GaugeSampler(args.base_url if args.scrape_metrics else None) as gauges:
+            records, duration = run_load(
+                args.base_url, args.model, specs, args.endpoint, rate, args.burstiness, args.max_concurrency, args.seed,
+                args.temperature, args.api_key, args.timeout, progress=not args.no_progress,
+                client_processes=args.client_processes, timing=args.timing)
         summary = summarize(records, duration, slo)
         if before is not None:
             summary["server_side"] = server_side_means_ms(before, _scrape(args.base_url))
-        runs.append({"request_rate": rate_json(rate), "summary": summary, "requests": [r.to_json() for r in records]})
+        runs.append({"request_rate": rate_json(rate), "summary": summary, "requests": [r.to_json() for r in records],
+                     "gauges": gauges.samples})
     config = {k: (rate_json(v) if isinstance(v, float) else v) for k, v in vars(args).items() if k != "func"}
     report = {"config": config, "runs": runs}
     if args.out:
@@ -306,16 +323,63 @@ def run_from_args(args: argparse.Namespace) -> dict:
 def write_outputs(report: dict, out_dir: str) -> None:
     import os
 
-    from load_tests.plots import write_plots
+    from load_tests.plots import write_plots, write_report_html
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, allow_nan=False)
-    write_plots(report, out_dir)
+    write_report_html(report, out_dir, write_plots(report, out_dir))
 
 
 def _scrape(base_url: str) -> str:
     return httpx.get(base_url.rstrip("/") + "/metrics", timeout=30).text
+
+
+def gauge_values(metrics_text: str) -> dict[str, float]:
+    """Requests running and waiting, and KV-cache use, from Prometheus text (ours or vLLM's names)."""
+    out = {}
+    for line in metrics_text.splitlines():
+        m = re.match(r"^(?:roseinfer_|vllm:)(num_requests_running|num_requests_waiting|kv_cache_usage_perc)"
+                     r"(?:\{[^}]*\})? ([0-9.eE+-]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+class GaugeSampler:
+    """Reads the server's gauges every `period_s` while a run goes on (a thread, its own clock from
+    the run's start, within milliseconds): requests running and waiting over time for the plots.
+    With no base URL it samples nothing."""
+
+    def __init__(self, base_url: str | None, period_s: float = 0.25) -> None:
+        self.base_url, self.period_s = base_url, period_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GaugeSampler:
+        if self.base_url is not None:
+            self._t0 = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, name="gauge-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                t = time.perf_counter() - self._t0
+                try:
+                    values = gauge_values(client.get(self.base_url.rstrip("/") + "/metrics").text)
+                except httpx.HTTPError:
+                    values = {}
+                if values:
+                    self.samples.append({"t_s": round(t, 3), **values})
+                self._stop.wait(self.period_s)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

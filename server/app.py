@@ -27,6 +27,7 @@ from server.errors import (engine_error_response, error_response, http_error_res
                            validation_error_response)
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.timing import request_timing, server_timing_header, slowest_timing
 
 VERSION = "0.1.0"
 # A schema or grammar that takes longer than this to compile is refused (400), not waited on.
@@ -55,6 +56,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    timing: dict[str, float] | None = None  # where its time went (request_timing), once finished
 
 
 def _sse(payload: dict | str) -> str:
@@ -247,6 +249,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         try:
             async for out in stream:
                 choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
+                if out.finished:
+                    choice.timing = request_timing(out)
                 yield choice, out
         finally:
             stream.close()
@@ -259,6 +263,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             try:
                 async for out in stream:
                     choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
+                    if out.finished:
+                        choice.timing = request_timing(out)
                     queue.put_nowait((choice, out))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((choice, exc))
@@ -337,6 +343,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            include_timing = bool(body.stream_options and body.stream_options.include_timing)
 
             async def sse() -> AsyncIterator[str]:
                 sent_echo: set[int] = set()
@@ -358,9 +365,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     if include_usage:
                         chunk["usage"] = None
                     yield _sse(chunk)
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model,
-                                "choices": [], "usage": usage(choices)})
+                if include_usage or include_timing:
+                    final = {"id": rid, "object": "text_completion", "created": now, "model": model, "choices": [],
+                             "usage": usage(choices) if include_usage else None}
+                    if include_timing:
+                        final["timing"] = slowest_timing([c.timing for c in choices])
+                    yield _sse(final)
                 yield _sse("[DONE]")
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -378,8 +388,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 prefix_text = echo_text.get(c.prompt_index, "")
                 lp = completion_logprobs(c.logprobs, len(prefix_text)) if body.logprobs is not None else None
                 result.append({"index": c.index, "text": prefix_text + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-            return {"id": rid, "object": "text_completion", "created": now, "model": model,
-                    "choices": result, "usage": usage(choices)}
+            return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": model,
+                                 "choices": result, "usage": usage(choices)},
+                                headers=server_timing_header(slowest_timing([c.timing for c in choices])))
 
         return await with_disconnect_guard(request, collect())
 
@@ -408,6 +419,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            include_timing = bool(body.stream_options and body.stream_options.include_timing)
             # Per choice: turns text into content and tool-call deltas (engine/tool_calls.py).
             calls = {c.index: tool_calls.ToolCallStream(tool_mode, tools, named_tool) for c in choices} \
                 if tool_mode != "none" else {}
@@ -437,9 +449,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     if out.finished:
                         reason = finish_reason(out.finish_reason, parser.num_calls if parser is not None else 0)
                         yield chunk({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})
-                if include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
-                                "choices": [], "usage": usage(choices)})
+                if include_usage or include_timing:
+                    final = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
+                             "choices": [], "usage": usage(choices) if include_usage else None}
+                    if include_timing:
+                        final["timing"] = slowest_timing([c.timing for c in choices])
+                    yield _sse(final)
                 yield _sse("[DONE]")
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -466,8 +481,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 msg, reason = message(c)
                 result.append({"index": c.index, "message": msg,
                                "logprobs": chat_logprobs(c.logprobs) if k is not None else None, "finish_reason": reason})
-            return {"id": rid, "object": "chat.completion", "created": now, "model": model,
-                    "choices": result, "usage": usage(choices)}
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": model,
+                                 "choices": result, "usage": usage(choices)},
+                                headers=server_timing_header(slowest_timing([c.timing for c in choices])))
 
         return await with_disconnect_guard(request, collect())
 

@@ -20,6 +20,8 @@ MAX_STOP_STRING_CHARS = 1024
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # roseinfer's extension: the final chunk carries "timing" (where the request's time went).
+    include_timing: bool = False
 
 
 class StructuredOutputsParams(BaseModel):

@@ -28,9 +28,9 @@ def test_dequantize_gives_exactly_the_reference_weights(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 40])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 40, 300])
 def test_gguf_linear_matches_the_dense_product(scheme, rows):
-    """Up to 16 rows through the block kernel (8 at a time), more through dequantise + sgemm."""
+    """Rows 8 at a time through the block kernel, and past MAX_KERNEL_ROWS through dequantise + sgemm."""
     gen = torch.Generator().manual_seed(rows)
     n, k = 150, 192
     blocks = random_blocks(n, k, scheme, gen)

@@ -72,8 +72,46 @@ def test_sweep_against_a_real_server_writes_results_and_plots(server, tmp_path):
             assert r["output_tokens"] == 6 and r["chunk_times_s"] and r["finish_reason"] == "length"
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"][1]["summary"]["completed"] == 10
-    for name in ("latency_cdf.png", "timeline.png", "sweep.png"):
+    for name in ("latency_cdf.png", "timeline.png", "latency_over_time.png", "server_timing.png", "sweep.png"):
         assert (out / name).stat().st_size > 1000
+    # Where the time went, per request and per percentile, from the server's own clock.
+    for run in report["runs"]:
+        timing = run["summary"]["server_timing_ms"]
+        assert timing["e2e"]["count"] == 10 and timing["decode"]["median"] > 0
+        for r in run["requests"]:
+            t = r["server_timing_ms"]
+            assert abs(t["queue"] + t["prefill"] + t["decode"] - t["e2e"]) < 1.0 and t["ttft"] <= t["e2e"]
+    # The report: one HTML file holding every plot and the tables, nothing to fetch.
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 5 and "http://" not in page.replace(server.base_url, "")
+    assert "rate 50.0" in page and "rate inf" in page and "queue p50" in page and "TTFT p99" in page
+    assert server.base_url in page and "random 12 in / 6 out, 10 prompts" in page
+
+
+def test_compare_overlays_runs(server, tmp_path):
+    from load_tests.compare import main as compare_main
+
+    dirs = []
+    for name, rates in (("before", "inf"), ("after", "20,inf")):
+        out = tmp_path / name
+        run_from_args(_args(server.base_url, "--input-len", "8", "--output-len", "4", "--num-prompts", "4",
+                            "--sweep-rates", rates, "--out", str(out)))
+        dirs.append(str(out))
+    assert compare_main([*dirs, "--out", str(tmp_path / "cmp")]) == 0
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2  # CDFs of both, the sweep of the one that swept
+    assert "before rate inf" in page and "after rate 20.0" in page
+
+
+def test_timeline_windows_are_sized_to_the_run():
+    from load_tests.plots import tokens_per_s_timeline, window_s
+
+    assert window_s(1.0) == 0.05 and window_s(40.0) == 1.0
+    ok = [{"send_s": 0.0, "end_s": 2.0, "output_tokens": 100, "chunk_times_s": [i * 0.02 for i in range(1, 101)]}]
+    centers, rate, in_flight = tokens_per_s_timeline(ok, 2.0)
+    assert len(centers) == 40 and in_flight[0] == 1 and in_flight[-1] == 1
+    assert sum(r * window_s(2.0) for r in rate) == pytest.approx(100)  # every token in some window
+    assert max(rate) <= 2 * min(r for r in rate if r)  # a steady stream reads as a steady rate
 
 
 def test_chat_endpoint_and_errors_are_counted(server):

@@ -279,3 +279,31 @@ def test_api_processes_stop_with_their_supervisor(tiny_llama_dir):
         time.sleep(0.2)
     else:
         pytest.fail("the API processes kept serving after their supervisor was killed")
+
+
+def test_server_timing_header_and_streamed_timing_add_up(server):
+    """Non-streamed: a W3C Server-Timing header; streamed with stream_options.include_timing: a
+    "timing" object in the final chunk. queue + prefill + decode = e2e, ttft = queue + prefill."""
+    def parse(header: str) -> dict[str, float]:
+        return {name.strip(): float(dur.split("=")[1]) for name, dur in (part.split(";") for part in header.split(","))}
+
+    r = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "n": 2})
+    timings = [parse(r.headers["server-timing"])]
+    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    timings.append(parse(r.headers["server-timing"]))
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "Hello", "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True, "include_timing": True}}) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all("timing" not in c for c in chunks[:-1])
+    timings.append(chunks[-1]["timing"])
+    for t in timings:
+        assert set(t) == {"queue", "prefill", "decode", "ttft", "e2e"} and all(v >= 0 for v in t.values())
+        assert abs(t["queue"] + t["prefill"] + t["decode"] - t["e2e"]) < 1.0
+        assert abs(t["queue"] + t["prefill"] - t["ttft"]) < 1.0 and t["decode"] > 0
+    plain = httpx.post(server.base_url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "Hello", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}})
+    assert '"timing"' not in plain.text  # off unless asked for
