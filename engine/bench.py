@@ -50,6 +50,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--input-len", type=int, default=None,
                    help="prompts of this many token ids (fixed random ids) instead of --prompt")
+    p.add_argument("--input-len-range", default=None, metavar="LO:HI",
+                   help="random prompts whose part past the shared prefix is LO..HI tokens, uniformly")
+    p.add_argument("--shared-prefix-len", type=int, default=0, help="random prompts share this many leading tokens")
+    p.add_argument("--dataset", default=None, help="JSONL of prompts ('prompt' or chat 'messages' per line)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--guided-json", default=None,
@@ -203,28 +207,63 @@ def hf_model_from_ours(model, model_config, dtype, device):
     return hf
 
 
-def run_hf(hf, prompt_ids: list[int], num_requests: int, max_new_tokens: int, static: bool, device) -> RunResult:
-    """HF generate on the whole batch at once (identical prompts, so no padding). TTFT is the time
-    of a separate one-token generate, so the timed run carries no per-token callback."""
+def run_hf(hf, prompts: list[list[int]], batch_size: int, max_new_tokens: int, static: bool, device) -> RunResult:
+    """HF generate over `prompts` in batches of `batch_size`, each left-padded to the longest prompt
+    of the whole set (one shape, so a static cache compiles once). TTFT is the time of a separate
+    one-token generate of the first batch, so the timed runs carry no per-token callback."""
     import torch
 
-    ids = torch.tensor([prompt_ids] * num_requests, device=device)
+    width = max(len(p) for p in prompts)
     hf.generation_config.eos_token_id = None
-    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    batches = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        batches.append((ids, mask))
+    kwargs = dict(do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
     with torch.inference_mode():
         _sync(device)
         t0 = time.monotonic()
-        hf.generate(ids, max_new_tokens=1, **kwargs)
+        hf.generate(batches[0][0], attention_mask=batches[0][1], max_new_tokens=1, **kwargs)
         _sync(device)
         ttft = time.monotonic() - t0
         start = time.monotonic()
-        out = hf.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+        counts = []
+        for ids, mask in batches:
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+            counts += [out.shape[1] - width] * ids.shape[0]
         _sync(device)
         end = time.monotonic()
-    n = out.shape[1] - len(prompt_ids)
-    return _result(start, end, [n] * num_requests, [start + ttft] * num_requests, [end] * num_requests)
+    return _result(start, end, counts, [start + ttft] * len(counts), [end] * len(counts))
+
+
+def bench_prompts(args: argparse.Namespace, tokenizer, vocab_size: int) -> list[list[int]] | None:
+    """Token-id prompts for the run, or None for --prompt as text: a JSONL file (`prompt` or chat
+    `messages` per line, taken in order and repeated), or random ids from the vocabulary's middle
+    (no special tokens at either end) with a shared prefix and a fixed or uniform length."""
+    import random
+
+    if args.dataset:
+        rows = []
+        with open(args.dataset, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    text = tokenizer.apply_chat_template(row["messages"]) if "messages" in row else row["prompt"]
+                    rows.append(tokenizer.encode(text, add_special_tokens="messages" not in row))
+        return [rows[i % len(rows)] for i in range(args.num_requests)]
+    if args.input_len is None and args.input_len_range is None:
+        return None
+    rng = random.Random(args.seed)
+    draw = lambda n: [rng.randrange(1000, vocab_size - 1000) for _ in range(n)]  # noqa: E731
+    prefix = draw(args.shared_prefix_len)
+    if args.input_len_range:
+        lo, hi = (int(x) for x in args.input_len_range.split(":"))
+        return [prefix + draw(rng.randint(lo, hi)) for _ in range(args.num_requests)]
+    return [prefix + draw(args.input_len - args.shared_prefix_len) for _ in range(args.num_requests)]
 
 
 def measure_copy_rate(device) -> float:
@@ -259,7 +298,6 @@ def floor_line(model_config, dtype, batch: int, context: int, copy_rate: float, 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import random
     from dataclasses import replace
 
     from engine.async_engine import AsyncEngine
@@ -287,13 +325,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         llm.engine.structured.validate(structured)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos,
                             structured_output=structured)
-    if args.input_len is not None:
-        rng = random.Random(args.seed)
-        # Ids from the vocabulary's middle: no BOS/EOS or other special tokens at either end.
-        prompt_ids = [rng.randrange(1000, llm.engine.model_config.vocab_size - 1000) for _ in range(args.input_len)]
-        prompts = [prompt_ids] * args.num_requests
+    token_prompts = bench_prompts(args, llm.tokenizer, llm.engine.model_config.vocab_size)
+    if token_prompts is not None:
+        prompts = token_prompts
     else:
         prompt_ids = llm.tokenizer.encode(args.prompt)
+        token_prompts = [prompt_ids] * args.num_requests
         prompts = [prompt_ids if args.pretok else args.prompt] * args.num_requests
     async_engine = AsyncEngine(engine=llm.engine) if args.mode == "online" else None
 
@@ -332,7 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if runner.device.type == "cuda":
         batch = 1 if args.mode == "latency" else min(args.num_requests, config.max_num_seqs)
         step_s = batch / ours
-        context = len(prompt_ids) + args.max_new_tokens // 2
+        context = round(statistics.fmean(len(p) for p in token_prompts)) + args.max_new_tokens // 2
         line, report["floor"] = floor_line(runner.model_config, runner.dtype, batch, context,
                                            measure_copy_rate(runner.device), step_s)
         print(line, flush=True)
@@ -356,9 +393,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 # Warm-up; the static cache is sized by prompt + max_new_tokens and compiled for that
                 # shape, so its warm-up must use the full length or the timed run recompiles.
                 warm_tokens = args.max_new_tokens if static else min(args.max_new_tokens, 16)
-                hf_batch = 1 if args.mode == "latency" else args.num_requests
-                run_hf(hf, prompt_ids, hf_batch, warm_tokens, static, runner.device)
-                hf_runs = [run_hf(hf, prompt_ids, hf_batch, args.max_new_tokens, static, runner.device)
+                # Batches as large as ours (at most --max-batch-size); latency mode: one prompt at a time.
+                hf_batch = 1 if args.mode == "latency" else min(args.num_requests, config.max_num_seqs)
+                run_hf(hf, token_prompts, hf_batch, warm_tokens, static, runner.device)
+                hf_runs = [run_hf(hf, token_prompts, hf_batch, args.max_new_tokens, static, runner.device)
                            for _ in range(args.hf_runs)]
             except Exception as exc:  # report, do not lose our own numbers
                 logger.exception("HF %s failed", label)

@@ -219,10 +219,13 @@ def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
         if not rest:
             raise SystemExit("--dataset file needs a PATH (--dataset file PATH)")
         return file_workload(rest[0], args.num_prompts, args.output_len, args.endpoint)
+    lengths = tuple(int(x) for x in args.input_len_range.split(":")) if args.input_len_range else None
     if args.endpoint == "chat":
-        return random_text_workload(args.num_prompts, args.input_len, args.output_len, args.shared_prefix_len, args.seed)
+        return random_text_workload(args.num_prompts, args.input_len, args.output_len, args.shared_prefix_len, args.seed,
+                                    lengths)
     lo, hi = (int(x) for x in args.token_id_range.split(":"))
-    return random_token_workload(args.num_prompts, args.input_len, args.output_len, args.shared_prefix_len, (lo, hi), args.seed)
+    return random_token_workload(args.num_prompts, args.input_len, args.output_len, args.shared_prefix_len, (lo, hi),
+                                 args.seed, lengths)
 
 
 def parse_rate(text: str) -> float:
@@ -272,6 +275,8 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--shared-prefix-len", type=int, default=0, help="random prompts share this many leading tokens")
+    p.add_argument("--input-len-range", default=None, metavar="LO:HI",
+                   help="random prompts: the part past the shared prefix is LO..HI tokens, uniformly (replaces --input-len)")
     p.add_argument("--token-id-range", default="1000:20000", help="LO:HI of random token ids (inside any vocabulary)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="requests/s (Poisson); inf: all at once")

@@ -36,7 +36,7 @@ def workload_label(config: dict) -> str:
     if kind == "file":
         what = f"file {os.path.basename(dataset[1]) if len(dataset) > 1 else ''}"
     else:
-        what = f"random {config.get('input_len')} in"
+        what = f"random {config.get('input_len_range') or config.get('input_len')} in"
         if config.get("shared_prefix_len"):
             what += f" (shared {config['shared_prefix_len']})"
     return f"{config.get('endpoint', 'completions')}, {what} / {config.get('output_len')} out, {config.get('num_prompts')} prompts"

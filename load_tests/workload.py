@@ -25,34 +25,48 @@ class RequestSpec:
     extra: dict = field(default_factory=dict)
 
 
+def unique_lengths(num_prompts: int, input_len: int, shared_prefix_len: int, unique_len_range: tuple[int, int] | None,
+                   rng: random.Random) -> list[int]:
+    """Each prompt's length past the shared prefix: `input_len` minus the prefix, or uniform in
+    `unique_len_range` (LO and HI included), as real traffic's prompts vary."""
+    if unique_len_range is None:
+        if not 0 <= shared_prefix_len <= input_len:
+            raise ValueError("shared prefix must fit in the input length")
+        return [input_len - shared_prefix_len] * num_prompts
+    lo, hi = unique_len_range
+    if not 0 <= lo <= hi or lo + shared_prefix_len < 1:
+        raise ValueError("--input-len-range needs 0 <= LO <= HI (and a non-empty prompt)")
+    return [rng.randint(lo, hi) for _ in range(num_prompts)]
+
+
 def random_token_workload(num_prompts: int, input_len: int, output_len: int, shared_prefix_len: int,
-                          token_range: tuple[int, int], seed: int) -> list[RequestSpec]:
-    """Prompts of `input_len` random token ids whose first `shared_prefix_len` are the same for all
-    (to exercise prefix caching); `ignore_eos` so each makes exactly `output_len` tokens."""
+                          token_range: tuple[int, int], seed: int,
+                          unique_len_range: tuple[int, int] | None = None) -> list[RequestSpec]:
+    """Prompts of random token ids whose first `shared_prefix_len` are the same for all (to exercise
+    prefix caching), `input_len` long or with a unique part drawn from `unique_len_range`;
+    `ignore_eos` so each makes exactly `output_len` tokens."""
     if input_len < 1 or output_len < 1:
         raise ValueError("input and output lengths must be positive")
-    if not 0 <= shared_prefix_len <= input_len:
-        raise ValueError("shared prefix must fit in the input length")
     rng = random.Random(seed)
     lo, hi = token_range
     prefix = [rng.randrange(lo, hi) for _ in range(shared_prefix_len)]
     specs = []
-    for i in range(num_prompts):
-        ids = prefix + [rng.randrange(lo, hi) for _ in range(input_len - shared_prefix_len)]
-        specs.append(RequestSpec(i, prompt=ids, max_tokens=output_len, ignore_eos=True, prompt_len=input_len))
+    for i, n in enumerate(unique_lengths(num_prompts, input_len, shared_prefix_len, unique_len_range, rng)):
+        ids = prefix + [rng.randrange(lo, hi) for _ in range(n)]
+        specs.append(RequestSpec(i, prompt=ids, max_tokens=output_len, ignore_eos=True, prompt_len=len(ids)))
     return specs
 
 
 def random_text_workload(num_prompts: int, input_len: int, output_len: int, shared_prefix_len: int,
-                         seed: int) -> list[RequestSpec]:
+                         seed: int, unique_len_range: tuple[int, int] | None = None) -> list[RequestSpec]:
     """For the chat endpoint, which takes text: random common words, about one token each."""
     words = ("time person year way day thing man world life hand part child eye woman place work week case "
              "point number group problem fact river stone light house table water story music garden city").split()
     rng = random.Random(seed)
     prefix = [rng.choice(words) for _ in range(shared_prefix_len)]
     specs = []
-    for i in range(num_prompts):
-        text = " ".join(prefix + [rng.choice(words) for _ in range(input_len - shared_prefix_len)])
+    for i, n in enumerate(unique_lengths(num_prompts, input_len, shared_prefix_len, unique_len_range, rng)):
+        text = " ".join(prefix + [rng.choice(words) for _ in range(n)])
         specs.append(RequestSpec(i, messages=[{"role": "user", "content": text}], max_tokens=output_len, ignore_eos=True))
     return specs
 

@@ -11,7 +11,7 @@ import pytest
 
 from load_tests.client import RequestRecord
 from load_tests.harness import SLO, add_loadtest_args, parse_slo, percentiles, run_from_args, server_side_means_ms
-from load_tests.workload import arrival_offsets_s, file_workload, random_token_workload
+from load_tests.workload import arrival_offsets_s, file_workload, random_text_workload, random_token_workload
 
 
 def test_random_workload_is_reproducible_and_shares_the_prefix():
@@ -20,6 +20,18 @@ def test_random_workload_is_reproducible_and_shares_the_prefix():
     assert [s.prompt for s in a] == [s.prompt for s in b]
     assert all(len(s.prompt) == 12 and s.ignore_eos and s.max_tokens == 3 for s in a)
     assert len({tuple(s.prompt[:4]) for s in a}) == 1 and len({tuple(s.prompt) for s in a}) == 5
+
+
+def test_prompt_lengths_vary_past_a_shared_prefix():
+    specs = random_token_workload(40, input_len=1, output_len=3, shared_prefix_len=16, token_range=(10, 99), seed=2,
+                                  unique_len_range=(32, 64))
+    lengths = [len(s.prompt) for s in specs]
+    assert min(lengths) >= 48 and max(lengths) <= 80 and len(set(lengths)) > 10
+    assert [s.prompt_len for s in specs] == lengths and len({tuple(s.prompt[:16]) for s in specs}) == 1
+    chat = random_text_workload(10, input_len=1, output_len=3, shared_prefix_len=4, seed=2, unique_len_range=(1, 9))
+    assert len({len(s.messages[0]["content"].split()) for s in chat}) > 3
+    with pytest.raises(ValueError):
+        random_token_workload(2, 8, 3, 0, (10, 20), 0, unique_len_range=(5, 2))
 
 
 def test_arrivals_have_the_requested_mean_rate():
