@@ -254,7 +254,6 @@ class LLMEngine:
         if not any(m is not None for m in rows):
             return None
         bitmask = self.structured.allocate_bitmask(len(rows))
-        bitmask.fill_(-1)
         for i, matcher in enumerate(rows):
             if matcher is not None:
                 matcher.fill_next_token_bitmask(bitmask, i)

@@ -325,10 +325,8 @@ def resolve_dtype(requested: str, device: torch.device, checkpoint_dtype: torch.
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights with a sane scale, so activations and logits look like a real model's; drawn
     where the parameters live (on a GPU, an 8B model's take well under a second)."""
-    gen = None
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if gen is None:
-            gen = torch.Generator(device=p.device).manual_seed(seed)
         if "norm" in name or name.split(".")[-2].startswith("ln_"):
             p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
         elif name.endswith("bias"):

@@ -31,6 +31,9 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
         self._compiler = None
+        # Two locks: building the compiler (0.5 s and more) must not hold up compile_async's
+        # cache lookups, which the engine loop and the API processes make.
+        self._compiler_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cache: dict[StructuredOutputSpec, Future] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
@@ -42,7 +45,7 @@ class StructuredOutputs:
         return cls(tokenizer.token_bytes_table(skip_special_tokens=True), vocab_size, stop_token_ids)
 
     def _get_compiler(self):
-        with self._lock:
+        with self._compiler_lock:
             if self._compiler is None:
                 if self._token_bytes is None:
                     raise InvalidRequest("structured outputs need a byte-level BPE vocabulary; this model's is not")
@@ -98,11 +101,9 @@ class StructuredOutputs:
         return xgr.GrammarMatcher(compiled)
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
-        """[rows, ceil(vocab / 32)] int32, one bit per token (1 = allowed)."""
-        return torch.empty(rows, (self.vocab_size + 31) // 32, dtype=torch.int32)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """[rows, ceil(vocab / 32)] int32, one bit per token (1 = allowed), every token allowed:
+        matchers fill the rows they constrain."""
+        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
 _PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",

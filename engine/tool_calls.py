@@ -91,19 +91,9 @@ def template_messages(messages: list[dict], tools: list[dict] | None, template_t
     """`messages` (OpenAI shape, tool calls and tool results included) as the chat template gets
     them: unchanged for a template that renders tools, else with the tool prompt in the system
     message, assistant calls written as `<tool_call>` blocks and every content a string."""
-    if template_takes_tools:
-        out = []
-        for m in messages:
-            m = dict(m)
-            for call in m.get("tool_calls") or []:  # templates index arguments as a mapping
-                args = call["function"].get("arguments")
-                if isinstance(args, str):
-                    try:
-                        call["function"] = {**call["function"], "arguments": json.loads(args)}
-                    except json.JSONDecodeError:
-                        pass
-            out.append(m)
-        return out
+    if template_takes_tools:  # templates index arguments as a mapping
+        return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": _arguments_object(c)}}
+                                     for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
     out = []
     for m in messages:
         content = m.get("content") or ""

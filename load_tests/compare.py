@@ -10,8 +10,8 @@ import json
 import os
 import sys
 
-from load_tests.plots import (_pyplot, _save, embed_png, ok_requests, summary_table, timing_table, workload_label,
-                              write_sweep_plot)
+from load_tests.plots import (_pyplot, _save, embed_png, ok_requests, plot_latency_cdfs, summary_table, timing_table,
+                              workload_label, write_sweep_plot)
 
 
 def load(directory: str) -> dict:
@@ -26,23 +26,7 @@ def write_comparison(reports: dict[str, dict], out_dir: str) -> str:
     pngs = []
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for label, report in reports.items():
-        ok = ok_requests(report["runs"][-1])
-        series = {"TTFT": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
-                  "TPOT": [r["tpot_s"] for r in ok if r["tpot_s"] is not None],
-                  "ITL": [b - a for r in ok for a, b in zip(r["chunk_times_s"], r["chunk_times_s"][1:])],
-                  "E2E": [r["e2e_s"] for r in ok if r["e2e_s"] is not None]}
-        for ax, (name, values) in zip(axes, series.items()):
-            values = sorted(v * 1e3 for v in values)
-            if values:
-                ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
-            ax.set_title(f"{name} CDF")
-    for ax in axes:
-        ax.set_xlabel("ms")
-        ax.set_xlim(left=0)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("fraction of requests")
+        plot_latency_cdfs(axes, ok_requests(report["runs"][-1]), label)
     first = next(iter(reports.values()))
     fig.suptitle(f"last run of each: {workload_label(first.get('config', {}))}", fontsize=9)
     fig.tight_layout()

@@ -50,6 +50,27 @@ def ok_requests(run: dict) -> list[dict]:
     return [r for r in run["requests"] if r["status"] == 200 and r["error"] is None and r["end_s"] is not None]
 
 
+def plot_latency_cdfs(axes, ok: list[dict], label: str | None = None) -> None:
+    """TTFT, TPOT, inter-chunk and end-to-end latency CDFs (ms) of `ok` requests on four axes;
+    called once per run to overlay several."""
+    series = {"TTFT": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
+              "TPOT": [r["tpot_s"] for r in ok if r["tpot_s"] is not None],
+              "ITL": [b - a for r in ok for a, b in zip(r["chunk_times_s"], r["chunk_times_s"][1:])],
+              "E2E": [r["e2e_s"] for r in ok if r["e2e_s"] is not None]}
+    for ax, (name, values) in zip(axes, series.items()):
+        values = sorted(v * 1e3 for v in values)
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
+        ax.set_title(f"{name} CDF")
+        ax.set_xlabel("ms")
+        ax.set_xlim(left=0)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if label is not None:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("fraction of requests")
+
+
 def window_s(duration_s: float) -> float:
     """Timeline windows: about 40 over the run, at least 50 ms (chunks arrive every few ms)."""
     return max(0.05, duration_s / 40)
@@ -82,20 +103,7 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     paths = []
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    series = {"TTFT": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
-              "TPOT": [r["tpot_s"] for r in ok if r["tpot_s"] is not None],
-              "ITL": [b - a for r in ok for a, b in zip(r["chunk_times_s"], r["chunk_times_s"][1:])],
-              "E2E": [r["e2e_s"] for r in ok if r["e2e_s"] is not None]}
-    for ax, (name, values) in zip(axes, series.items()):
-        values = sorted(v * 1e3 for v in values)
-        if values:
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
-        ax.set_title(f"{name} CDF")
-        ax.set_xlabel("ms")
-        ax.set_xlim(left=0)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of requests")
+    plot_latency_cdfs(axes, ok)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     paths.append(_save(fig, out_dir, "latency_cdf.png"))

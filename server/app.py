@@ -243,14 +243,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         merged = _single(choices[0], streams[0]) if len(streams) == 1 else _merge(choices, streams)
         return base, choices, merged
 
+    def note(choice: _Choice, out: RequestOutput) -> None:
+        """What a choice keeps of each output as it passes: its prompt's length, its final timing."""
+        choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
+        if out.finished:
+            choice.timing = request_timing(out)
+
     async def _single(choice: _Choice, stream: RequestStream) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
         """The common n=1 case without _merge's pump task and second queue (a hot path at high
         concurrency); closing early aborts the request."""
         try:
             async for out in stream:
-                choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
-                if out.finished:
-                    choice.timing = request_timing(out)
+                note(choice, out)
                 yield choice, out
         finally:
             stream.close()
@@ -262,9 +266,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         async def pump(choice: _Choice, stream: RequestStream) -> None:
             try:
                 async for out in stream:
-                    choice.num_prompt_tokens = out.num_prompt_tokens or choice.num_prompt_tokens
-                    if out.finished:
-                        choice.timing = request_timing(out)
+                    note(choice, out)
                     queue.put_nowait((choice, out))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((choice, exc))
@@ -306,6 +308,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         prompt = sum({c.prompt_index: c.num_prompt_tokens for c in choices}.values())
         completion = sum(len(c.token_ids) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def closing_chunk(rid: str, obj: str, now: int, model: str, choices: list[_Choice], include_usage: bool,
+                      include_timing: bool) -> str:
+        """The stream's last chunk, with no choices: usage (stream_options.include_usage) and where
+        the time went (include_timing, roseinfer's extension)."""
+        final = {"id": rid, "object": obj, "created": now, "model": model, "choices": [],
+                 "usage": usage(choices) if include_usage else None}
+        if include_timing:
+            final["timing"] = slowest_timing([c.timing for c in choices])
+        return _sse(final)
 
     def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
@@ -366,11 +378,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         chunk["usage"] = None
                     yield _sse(chunk)
                 if include_usage or include_timing:
-                    final = {"id": rid, "object": "text_completion", "created": now, "model": model, "choices": [],
-                             "usage": usage(choices) if include_usage else None}
-                    if include_timing:
-                        final["timing"] = slowest_timing([c.timing for c in choices])
-                    yield _sse(final)
+                    yield closing_chunk(rid, "text_completion", now, model, choices, include_usage, include_timing)
                 yield _sse("[DONE]")
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -450,11 +458,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         reason = finish_reason(out.finish_reason, parser.num_calls if parser is not None else 0)
                         yield chunk({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})
                 if include_usage or include_timing:
-                    final = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
-                             "choices": [], "usage": usage(choices) if include_usage else None}
-                    if include_timing:
-                        final["timing"] = slowest_timing([c.timing for c in choices])
-                    yield _sse(final)
+                    yield closing_chunk(rid, "chat.completion.chunk", now, model, choices, include_usage, include_timing)
                 yield _sse("[DONE]")
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -91,17 +91,15 @@ class GGUFBlockLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, scheme: str, bias: bool = False) -> None:
         super().__init__()
-        from kernels.gguf_linear import row_bytes
-
+        row_bytes = fused_kernel("gguf_linear", "row_bytes")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.weight = nn.Parameter(torch.zeros(out_features, row_bytes(in_features, scheme), dtype=torch.uint8),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernel = fused_kernel("gguf_linear", "gguf_linear")  # looked up once, not per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.gguf_linear import gguf_linear
-
-        return gguf_linear(x, self.weight, self.out_features, self.in_features, self.scheme, self.bias)
+        return self.kernel(x, self.weight, self.out_features, self.in_features, self.scheme, self.bias)
 
 
 def projection(in_features: int, out_features: int, scheme: str | None, bias: bool = True,
