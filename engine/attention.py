@@ -30,6 +30,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     # Decode-kernel launch parameters, looked up once per step (or per captured graph).
     decode_launch: object | None = None
+    # The Triton prefill kernel's work list (kernels.prefill_attention.prefill_tiles), int32 on
+    # the device; built by the runner for steps that carry prefill tokens.
+    prefill_tiles: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

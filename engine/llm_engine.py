@@ -124,8 +124,8 @@ class LLMEngine:
     accepts_commands_while_stepping = False
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.runner = ModelRunner(config)
+        self.config = config = self.runner.config  # with the device's defaults filled in
         self.tokenizer = self.runner.loaded.tokenizer
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
@@ -138,7 +138,8 @@ class LLMEngine:
         # Constrained requests whose grammar is compiling (on worker threads): they join the
         # scheduler once it is ready, and the batch keeps stepping meanwhile.
         self.structured = StructuredOutputs.for_tokenizer(self.tokenizer, self.model_config.vocab_size,
-                                                          self.model_config.eos_token_ids)
+                                                          self.model_config.eos_token_ids,
+                                                          pin_bitmask=self.runner.device.type == "cuda")
         self._compiling: dict[str, Future] = {}
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
@@ -247,17 +248,14 @@ class LLMEngine:
             self.scheduler.add(req.seq)
         return failed
 
-    def _allowed_token_bitmask(self, sched):
-        """Each sampling row's allowed tokens from its matcher (all ones when unconstrained), or
-        None when no row of this step is constrained."""
-        rows = [self.requests[s.seq.request_id].matcher for s in sched.scheduled if s.samples_next_token]
-        if not any(m is not None for m in rows):
+    def _bitmask_filler(self, sched):
+        """A function giving each sampling row's allowed tokens from its matcher (all ones when
+        unconstrained), or None when no row of this step is constrained. The runner calls it after
+        launching the forward pass, so the grammar work overlaps the GPU's."""
+        matchers = [self.requests[s.seq.request_id].matcher for s in sched.scheduled if s.samples_next_token]
+        if not any(m is not None for m in matchers):
             return None
-        bitmask = self.structured.allocate_bitmask(len(rows))
-        for i, matcher in enumerate(rows):
-            if matcher is not None:
-                matcher.fill_next_token_bitmask(bitmask, i)
-        return bitmask
+        return lambda: self.structured.fill_bitmask(matchers)
 
     @property
     def num_unfinished(self) -> int:
@@ -278,7 +276,7 @@ class LLMEngine:
         num_steps = self._multi_step_count(sched)
         if num_steps > 1:
             return failed + self._decode_steps(sched, num_steps)
-        sampled = self.runner.execute(sched, self._allowed_token_bitmask(sched))
+        sampled = self.runner.execute(sched, self._bitmask_filler(sched))
         self.scheduler.on_step_done(sched)
         now = time.monotonic()
         outputs = [self._process(tok.seq, [tok.token_id], now, tok) for tok in sampled]

@@ -9,17 +9,21 @@ the decode step captured as CUDA graphs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from itertools import chain
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_max_num_batched_tokens
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import configure_decode_kernels
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,19 @@ def make_attention_backend(name: str, device: torch.device, dtype: str = "auto")
 
         return TritonAttention()
     raise ValueError(f"unknown attention backend {name!r}")
+
+
+@dataclass
+class StepInputs:
+    """A step's inputs on the host (numpy, int64): tokens packed sequence after sequence."""
+
+    input_ids: np.ndarray  # [num_tokens]
+    positions: np.ndarray  # [num_tokens]
+    slot_mapping: np.ndarray  # [num_tokens] cache slot of each token
+    query_start_loc: np.ndarray  # [num_seqs + 1]
+    seq_lens: np.ndarray  # [num_seqs] context length after this step
+    block_table_rows: np.ndarray  # [num_seqs] rows of BlockTableRows.table
+    logits_indices: np.ndarray  # [num_sampling_seqs] token index whose hidden state is sampled
 
 
 @dataclass
@@ -105,10 +122,18 @@ class BlockTableRows:
             self.free_rows.append(entry[0])
 
 
+def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineConfig:
+    """`config` with the defaults that depend on the device filled in (the token budget)."""
+    if config.max_num_batched_tokens is not None:
+        return config
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    return replace(config, max_num_batched_tokens=default_max_num_batched_tokens(device.type, memory))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.device = resolve_device(config.device)
+        self.config = config = with_device_defaults(config, self.device)
         torch.manual_seed(config.seed)
         self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype)
         self.loaded: LoadedModel = load_model(config, self.device, self.attention)
@@ -134,9 +159,20 @@ class ModelRunner:
         # Preempted sequences keep no row, so running ones (<= max_num_seqs) always fit.
         self.block_rows = BlockTableRows(config.max_num_seqs + 1, self.max_blocks_per_seq, self.device.type == "cuda")
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        self.prefill_block_m = 0  # the Triton prefill kernel's query rows per tile (0: another backend)
+        if self.attention.name == "triton":
+            from kernels.launch_table import prefill_launch
+
+            self.prefill_block_m = prefill_launch(mc.head_dim).block_m
         self.graphs: CudaGraphDecoder | None = None
+        self.mixed_graphs: MixedStepGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = CudaGraphDecoder(self, [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs])
+            pool = None
+            buckets = mixed_step_token_buckets(config.max_num_batched_tokens, config.cuda_graph_max_tokens)
+            if buckets and self.attention.name == "triton":  # captured first: the largest activations
+                self.mixed_graphs = MixedStepGraphs(self, buckets)
+                pool = self.mixed_graphs.pool
+            self.graphs = CudaGraphDecoder(self, [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs], pool)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d, attention %s, dtype %s, device %s, cuda graphs %s",
             self.num_blocks, self.block_size, self.kv_cache_bytes / 2**20, self.max_model_len,
@@ -215,42 +251,54 @@ class ModelRunner:
     def _host_block_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
         return self.block_rows.table[:, :num_blocks].index_select(0, self._block_table_row_ids(seqs))
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        """The step's per-token and per-sequence inputs on the host, as numpy arrays. The Python
+        work is one pass over the scheduled sequences (their new token ids); positions, cache
+        slots and offsets are vectorised, so a 2k-token prefill chunk costs what a decode row does."""
+        scheduled = sched.scheduled
+        n = len(scheduled)
+        starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, n)
+        query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, n)
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        seq_of_token = np.repeat(np.arange(n), query_lens)
+        positions = np.arange(int(query_start_loc[-1])) - query_start_loc[seq_of_token] + starts[seq_of_token]
+        rows = np.fromiter((self.block_rows.row_of(s.seq) for s in scheduled), np.int64, n)
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        for s in sched.scheduled:
-            seq, start, end = s.seq, s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            if s.samples_next_token:
-                logits_indices.append(query_start_loc[-1] - 1)
+        slots = self.block_rows.table_np[rows[seq_of_token], positions // bs].astype(np.int64) * bs + positions % bs
+        ids = np.fromiter(chain.from_iterable(
+            s.seq.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens] for s in scheduled),
+            np.int64, len(positions))
+        samples = np.fromiter((s.samples_next_token for s in scheduled), bool, n)
+        return StepInputs(ids, positions, slots, query_start_loc, starts + query_lens, rows,
+                          query_start_loc[1:][samples] - 1)
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        inputs = self.step_inputs(sched)
+        seq_lens = inputs.seq_lens.tolist()
+        query_start_loc = inputs.query_start_loc.tolist()
         max_seq_len = max(seq_lens)
-        block_tables = self._host_block_tables([s.seq for s in sched.scheduled], -(-max_seq_len // bs))
+        block_tables = self.block_rows.table[:, :-(-max_seq_len // self.block_size)].index_select(
+            0, torch.from_numpy(inputs.block_table_rows))
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(inputs.query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(inputs.seq_lens.astype(np.int32)).to(dev, non_blocking=True),
             block_tables=block_tables.to(dev, non_blocking=True),
-            max_query_len=max(s.num_new_tokens for s in sched.scheduled),
+            max_query_len=int(np.diff(inputs.query_start_loc).max()),
             max_seq_len=max_seq_len,
             query_start_loc_host=query_start_loc,
             seq_lens_host=seq_lens,
         )
         if meta.is_decode_only:
             meta.decode_launch = self.decode_launch(len(seq_lens))
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, pos, meta, logits_indices
+        elif self.prefill_block_m:
+            tiles = prefill_tiles(np.diff(inputs.query_start_loc), self.prefill_block_m)
+            meta.prefill_tiles = torch.from_numpy(tiles).to(dev, non_blocking=True)
+        ids = torch.from_numpy(inputs.input_ids).to(dev, non_blocking=True)
+        pos = torch.from_numpy(inputs.positions).to(dev, non_blocking=True)
+        return ids, pos, meta, inputs.logits_indices.tolist()
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [s.params for s in seqs]
@@ -265,14 +313,21 @@ class ModelRunner:
         return batch
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, allowed_token_bitmask: torch.Tensor | None = None) -> list[SampledToken]:
+    def execute(self, sched: SchedulerOutput, bitmask_filler: Callable[[], torch.Tensor] | None = None
+                ) -> list[SampledToken]:
         """Run one step; return a token for each sequence whose prompt (or decode) completed.
-        `allowed_token_bitmask`: a row per sampling sequence, in schedule order (constrained
-        decoding; unconstrained rows all ones)."""
+        `bitmask_filler` (constrained decoding) gives the allowed-token bitmask, a row per sampling
+        sequence in schedule order (unconstrained rows all ones); it is called once the forward
+        pass is launched, so on a GPU the grammar's host work overlaps it."""
         sampling_seqs = [s.seq for s in sched.scheduled if s.samples_next_token]
         decode_only = len(sampling_seqs) == len(sched.scheduled) and all(s.num_new_tokens == 1 for s in sched.scheduled)
         if decode_only and self.graphs is not None and self.graphs.fits(len(sampling_seqs)):
             logits = self.graphs.run_decode(sampling_seqs)
+        elif self.mixed_graphs is not None and self.mixed_graphs.fits(sched):
+            hidden = self.mixed_graphs.run(self.step_inputs(sched))
+            if not sampling_seqs:
+                return []
+            logits = self.model.compute_logits(hidden)
         else:
             input_ids, positions, meta, logits_indices = self.prepare(sched)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -280,7 +335,8 @@ class ModelRunner:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
         batch = self.sampling_batch(sampling_seqs)
-        batch.allowed_token_bitmask = allowed_token_bitmask
+        if bitmask_filler is not None:
+            batch.allowed_token_bitmask = bitmask_filler()
         return self._to_host(sampling_seqs, sample(logits, batch))
 
     def can_launch_greedy_run(self, seqs: list[Sequence], num_steps: int) -> bool:
@@ -359,8 +415,9 @@ class CudaGraphDecoder:
     sequence length is 0 (attention returns zeros).
     """
 
-    def __init__(self, runner: ModelRunner, batch_sizes: list[int]) -> None:
+    def __init__(self, runner: ModelRunner, batch_sizes: list[int], pool=None) -> None:
         self.runner = runner
+        self.pool = pool  # a memory pool to share (the mixed-step graphs'), else the first graph's
         self.batch_sizes = sorted(set(batch_sizes))
         dev = runner.device
         max_bs = self.batch_sizes[-1]
@@ -410,7 +467,7 @@ class CudaGraphDecoder:
     @torch.inference_mode()
     def _capture(self) -> None:
         model, caches = self.runner.model, self.runner.kv_caches
-        pool = None
+        pool = self.pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -521,3 +578,142 @@ class CudaGraphDecoder:
             self.block_tables[:n, :max_blocks].copy_(tables)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
+
+
+class _MixedStaging:
+    """One set of pinned host buffers for a mixed step's uploads (see MixedStepGraphs)."""
+
+    def __init__(self, max_tokens: int, i32_len: int, slots: int, max_blocks: int) -> None:
+        self.i64 = torch.zeros(3, max_tokens, dtype=torch.int64, pin_memory=True)
+        self.i32 = torch.zeros(i32_len, dtype=torch.int32, pin_memory=True)
+        self.i64_np, self.i32_np = self.i64.numpy(), self.i32.numpy()
+        self.tables = torch.zeros(slots * max_blocks, dtype=torch.int32, pin_memory=True)
+        self.uploaded = torch.cuda.Event()
+        self.uploaded.record()  # nothing to wait for yet
+
+
+MIXED_STEP_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+def mixed_step_token_buckets(token_budget: int, max_tokens: int | None) -> list[int]:
+    """Token counts to capture mixed-step graphs for: up to the budget (or `max_tokens`, 0 for
+    none), in steps of at most 1.5x so that padding costs at most a third of a step."""
+    top = token_budget if max_tokens is None else min(token_budget, max_tokens)
+    if top <= 0:
+        return []
+    return sorted({b for b in MIXED_STEP_TOKEN_BUCKETS if b < top} | {top})
+
+
+class MixedStepGraphs:
+    """Steps that carry prompt tokens (prefill chunks alone or beside decodes), captured once per
+    token bucket, so that they replay a graph instead of launching ~10 kernels a layer from Python.
+
+    Every input is a static device buffer sized for the largest bucket and `max_num_seqs`
+    sequence slots: tokens past the step's are padding (slot -1: no cache write), sequence slots
+    past its sequences have no queries and length 0, and attention walks a tile list padded with
+    -1, so one graph serves any split of its token count between sequences. The graph ends with
+    the final hidden state of each sampled token; the LM head runs after it on those rows only.
+    """
+
+    def __init__(self, runner: ModelRunner, token_buckets: list[int]) -> None:
+        self.runner = runner
+        self.buckets = token_buckets
+        self.max_seqs = runner.config.max_num_seqs
+        self.block_m = runner.prefill_block_m
+        max_tokens, slots = token_buckets[-1], self.max_seqs
+        self.max_tiles = max_prefill_tiles(max_tokens, slots, self.block_m)
+        # Device buffers, and pinned host staging of the same layout (one upload each):
+        #   int64: input ids, positions, slots (one row each, max_tokens wide)
+        #   int32: query_start_loc [slots + 1], seq_lens [slots], tiles, logits indices [slots]
+        # Two staging sets, used in turn: a step without sampled tokens returns before its uploads
+        # ran, and the next step must not overwrite them (each set waits for its last upload).
+        i32_len = 2 * slots + 1 + self.max_tiles + slots
+        self.staging = [_MixedStaging(max_tokens, i32_len, slots, runner.max_blocks_per_seq) for _ in range(2)]
+        self.next_staging = 0
+        dev = runner.device
+        self.dev_i64 = torch.zeros(3, max_tokens, dtype=torch.int64, device=dev)
+        self.dev_i64[2].fill_(-1)
+        self.dev_i32 = torch.zeros(i32_len, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(slots, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.input_ids, self.positions, self.slot_mapping = self.dev_i64
+        self.query_start_loc, self.seq_lens, self.tiles, self.logits_indices = self._i32_views(self.dev_i32)
+        self.tiles.fill_(-1)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sampled_hidden: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.replays = 0  # steps served, for tests and logs
+        self._capture()
+
+    def _i32_views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        slots = self.max_seqs
+        return (buf[:slots + 1], buf[slots + 1:2 * slots + 1], buf[2 * slots + 1:2 * slots + 1 + self.max_tiles],
+                buf[2 * slots + 1 + self.max_tiles:])
+
+    def fits(self, sched: SchedulerOutput) -> bool:
+        return len(sched.scheduled) <= self.max_seqs and sched.num_batched_tokens <= self.buckets[-1]
+
+    def _meta(self, num_tokens: int) -> AttentionMetadata:
+        # Only as many tiles as a step of this many tokens can need: the kernel's grid.
+        num_tiles = max_prefill_tiles(num_tokens, min(self.max_seqs, num_tokens), self.block_m)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens, block_tables=self.block_tables,
+            max_query_len=num_tokens, max_seq_len=self.runner.max_model_len,  # > 1: the prefill kernel
+            query_start_loc_host=[], seq_lens_host=[], prefill_tiles=self.tiles[:num_tiles],
+        )
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        model, caches = self.runner.model, self.runner.kv_caches
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for num_tokens in reversed(self.buckets):
+                meta = self._meta(num_tokens)
+                ids, pos = self.input_ids[:num_tokens], self.positions[:num_tokens]
+                for _ in range(2):  # compile the kernels and settle the allocator before capture
+                    model(ids, pos, caches, meta).index_select(0, self.logits_indices)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.sampled_hidden[num_tokens] = model(ids, pos, caches, meta).index_select(0, self.logits_indices)
+                self.pool = graph.pool()
+                self.graphs[num_tokens] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for mixed steps of up to %s tokens", self.buckets)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Replay the smallest bucket that holds the step; the final hidden state of each sampled
+        token, [num_sampled, hidden]."""
+        num_tokens, num_seqs = len(inputs.input_ids), len(inputs.seq_lens)
+        bucket = next(b for b in self.buckets if b >= num_tokens)
+        staging = self.staging[self.next_staging]
+        self.next_staging ^= 1
+        staging.uploaded.synchronize()
+        host = staging.i64_np
+        host[0, :num_tokens] = inputs.input_ids
+        host[1, :num_tokens] = inputs.positions
+        host[2, :num_tokens] = inputs.slot_mapping
+        host[:, num_tokens:bucket] = 0
+        host[2, num_tokens:bucket] = -1
+        qsl, lens, tiles, logits_indices = self._i32_views(staging.i32_np)
+        qsl[:num_seqs + 1] = inputs.query_start_loc
+        qsl[num_seqs + 1:] = num_tokens
+        lens[:num_seqs] = inputs.seq_lens
+        lens[num_seqs:] = 0
+        prefill_tiles(np.diff(inputs.query_start_loc), self.block_m, out=tiles)
+        num_sampled = len(inputs.logits_indices)
+        logits_indices[:num_sampled] = inputs.logits_indices
+        logits_indices[num_sampled:] = 0
+        self.dev_i64.copy_(staging.i64, non_blocking=True)  # whole rows: one contiguous upload
+        self.dev_i32.copy_(staging.i32, non_blocking=True)
+        max_blocks = -(-int(inputs.seq_lens.max()) // self.runner.block_size)
+        # Packed [num_seqs, max_blocks] on the host (contiguous, pinned), then into the wider table.
+        packed = staging.tables[:num_seqs * max_blocks].view(num_seqs, max_blocks)
+        torch.index_select(self.runner.block_rows.table[:, :max_blocks], 0,
+                           torch.from_numpy(inputs.block_table_rows), out=packed)
+        self.block_tables[:num_seqs, :max_blocks].copy_(packed, non_blocking=True)
+        staging.uploaded.record()
+        self.graphs[bucket].replay()
+        self.replays += 1
+        return self.sampled_hidden[bucket][:num_sampled]

@@ -29,7 +29,8 @@ class TritonAttention(AttentionBackend):
         if meta.is_decode_only:
             launch = meta.decode_launch if meta.decode_launch is not None else DecodeLaunch()
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch, pdl=self.pdl)
+        assert meta.prefill_tiles is not None, "a step with prefill tokens needs its tile list"
         return paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            meta.max_query_len, prefill_launch(q.shape[-1]),
+            meta.prefill_tiles, prefill_launch(q.shape[-1]),
         )

@@ -53,9 +53,10 @@ def _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
-# M (the batch) varies from step to step: no specialisation on its value (1, multiples of 16), so
-# one compiled kernel per launch serves every batch of its bucket and warm-up covers them all.
-@triton.jit(do_not_specialize=["M"])
+# M (the batch) stays specialised (1, multiples of 16): every M the engine launches with on CUDA is
+# a captured graph's (decode batch sizes, mixed-step token buckets), compiled at capture, and
+# turning specialisation off cost the seed benchmark about 3% (same-call A/B, docs/BENCHMARKS.md).
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,

@@ -4,6 +4,13 @@ Each sequence contributes its q_len newest tokens (positions seq_len - q_len
 .. seq_len - 1); their K/V were already stored by `write_kv`, so a chunk of a
 long prompt, or a prompt whose first blocks came from the prefix cache, reads
 everything through the block table, with no gather copies.
+
+Programs walk a tile list, one (sequence, block of BLOCK_M query rows) per
+entry and -1 for none (`prefill_tiles`), rather than a grid over sequences x
+the longest query: the grid then depends only on the token count and the
+sequence slots, so a step of any mix of prompt chunks and decodes replays one
+CUDA graph captured for its token bucket, and no program idles on a short
+sequence's empty row blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_attention import LOG2E
+from kernels.prefill_tiles import TILE_SEQ_SHIFT
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class PrefillLaunch:
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr, out_ptr,
     scale_log2,
     stride_q_tok, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
@@ -36,13 +44,15 @@ def _paged_prefill_kernel(
     stride_o_tok, stride_o_head,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    TILE_SEQ_SHIFT: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    tile = tl.load(tiles_ptr + tl.program_id(0))
     head = tl.program_id(1)
-    m_block = tl.program_id(2)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M < q_len:
+    if tile >= 0:
+        seq = tile >> TILE_SEQ_SHIFT
+        m_block = tile & ((1 << TILE_SEQ_SHIFT) - 1)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
         seq_len = tl.load(seq_lens_ptr + seq)
         first_pos = seq_len - q_len
         kv_head = head // GROUP
@@ -101,11 +111,12 @@ def paged_prefill(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    max_query_len: int,
+    tiles: torch.Tensor,
     launch: PrefillLaunch = PrefillLaunch(),
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [num_tokens, heads, head_dim] (sequences packed by query_start_loc [num_seqs + 1] int32)."""
+    """q [num_tokens, heads, head_dim] (sequences packed by query_start_loc [num_seqs + 1] int32);
+    `tiles` int32 from `prefill_tiles` with the same `launch.block_m` (entries -1 do nothing)."""
     num_tokens, num_heads, head_dim = q.shape
     _, kv_heads, block_size, cache_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -116,11 +127,11 @@ def paged_prefill(
     assert block_tables.dtype == torch.int32 and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1
     assert seq_lens.dtype == torch.int32 and query_start_loc.dtype == torch.int32
     assert query_start_loc.shape == (num_seqs + 1,)
+    assert tiles.dtype == torch.int32 and tiles.dim() == 1
     if out is None:
         out = torch.empty_like(q)
-    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, launch.block_m))
-    _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+    _paged_prefill_kernel[(tiles.shape[0], num_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tiles, out,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
@@ -130,6 +141,6 @@ def paged_prefill(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (seen with triton 3.9): upcast there only.
         DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        TILE_SEQ_SHIFT=TILE_SEQ_SHIFT, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

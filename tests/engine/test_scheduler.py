@@ -105,3 +105,16 @@ def test_prefix_cache_hits_skip_computation():
     sb = [s for s in out.scheduled if s.seq is b][0]
     assert sb.num_computed_tokens == 8 and sb.num_new_tokens == 2
     assert bm.prefix_cache_hits == 8 and b.num_cached_tokens == 8
+
+
+def test_token_budget_defaults_by_device(tiny_llama_dir):
+    from engine import LLM
+    from engine.config import default_max_num_batched_tokens
+
+    assert default_max_num_batched_tokens("cpu") == 2048
+    assert default_max_num_batched_tokens("cuda", 141 * 1024**3) == 8192
+    assert default_max_num_batched_tokens("cuda", 24 * 1024**3) == 4096
+    llm = LLM(tiny_llama_dir, num_kv_blocks=16)
+    assert llm.engine.config.max_num_batched_tokens == 2048
+    assert llm.engine.scheduler.config.max_num_batched_tokens == 2048
+    assert LLM(tiny_llama_dir, num_kv_blocks=16, max_num_batched_tokens=96).engine.scheduler.config.max_num_batched_tokens == 96

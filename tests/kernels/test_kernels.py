@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from kernels.norm import add_norm
 from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
+from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
                                paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref)
 from kernels.rotary import rotary_write_kv
@@ -113,10 +115,45 @@ def test_paged_prefill_matches_reference(device, case):
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     out = torch.full_like(q, float("nan"))
     scale = dim**-0.5
-    paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, scale, max(ql for ql, _ in spans),
-                  PrefillLaunch(block_m=16, block_n=16), out=out)
+    tiles = torch.from_numpy(prefill_tiles([ql for ql, _ in spans], 16)).to(device)
+    paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, scale, tiles, PrefillLaunch(block_m=16, block_n=16), out=out)
     ref = paged_prefill_ref(q, k_cache, v_cache, tables.clamp(min=0), qsl, seq_lens, scale)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_prefill_tiles_cover_every_row_block_once():
+    tiles = prefill_tiles([20, 0, 5, 33], 16).tolist()
+    assert [(t >> 16, t & 0xFFFF) for t in tiles] == [(0, 0), (0, 1), (2, 0), (3, 0), (3, 1), (3, 2)]
+    buffer = np.zeros(max_prefill_tiles(58, 4, 16), dtype=np.int32)  # room for any 58 tokens over 4 seqs
+    assert len(buffer) == 8
+    prefill_tiles([20, 0, 5, 33], 16, out=buffer)
+    assert buffer.tolist() == tiles + [-1, -1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_prefill_padded_like_a_captured_graph(device):
+    """A CUDA-graph step's layout: tokens padded past the real ones, sequence slots past the real
+    ones with no queries, tiles padded with -1. Real rows match the reference; padding is left alone."""
+    heads, kv_heads, dim, bs, dtype = 4, 2, 64, 16, torch.float16
+    gen = torch.Generator().manual_seed(3)
+    spans = [(1, 30), (12, 12), (1, 17)]  # a decode row, a whole prompt, another decode row
+    lens = [s for _, s in spans]
+    num_blocks = sum(-(-n // bs) for n in lens) + 2
+    k_cache, v_cache = make_cache(num_blocks, bs, kv_heads, dim, dtype, device)
+    tables = random_tables(lens, bs, num_blocks, device, gen)
+    real_tokens, padded_tokens, slots = 14, 32, 6
+    qsl = torch.tensor([0, 1, 13, 14] + [14] * (slots - 3), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens + [0] * (slots - 3), dtype=torch.int32, device=device)
+    padded_tables = torch.zeros(slots, tables.shape[1], dtype=torch.int32, device=device)
+    padded_tables[:3] = tables
+    q = torch.randn(padded_tokens, heads, dim, device=device).to(dtype)
+    tiles_np = prefill_tiles([1, 12, 1], 16, out=np.zeros(max_prefill_tiles(padded_tokens, slots, 16), dtype=np.int32))
+    out = torch.full_like(q, float("nan"))
+    paged_prefill(q, k_cache, v_cache, padded_tables, qsl, seq_lens, dim**-0.5, torch.from_numpy(tiles_np).to(device),
+                  PrefillLaunch(block_m=16, block_n=16), out=out)
+    ref = paged_prefill_ref(q[:real_tokens], k_cache, v_cache, tables.clamp(min=0), qsl[:4], seq_lens[:3], dim**-0.5)
+    assert rel_err(out[:real_tokens], ref) < TOL[dtype]
+    assert out[real_tokens:].isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
