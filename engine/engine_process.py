@@ -104,7 +104,7 @@ def run_engine_core(config: EngineConfig, clients: list[tuple[Connection, Connec
         for _, results in clients:
             results.send(("error", type(exc).__name__, getattr(exc, "message", str(exc))))
         return
-    engine.structured.prepare()  # the grammar compiler's vocabulary, in the background
+    engine.structured.prepare()  # before serving: see StructuredOutputs.prepare
     info = EngineInfo(engine.tokenizer, engine.model_config, engine.max_model_len, engine.live_stats())
     for _, results in clients:
         results.send(("ready", info))

@@ -67,10 +67,14 @@ class StructuredOutputs:
             return self._compiler
 
     def prepare(self) -> None:
-        """Build the vocabulary's tokenizer info in the background (0.5 s for SmolLM2's 49k tokens
-        on one core), so the first constrained request does not wait for it."""
+        """Import xgrammar and build the vocabulary's tokenizer info now, at start-up (1-3 s: the
+        import pulls in much of transformers; 0.5 s more for a 49k vocabulary on one core). Done
+        on a background thread instead, it stalled every stream of its process for ~1.4 s at a
+        time during the first seconds of serving: the import holds Python's import lock, which
+        the request path's own first imports then wait on (client TTFT p99 1.4 s at 32 requests/s
+        with the server's own TTFT under 10 ms, H200, docs/BENCHMARKS.md)."""
         if self._token_bytes is not None:
-            self._pool.submit(self._get_compiler)
+            self._get_compiler()
 
     def _compile(self, spec: StructuredOutputSpec):
         compiler = self._get_compiler()
