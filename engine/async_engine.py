@@ -203,7 +203,7 @@ class AsyncEngine:
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
-                    queue.put_nowait(out)
+                    queue.put_nowait(out if out.error is None else EngineDead(out.error))
             for listener in self.step_listeners:
                 listener(stats, outputs)
             await asyncio.sleep(0)  # let handlers run between steps

@@ -293,14 +293,17 @@ def measure_copy_rate(device) -> float:
     return 2 * 2**30 / statistics.median(times[2:])
 
 
-def floor_line(model_config, dtype, batch: int, context: int, copy_rate: float, step_s: float) -> tuple[str, dict]:
-    """The decode step against its memory floor: bytes it must read over the copy rate."""
+def floor_line(model_config, dtype, batch: int, context: int, copy_rate: float, step_s: float,
+               ranks: int = 1) -> tuple[str, dict]:
+    """The decode step against its memory floor: the bytes each GPU must read (a tensor-parallel
+    rank reads its share) over the copy rate."""
     from engine.architectures import decode_bytes_per_step
 
-    nbytes = decode_bytes_per_step(model_config, dtype.itemsize, batch, context)
+    nbytes = decode_bytes_per_step(model_config, dtype.itemsize, batch, context) // ranks
     floor_s = nbytes / copy_rate
+    per_gpu = f" per GPU, {ranks} ranks" if ranks > 1 else ""
     line = (f"Decode step (batch {batch}, mean context {context}): {step_s * 1e3:.3f} ms; memory floor {floor_s * 1e3:.3f} ms "
-            f"({nbytes / 1e9:.2f} GB read / {copy_rate / 1e12:.2f} TB/s copy rate) -> {step_s / floor_s:.2f}x the floor")
+            f"({nbytes / 1e9:.2f} GB read{per_gpu} / {copy_rate / 1e12:.2f} TB/s copy rate) -> {step_s / floor_s:.2f}x the floor")
     return line, {"batch": batch, "mean_context": context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                   "bytes_per_step": nbytes, "copy_rate_tb_s": copy_rate / 1e12, "ratio_to_floor": step_s / floor_s}
 
@@ -313,6 +316,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.sampling_params import SamplingParams
 
     config = engine_config_from_args(args)
+    if args.compare_hf and config.tensor_parallel_size > 1:
+        raise SystemExit("--compare-hf runs HF on our weights in this process: one rank only "
+                         "(compare --tensor-parallel-size N against --tensor-parallel-size 1 instead)")
     if args.paged_attn:
         config = replace(config, attention_backend="triton")
     if args.mode == "latency":
@@ -381,7 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         step_s = 1 / ours if args.mode == "latency" else statistics.median(t for r in runs for t in r.tpot_s)
         context = round(statistics.fmean(len(p) for p in token_prompts)) + args.max_new_tokens // 2
         line, report["floor"] = floor_line(runner.model_config, runner.dtype, batch, context,
-                                           measure_copy_rate(runner.device), step_s)
+                                           measure_copy_rate(runner.device), step_s, config.tensor_parallel_size)
         print(line, flush=True)
         if args.mode == "latency":
             ttft = statistics.median(t for r in runs for t in r.ttft_s)
@@ -430,6 +436,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
     if async_engine is not None:
         asyncio.run(async_engine.shutdown())
+    llm.close()
     return 0
 
 

@@ -43,6 +43,15 @@ class EngineConfig:
     # (only for pure decode batches with nobody waiting; CUDA graphs only).
     num_scheduler_steps: int = 8
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256))
+    # Ranks one model is split across (engine.parallel): worker processes beside this one, over
+    # NCCL on CUDA (each node's GPUs 0..N/nnodes-1) or gloo on the CPU. Across `nnodes` hosts, node
+    # k runs ranks k*N/nnodes.. and only node 0 (rank 0) serves; the group meets at
+    # master_addr:master_port (port 0: a free one, one node only).
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
     # Steps with prompt tokens replay CUDA graphs captured per token count up to this many
     # (None: the whole token budget; 0: such steps run eagerly).
     cuda_graph_max_tokens: int | None = None
@@ -60,6 +69,12 @@ class EngineConfig:
             raise ValueError("block_size must be 8, 16, 32 or 64")
         if self.max_num_seqs < 1 or (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1):
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError("--nnodes must divide --tensor-parallel-size, and 0 <= --node-rank < --nnodes")
+        if self.nnodes > 1 and not self.master_port:
+            raise ValueError("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
@@ -104,6 +119,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton"], default="auto",
                    help="auto: triton on CUDA; on the CPU the C++ kernels (float32) where they build, else torch")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model across this many ranks (GPUs 0..N-1 over NCCL, or CPU processes over gloo)")
+    g.add_argument("--nnodes", type=int, default=1, help="hosts the tensor-parallel group spans (ranks split evenly)")
+    g.add_argument("--node-rank", type=int, default=0,
+                   help="this host's place: 0 serves HTTP and runs rank 0; others only run their ranks")
+    g.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, where the group meets")
+    g.add_argument("--master-port", type=int, default=0, help="the port the group meets on (needed with --nnodes > 1)")
     g.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                    help="steps that carry prompt tokens replay CUDA graphs up to this many tokens (default: the "
                         "token budget; 0: run them eagerly)")
@@ -131,6 +153,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
         num_scheduler_steps=args.num_scheduler_steps,
     )
 

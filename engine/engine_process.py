@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import signal
@@ -108,7 +109,10 @@ def run_engine_core(config: EngineConfig, clients: list[tuple[Connection, Connec
     info = EngineInfo(engine.tokenizer, engine.model_config, engine.max_model_len, engine.live_stats())
     for _, results in clients:
         results.send(("ready", info))
-    _EngineCore(engine, clients).run()
+    try:
+        _EngineCore(engine, clients).run()
+    finally:
+        engine.shutdown()
 
 
 class _EngineCore:
@@ -235,7 +239,20 @@ class EngineCoreHandle:
 
     process: mp.process.BaseProcess
     pipes: list[tuple[Connection, Connection]]
-    info: EngineInfo
+    info: EngineInfo | None  # None until wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the engine's start-up report on every pipe; EngineError if it failed."""
+        for _, results in self.pipes:
+            try:
+                msg = results.recv()
+            except EOFError:
+                self.process.join(5)
+                raise EngineError(f"the engine process exited during start-up (exit code {self.process.exitcode})") from None
+            if msg[0] == "error":
+                self.process.join(5)
+                raise EngineError(f"{msg[1]}: {msg[2]}")
+            self.info = msg[1]
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """For the process that started the engine, once its API processes have stopped or gone:
@@ -255,9 +272,12 @@ def reap(process: mp.process.BaseProcess, timeout_s: float) -> None:
         process.join(5)
 
 
-def start_engine_core(config: EngineConfig, num_clients: int = 1) -> EngineCoreHandle:
+def start_engine_core(config: EngineConfig, num_clients: int = 1, visible_devices: str | None = None,
+                      wait: bool = True) -> EngineCoreHandle:
     """Spawn the engine process with one pipe pair per API process and wait until it has loaded
-    the model; a start-up failure raises EngineError here."""
+    the model; a start-up failure raises EngineError here. `visible_devices`: the GPUs it may see
+    (CUDA_VISIBLE_DEVICES, a data-parallel core's share). `wait=False`: return at once; call
+    `handle.wait_ready()` (several cores then load at the same time)."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA must not be inherited through fork
     pipes, child_pipes = [], []
     for _ in range(num_clients):
@@ -265,23 +285,27 @@ def start_engine_core(config: EngineConfig, num_clients: int = 1) -> EngineCoreH
         results, child_results = ctx.Pipe(duplex=False)
         pipes.append((commands, results))
         child_pipes.append((child_commands, child_results))
-    process = ctx.Process(target=run_engine_core, args=(config, child_pipes), name="roseinfer-engine-core", daemon=True)
-    process.start()
+    # Daemonic unless it must start tensor-parallel workers of its own (a daemon may not have children).
+    process = ctx.Process(target=run_engine_core, args=(config, child_pipes), name="roseinfer-engine-core",
+                          daemon=config.tensor_parallel_size == 1)
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_devices is not None:  # the child reads it when it first touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    try:
+        process.start()
+    finally:
+        if visible_devices is not None:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
     for child_commands, child_results in child_pipes:
         child_commands.close()
         child_results.close()
-    info = None
-    for _, results in pipes:
-        try:
-            msg = results.recv()
-        except EOFError:
-            process.join(5)
-            raise EngineError(f"the engine process exited during start-up (exit code {process.exitcode})") from None
-        if msg[0] == "error":
-            process.join(5)
-            raise EngineError(f"{msg[1]}: {msg[2]}")
-        info = msg[1]
-    return EngineCoreHandle(process, pipes, info)
+    handle = EngineCoreHandle(process, pipes, None)  # type: ignore[arg-type]
+    if wait:
+        handle.wait_ready()
+    return handle
 
 
 class EngineCoreClient:

@@ -48,6 +48,9 @@ class RequestOutput:
     first_token_time_s: float | None = None
     token_time_s: float | None = None  # when this delta's tokens were produced
     finished_time_s: float | None = None
+    # Set when the request failed where it ran (a data-parallel engine core died): its stream ends
+    # with EngineDead and this message instead of tokens.
+    error: str | None = None
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -150,6 +153,10 @@ class LLMEngine:
         self.decode_run_gpu_s = 0.0
         if self.runner.device.type == "cuda":
             self.warm_up()
+
+    def shutdown(self) -> None:
+        """Release what outlives a step: the tensor-parallel worker processes."""
+        self.runner.shutdown()
 
     def warm_up(self) -> None:
         """Serve a few throwaway requests, one at a time, so that every kernel variant and buffer

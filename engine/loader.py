@@ -24,6 +24,7 @@ from engine.attention import AttentionBackend
 from engine.config import DEFAULT_MODEL, EngineConfig, ModelConfig
 from engine.errors import UnknownModel
 from engine.models import build_model
+from engine.parallel import SINGLE, TensorParallel, check_divisible
 from engine.tokenizer import TokenizerWrapper, gguf_tokenizer, gpt2_tokenizer, hf_dir_tokenizer, standin_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ def choose_gguf_blocks(config: EngineConfig, device: torch.device, model_config:
     """The projections to keep in GGUF blocks: on the CPU with fp32 activations, when the block
     kernel measures faster than dense fp32 on this machine (auto) or always (gguf); else none."""
     if config.quantization == "none" or not schemes:
+        return ()
+    if config.tensor_parallel_size > 1:  # blocks are not split across ranks: dense weights, each rank its slice
+        if config.quantization == "gguf":
+            raise UnknownModel("--quantization gguf does not split across --tensor-parallel-size ranks")
         return ()
     if device.type != "cpu" or config.dtype not in ("auto", "float32"):
         if config.quantization == "gguf":
@@ -322,26 +327,39 @@ def resolve_dtype(requested: str, device: torch.device, checkpoint_dtype: torch.
     return torch.float16
 
 
-def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights with a sane scale, so activations and logits look like a real model's; drawn
-    where the parameters live (on a GPU, an 8B model's take well under a second)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name or name.split(".")[-2].startswith("ln_"):
-            p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
+def iter_dummy_weights(model_config: ModelConfig, attention: AttentionBackend, device: torch.device,
+                       dtype: torch.dtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights with a sane scale (so activations and logits look like a real model's), as
+    the checkpoint tensors an HF model of this architecture would hold, one at a time on `device`.
+    Each tensor's values depend only on the seed and its name, and `load_weights` takes each
+    rank's slice of them: a model split across N tensor-parallel ranks holds exactly the weights
+    of the one-rank model. Drawn where they are used (an 8B model's in about a second on a GPU)."""
+    import importlib
+    import zlib
+
+    with torch.device("meta"):
+        whole = build_model(model_config, attention)  # one rank's shapes: the checkpoint's
+    family = importlib.import_module(f"engine.models.{'gpt2' if model_config.architecture == 'gpt2' else 'llama'}")
+    for name, meta in family.to_hf_state_dict(whole).items():
+        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        parts = name.split(".")
+        if "norm" in name or (len(parts) > 1 and parts[-2].startswith("ln_")):
+            tensor.fill_(1.0) if name.endswith("weight") else tensor.zero_()
         elif name.endswith("bias"):
-            p.data.zero_()
+            tensor.zero_()
         else:
-            p.data.normal_(0.0, 0.02, generator=gen)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensor.normal_(0.0, 0.02, generator=gen)
+        yield name, tensor
 
 
 def materialize(model_config: ModelConfig, attention: AttentionBackend, device: torch.device,
-                dtype: torch.dtype) -> nn.Module:
+                dtype: torch.dtype, tp: TensorParallel = SINGLE) -> nn.Module:
     """The model with its parameters allocated on `device` in `dtype` and zeroed: built on the meta
     device first, so no full-size host copy or fp32 intermediate ever exists. Buffers that are
     computed, not loaded (RoPE tables), are computed afterwards by the modules' `compute_buffers`."""
     with torch.device("meta"):
-        model = build_model(model_config, attention)
+        model = build_model(model_config, attention, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
@@ -352,8 +370,10 @@ def materialize(model_config: ModelConfig, attention: AttentionBackend, device: 
     return model
 
 
-def load_model(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> LoadedModel:
-    """Build the model named by `config.model` on `device` with its tokenizer."""
+def load_model(config: EngineConfig, device: torch.device, attention: AttentionBackend,
+               tp: TensorParallel = SINGLE) -> LoadedModel:
+    """Build the model named by `config.model` on `device` with its tokenizer (this tensor-parallel
+    rank's part of it: each rank reads the checkpoint and keeps its slices)."""
     name = config.model
     dummy = config.load_format == "dummy"
     weights: Iterator[tuple[str, torch.Tensor]] | None = None
@@ -426,13 +446,14 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         )
         tokenizer = standin_tokenizer(model_config.vocab_size, model_config.eos_token_ids, model_config.bos_token_id)
 
+    check_divisible(model_config, tp.size)
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
     start = time.monotonic()
-    model = materialize(model_config, attention, device, dtype)
+    model = materialize(model_config, attention, device, dtype, tp)
     with torch.no_grad():
         if weights is None:
             logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
-            init_dummy_weights(model, config.seed)
+            model.load_weights(iter_dummy_weights(model_config, attention, device, dtype, config.seed))  # type: ignore[operator]
         else:
             loaded = model.load_weights(weights)  # type: ignore[operator]
             logger.info("loaded %d weight tensors for %s", len(loaded), name)

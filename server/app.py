@@ -185,7 +185,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def health():
         if engine.dead is not None:
             return error_response(503, "engine is dead", "server_error", None, "engine_dead")
-        return {"status": "ok"}
+        cores = getattr(engine.engine, "health", None)  # data parallel: which engine cores are up
+        if cores is None:
+            return {"status": "ok"}
+        detail = cores()
+        return {"status": "degraded" if detail["dead_cores"] else "ok", **detail}
 
     @app.get("/version")
     async def version():

@@ -28,6 +28,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--no-engine-process", action="store_true",
                    help="run the engine in the server's process (default: its own process, so HTTP work and "
                         "the engine's host work do not share one GIL)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine cores, each its own process and GPU (or --tensor-parallel-size GPUs), behind the "
+                        "API processes; a request goes to the least-loaded core, or to one that holds its prefix")
     g.add_argument("--api-server-count", type=int, default=None,
                    help="HTTP front-end processes sharing the one engine process and the port (as vLLM's "
                         "option): request parsing and streaming, which one event loop does in turn, spread "
@@ -48,6 +51,11 @@ def build_server_app(args: argparse.Namespace, core=None, metrics_multiprocess_d
     from engine.config import engine_config_from_args
 
     config = engine_config_from_args(args)
+    if core is None and args.data_parallel_size > 1:
+        from engine.data_parallel import engine_client, links_of, start_engine_cores
+
+        handles = start_engine_cores(config, args.data_parallel_size)
+        core = engine_client(config, links_of(handles), owned=handles)
     if core is None:
         core = LLMEngine(config) if args.no_engine_process else EngineCoreClient(config)
     engine = AsyncEngine(engine=core, max_waiting=args.max_waiting)
@@ -75,9 +83,19 @@ def build_server_app(args: argparse.Namespace, core=None, metrics_multiprocess_d
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
 
+    if args.node_rank > 0:  # another host of a tensor-parallel group: its ranks, no HTTP
+        from engine.config import engine_config_from_args
+        from engine.model_runner import run_tp_worker
+        from engine.tp_worker import run_node
+
+        return run_node(engine_config_from_args(args), run_tp_worker)
+
     args.api_server_count = default_api_server_count(args)
-    if args.api_server_count < 1:
-        logger.error("--api-server-count must be at least 1")
+    if args.api_server_count < 1 or args.data_parallel_size < 1:
+        logger.error("--api-server-count and --data-parallel-size must be at least 1")
+        return 2
+    if args.data_parallel_size > 1 and args.no_engine_process:
+        logger.error("--data-parallel-size needs the engine cores in their own processes (drop --no-engine-process)")
         return 2
     if args.api_server_count > 1:
         if args.no_engine_process:
@@ -148,20 +166,26 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
-    from engine.engine_process import reap, start_engine_core
+    from engine.data_parallel import links_of, start_engine_cores
+    from engine.engine_process import reap
     from engine.errors import EngineError
     from engine.config import engine_config_from_args
 
     try:
-        core = start_engine_core(engine_config_from_args(args), args.api_server_count)
+        cores = start_engine_cores(engine_config_from_args(args), args.data_parallel_size, args.api_server_count)
     except EngineError as exc:
         logger.error("%s", exc.message)
         return 2
+
+    def stop_cores() -> None:
+        for core in cores:
+            core.stop()
+
     try:  # fail here, not in N processes, when the port is taken (bound, never listening)
         _port_socket(args.host, args.port).close()
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-        core.stop()
+        stop_cores()
         return 2
     metrics_dir = tempfile.mkdtemp(prefix="roseinfer-metrics-")
     # prometheus_client reads this when an API process imports it: they share metric files there.
@@ -175,16 +199,17 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
     workers = []
     status = 0
     try:
-        for i, pipes in enumerate(core.pipes):
+        for i in range(args.api_server_count):
             if stop.is_set():
                 break
-            worker = ctx.Process(target=_api_process, args=(args, pipes, core.info, metrics_dir, os.getpid()),
+            worker = ctx.Process(target=_api_process, args=(args, links_of(cores, i), metrics_dir, os.getpid()),
                                  name=f"roseinfer-api-{i}")
             worker.start()
             workers.append(worker)
-        for commands, results in core.pipes:  # each API process holds its own copies now
-            commands.close()
-            results.close()
+        for core in cores:  # each API process holds its own copies now
+            for commands, results in core.pipes:
+                commands.close()
+                results.close()
         logger.info("serving %s on http://%s:%d/v1 from %d API processes", args.served_model_name or args.model,
                     args.host, args.port, len(workers))
         while not stop.wait(0.2):
@@ -201,22 +226,21 @@ def _serve_with_api_processes(args: argparse.Namespace) -> int:
             if worker.exitcode not in (0, -signal.SIGTERM) and status == 0:
                 status = 1
     finally:
-        core.stop()
+        stop_cores()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return status
 
 
-def _api_process(args: argparse.Namespace, pipes, info, metrics_dir: str, supervisor_pid: int) -> None:
-    """One of --api-server-count's HTTP processes: the app over its own pipes to the engine, on
-    its own listening socket of the shared port."""
+def _api_process(args: argparse.Namespace, links, metrics_dir: str, supervisor_pid: int) -> None:
+    """One of --api-server-count's HTTP processes: the app over its own pipes to each engine core
+    (`links`: (pipes, info) per core), on its own listening socket of the shared port."""
     import signal
     import threading
 
-    from engine.config import LOG_FORMAT
-    from engine.engine_process import EngineCoreClient
-    from engine.config import engine_config_from_args
+    from engine.config import LOG_FORMAT, engine_config_from_args
+    from engine.data_parallel import engine_client
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
 
@@ -226,7 +250,7 @@ def _api_process(args: argparse.Namespace, pipes, info, metrics_dir: str, superv
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=drain_if_orphaned, name="roseinfer-supervisor-watch", daemon=True).start()
-    core = EngineCoreClient(engine_config_from_args(args), pipes, info)
+    core = engine_client(engine_config_from_args(args), links)
     app = build_server_app(args, core, metrics_dir)
     sock = _port_socket(args.host, args.port)
     sock.listen(2048)

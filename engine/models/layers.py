@@ -11,10 +11,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def padded_vocab_size(vocab_size: int) -> int:
-    """Rows of the embedding / LM-head matrix: a multiple of 64, so cuBLAS picks its aligned
-    (fast) kernels for the logits GEMM; logits past the real vocabulary are sliced off."""
-    return -(-vocab_size // 64) * 64
+def padded_vocab_size(vocab_size: int, shards: int = 1) -> int:
+    """Rows of the embedding / LM-head matrix: a multiple of 64 (of 64 per tensor-parallel shard),
+    so cuBLAS picks its aligned (fast) kernels for the logits GEMM; logits past the real
+    vocabulary are sliced off."""
+    unit = 64 * shards
+    return -(-vocab_size // unit) * unit
+
+
+class VocabEmbedding(nn.Module):
+    """The token embedding, its rows split across tensor-parallel ranks: each rank looks up the ids
+    in its slice (zeros elsewhere) and the ranks' rows are summed. One rank: a plain lookup."""
+
+    def __init__(self, vocab_rows: int, hidden_size: int, tp) -> None:
+        super().__init__()
+        self.tp = tp
+        self.first_row, self.end_row = tp.split(vocab_rows)
+        self.weight = nn.Parameter(torch.empty(self.end_row - self.first_row, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.first_row
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(rows)
 
 
 class AddNorm(nn.Module):

@@ -20,12 +20,14 @@ from engine.models.layers import (
     AddNorm,
     GGUFBlockLinear,
     ProjectionLaunches,
+    VocabEmbedding,
     fused_kernel,
     padded_vocab_size,
     projection,
     uses_cpu_kernels,
     uses_fused_kernels,
 )
+from engine.parallel import SINGLE, TensorParallel
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -87,10 +89,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding) -> None:
+    """This rank's heads: q/k/v column-parallel, o_proj row-parallel and summed across ranks."""
+
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.tp = tp
+        self.num_heads = tp.heads(config.num_heads)
+        self.num_kv_heads = tp.kv_heads(config.num_kv_heads)
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -115,16 +121,19 @@ class LlamaAttention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k)
             o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(o.reshape(x.shape[0], self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(x.shape[0], self.q_size)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, fused: bool, cpu: bool = False) -> None:
+    """This rank's slice of the MLP: gate/up column-parallel, down row-parallel and summed."""
+
+    def __init__(self, config: ModelConfig, fused: bool, cpu: bool = False, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = projection(config.hidden_size, 2 * config.intermediate_size,
+        self.tp = tp
+        self.intermediate_size = config.intermediate_size // tp.size
+        self.gate_up_proj = projection(config.hidden_size, 2 * self.intermediate_size,
                                        config.linear_scheme("gate_up_proj"), bias=False)
-        self.down_proj = projection(config.intermediate_size, config.hidden_size, config.linear_scheme("down_proj"),
+        self.down_proj = projection(self.intermediate_size, config.hidden_size, config.linear_scheme("down_proj"),
                                     bias=False)
         self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else \
             fused_kernel("cpu_elementwise", "silu_mul") if cpu else None
@@ -133,19 +142,22 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_kernel is not None:
-            return self.down_proj(self.act_kernel(gate_up, pdl=True) if self.pdl else self.act_kernel(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = self.act_kernel(gate_up, pdl=True) if self.pdl else self.act_kernel(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up
+        return self.tp.all_reduce(self.down_proj(act))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         fused, cpu = uses_fused_kernels(attention), uses_cpu_kernels(attention)
         self.input_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused, cpu=cpu)
-        self.self_attn = LlamaAttention(config, attention, rotary)
+        self.self_attn = LlamaAttention(config, attention, rotary, tp)
         self.post_attention_layernorm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=fused, cpu=cpu)
-        self.mlp = LlamaMLP(config, fused, cpu)
+        self.mlp = LlamaMLP(config, fused, cpu, tp)
 
     def forward(self, x, residual, positions, kv_cache, meta):
         """x: the previous sublayer's output, not yet added to `residual` (the add is fused into the norm)."""
@@ -155,11 +167,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(padded_vocab_size(config.vocab_size), config.hidden_size)
+        self.embed_tokens = VocabEmbedding(padded_vocab_size(config.vocab_size, tp.size), config.hidden_size, tp)
         self.rotary = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention, self.rotary) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention, self.rotary, tp)
+                                    for _ in range(config.num_layers))
         self.norm = AddNorm(config.hidden_size, config.norm_eps, rms=True, fused=uses_fused_kernels(attention),
                             cpu=uses_cpu_kernels(attention))
 
@@ -174,15 +187,18 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, attention: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attention)
-        vocab_rows = padded_vocab_size(config.vocab_size)
+        self.tp = tp
+        self.model = LlamaModel(config, attention, tp)
+        vocab_rows = padded_vocab_size(config.vocab_size, tp.size)
         if config.linear_scheme("lm_head") is not None:  # GGUF blocks (a tied embedding keeps a dense copy for lookups)
+            assert tp.size == 1, "GGUF blocks are not split across ranks"
             self.lm_head = GGUFBlockLinear(config.hidden_size, vocab_rows, config.linear_scheme("lm_head"))
-        else:
-            self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab_rows, bias=False)
+        else:  # this rank's rows of the vocabulary
+            self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab_rows // tp.size,
+                                                                             bias=False)
         self.lm_head_projection = ProjectionLaunches()
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -199,16 +215,42 @@ class LlamaForCausalLM(nn.Module):
         """Logits over the real vocabulary; fp32 for the sampler unless `upcast` is False
         (argmax needs no copy: the fp32 values are exact conversions)."""
         if isinstance(self.lm_head, GGUFBlockLinear):
-            logits = self.lm_head(hidden)[:, : self.config.vocab_size]
-        else:
-            logits = self.lm_head_projection(hidden, self.lm_head_weight(), None)[:, : self.config.vocab_size]
+            logits = self.lm_head(hidden)
+        else:  # each rank's vocabulary rows, side by side
+            logits = self.tp.gather_columns(self.lm_head_projection(hidden, self.lm_head_weight(), None))
+        logits = logits[:, : self.config.vocab_size]
         return logits.float() if upcast else logits
 
     def _shard_sizes(self, fused: str) -> list[int]:
-        c = self.config
+        c, tp = self.config, self.tp
         if fused == "qkv_proj":
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+            kv = tp.kv_heads(c.num_kv_heads) * c.head_dim
+            return [tp.heads(c.num_heads) * c.head_dim, kv, kv]
+        return [c.intermediate_size // tp.size] * 2
+
+    def _rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the HF tensor `name` (all of it on one rank)."""
+        c, tp = self.config, self.tp
+        if tp.size == 1:
+            return tensor
+        d = c.head_dim
+        q_first, q_end = tp.head_range(c.num_heads)
+        if ".q_proj." in name:
+            return tensor[q_first * d:q_end * d]
+        if ".k_proj." in name or ".v_proj." in name:
+            kv_first, kv_end = tp.kv_head_range(c.num_kv_heads)
+            return tensor[kv_first * d:kv_end * d]
+        if ".o_proj." in name:
+            return tensor[:, q_first * d:q_end * d]
+        mlp_first, mlp_end = tp.split(c.intermediate_size)
+        if ".gate_proj." in name or ".up_proj." in name:
+            return tensor[mlp_first:mlp_end]
+        if ".down_proj." in name:
+            return tensor[:, mlp_first:mlp_end]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            first, end = tp.split(padded_vocab_size(c.vocab_size, tp.size))
+            return tensor[first:end]  # the last ranks may hold only padding rows
+        return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF Llama tensors in, filling fused q/k/v and gate/up shards."""
@@ -226,6 +268,7 @@ class LlamaForCausalLM(nn.Module):
                     break
             if target not in params:
                 raise KeyError(f"unexpected Llama weight {name!r}")
+            tensor = self._rank_slice(name, tensor)
             param = params[target]
             if shard is None:
                 param.data[: tensor.shape[0]].copy_(tensor)  # embeddings / lm_head have padding rows
