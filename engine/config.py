@@ -19,7 +19,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     # auto: a GGUF's Q4_1/Q8_0 blocks run as they are on the CPU when that measures faster than
-    # dequantised weights; gguf: always (CPU only); none: dequantise to `dtype`.
+    # dequantised weights; gguf: always (CPU only); none: dequantise to `dtype`; fp8: projections
+    # in float8 e4m3 with a scale per output channel, activations scaled per token.
     quantization: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     tokenizer: str | None = None  # override: a tokenizer.json, a directory, or a .gguf
@@ -59,8 +60,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.quantization not in ("auto", "none", "gguf"):
-            raise ValueError(f"quantization must be auto, none or gguf, got {self.quantization!r}")
+        if self.quantization not in ("auto", "none", "gguf", "fp8"):
+            raise ValueError(f"quantization must be auto, none, gguf or fp8, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
@@ -100,9 +101,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-model-id", dest="model", help=argparse.SUPPRESS)
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights, real architecture")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    g.add_argument("--quantization", choices=["auto", "none", "gguf"], default="auto",
+    g.add_argument("--quantization", choices=["auto", "none", "gguf", "fp8"], default="auto",
                    help="auto: run a GGUF's Q4_1/Q8_0 blocks as they are on the CPU where that measures faster; "
-                        "gguf: always; none: dequantise to --dtype")
+                        "gguf: always; none: dequantise to --dtype; fp8: the projections' weights in float8 e4m3 "
+                        "(a scale per output channel), activations scaled per token, through torch._scaled_mm")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--tokenizer", default=None, help="tokenizer override: .gguf, tokenizer.json or a directory")
     g.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,7 @@ from engine.attention import AttentionBackend
 from engine.config import DEFAULT_MODEL, EngineConfig, ModelConfig
 from engine.errors import UnknownModel
 from engine.models import build_model
+from engine.models.layers import quantize_projections_fp8
 from engine.parallel import SINGLE, TensorParallel, check_divisible
 from engine.tokenizer import TokenizerWrapper, gguf_tokenizer, gpt2_tokenizer, hf_dir_tokenizer, standin_tokenizer
 
@@ -164,7 +165,7 @@ def choose_gguf_blocks(config: EngineConfig, device: torch.device, model_config:
                        schemes: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """The projections to keep in GGUF blocks: on the CPU with fp32 activations, when the block
     kernel measures faster than dense fp32 on this machine (auto) or always (gguf); else none."""
-    if config.quantization == "none" or not schemes:
+    if config.quantization in ("none", "fp8") or not schemes:
         return ()
     if config.tensor_parallel_size > 1:  # blocks are not split across ranks: dense weights, each rank its slice
         if config.quantization == "gguf":
@@ -457,6 +458,8 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         else:
             loaded = model.load_weights(weights)  # type: ignore[operator]
             logger.info("loaded %d weight tensors for %s", len(loaded), name)
+        if config.quantization == "fp8":
+            logger.info("fp8: %d projections in float8 e4m3", quantize_projections_fp8(model))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())

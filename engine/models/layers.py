@@ -123,6 +123,65 @@ class GGUFBlockLinear(nn.Module):
         return self.kernel(x, self.weight, self.out_features, self.in_features, self.scheme, self.bias)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (float8 e4m3 [N, K], fp32 scale [N]): each output channel scaled so its largest
+    magnitude maps to e4m3's largest value; weight ~= q * scale[:, None]."""
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
+    q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A projection with float8 e4m3 weights (a scale per output channel) and activations
+    quantized per token at run time, multiplied by `torch._scaled_mm` (cuBLASLt's FP8 GEMM on
+    Hopper; torch's reference kernel on the CPU, so the CPU runs the same arithmetic). Decode reads
+    half the bytes of bf16 weights. Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.reshape(1, -1), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gelu = gelu
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, gelu: bool = False) -> Fp8Linear:
+        q, scale = quantize_rows_fp8(linear.weight.detach())
+        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), gelu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, x_scale = quantize_tokens_fp8(x)
+        # Row-wise scaled FP8 GEMMs produce bf16 (what cuBLASLt supports for per-row scales).
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
+def quantize_projections_fp8(model: nn.Module) -> int:
+    """Replace every dense decode projection (q/k/v, o, the MLP's) with its Fp8Linear, in place;
+    the embedding and the LM head keep the model dtype. Returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DecodeLinear):
+                setattr(parent, name, Fp8Linear.from_dense(child, gelu=child.gelu))
+                replaced += 1
+    return replaced
+
+
 def projection(in_features: int, out_features: int, scheme: str | None, bias: bool = True,
                gelu: bool = False) -> nn.Module:
     """A decode projection: GGUF blocks when the model keeps this one in `scheme`, else dense."""
