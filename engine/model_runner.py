@@ -19,12 +19,12 @@ import torch
 from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_tokens
 from engine.loader import LoadedModel, load_model
-from engine.parallel import TensorParallel
 from engine.models.layers import configure_decode_kernels
+from engine.parallel import TensorParallel
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
-from engine.tp_worker import TensorParallelGroup, init_group, receive_step
+from engine.tp_group import TensorParallelGroup, init_group, receive_step
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineCo
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp_rank: int = 0, tp_port: int = 0) -> None:
-        """`tp_rank` > 0: a tensor-parallel worker (engine.tp_worker), joining the group at `tp_port`."""
+        """`tp_rank` > 0: a tensor-parallel worker (`run_tp_worker`), joining the group at `tp_port`."""
         self.device = resolve_device(config.device)
         self.config = config = with_device_defaults(config, self.device)
         self.tp = TensorParallel(tp_rank, config.tensor_parallel_size)

@@ -7,7 +7,8 @@ logits gathered). KV heads split across ranks, or are replicated when there are 
 heads. NCCL on CUDA, gloo on the CPU: the same code.
 
 The engine's process is rank 0 (it schedules, samples and owns the block tables); ranks 1..N-1
-are worker processes (`engine.tp_worker`) that receive each step's inputs as two broadcast tensors.
+are worker processes (`engine.tp_group` starts them, `engine.model_runner.run_tp_worker` is their
+loop) that receive each step's inputs as two broadcast tensors.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.node_rank > 0:  # another host of a tensor-parallel group: its ranks, no HTTP
         from engine.config import engine_config_from_args
         from engine.model_runner import run_tp_worker
-        from engine.tp_worker import run_node
+        from engine.tp_group import run_node
 
         return run_node(engine_config_from_args(args), run_tp_worker)
 

@@ -108,7 +108,7 @@ def test_two_nodes_as_two_local_process_groups(tiny_llama_dir):
 
     from engine.config import EngineConfig
     from engine.model_runner import run_tp_worker
-    from engine.tp_worker import free_port, run_node
+    from engine.tp_group import free_port, run_node
 
     port = free_port()
     common = dict(model=tiny_llama_dir, num_kv_blocks=48, tensor_parallel_size=2, nnodes=2, master_port=port)
