@@ -22,13 +22,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             min_p=args.min_p, seed=args.sample_seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
             repetition_penalty=args.repetition_penalty,
         )
-        llm = LLM(config=engine_config_from_args(args))
-        prompt = args.prompt
-        if args.chat:
-            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        start = time.perf_counter()
-        (out,) = llm.generate([prompt], params)
-        elapsed = time.perf_counter() - start
+        with LLM(config=engine_config_from_args(args)) as llm:  # stops tensor-parallel workers at the end
+            prompt = args.prompt
+            if args.chat:
+                prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            start = time.perf_counter()
+            (out,) = llm.generate([prompt], params)
+            elapsed = time.perf_counter() - start
     except EngineError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
