@@ -230,6 +230,13 @@ def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.
 _LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+def checkpoint_quant_method(path: str) -> str | None:
+    """An HF directory's `quantization_config.quant_method` ("fp8" for float8 weights with
+    `weight_scale` tensors), or None."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method")
+
+
 def hf_model_config(path: str) -> tuple[ModelConfig, torch.dtype | None]:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
@@ -379,6 +386,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
     dummy = config.load_format == "dummy"
     weights: Iterator[tuple[str, torch.Tensor]] | None = None
     ckpt_dtype: torch.dtype | None = None
+    fp8_checkpoint = False  # its projections are float8 with `weight_scale` tensors
     tokenizer: TokenizerWrapper | None = None
     named = None
 
@@ -415,6 +423,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
             weights = iter_hf_weights(snap, device)
     elif os.path.isdir(name):
         model_config, ckpt_dtype = hf_model_config(name)
+        fp8_checkpoint = checkpoint_quant_method(name) == "fp8"
         if os.path.exists(os.path.join(name, "tokenizer.json")):
             tokenizer = hf_dir_tokenizer(name, model_config.eos_token_ids, model_config.bos_token_id)
         elif model_config.architecture == "gpt2":
@@ -448,9 +457,13 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         tokenizer = standin_tokenizer(model_config.vocab_size, model_config.eos_token_ids, model_config.bos_token_id)
 
     check_divisible(model_config, tp.size)
+    if fp8_checkpoint and (config.quantization not in ("auto", "fp8") or model_config.architecture != "llama"):
+        raise UnknownModel(f"{name}: an FP8 checkpoint loads as it is (Llama family, --quantization auto or fp8)")
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
     start = time.monotonic()
     model = materialize(model_config, attention, device, dtype, tp)
+    if fp8_checkpoint and not dummy:  # FP8 projections for the checkpoint's FP8 tensors and scales to fill
+        quantize_projections_fp8(model)
     with torch.no_grad():
         if weights is None:
             logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
@@ -458,7 +471,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         else:
             loaded = model.load_weights(weights)  # type: ignore[operator]
             logger.info("loaded %d weight tensors for %s", len(loaded), name)
-        if config.quantization == "fp8":
+        if config.quantization == "fp8" and not (fp8_checkpoint and not dummy):
             logger.info("fp8: %d projections in float8 e4m3", quantize_projections_fp8(model))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -151,7 +151,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.weight_scale = nn.Parameter(scale.reshape(1, -1), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.reshape(-1).float(), requires_grad=False)  # [N], per output row
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gelu = gelu
 
@@ -163,7 +163,8 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_scale = quantize_tokens_fp8(x)
         # Row-wise scaled FP8 GEMMs produce bf16 (what cuBLASLt supports for per-row scales).
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                             out_dtype=torch.bfloat16)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -172,7 +173,8 @@ class Fp8Linear(nn.Module):
 
 def quantize_projections_fp8(model: nn.Module) -> int:
     """Replace every dense decode projection (q/k/v, o, the MLP's) with its Fp8Linear, in place;
-    the embedding and the LM head keep the model dtype. Returns how many were replaced."""
+    the embedding and the LM head keep the model dtype. Returns how many were replaced. (Before
+    an FP8 checkpoint loads, this turns the zeroed projections into FP8 ones its tensors fill.)"""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

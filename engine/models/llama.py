@@ -233,6 +233,8 @@ class LlamaForCausalLM(nn.Module):
         c, tp = self.config, self.tp
         if tp.size == 1:
             return tensor
+        if name.endswith("_scale") and (tensor.dim() == 0 or ".o_proj." in name or ".down_proj." in name):
+            return tensor  # one scale for the whole tensor, or per output row of a row-parallel one
         d = c.head_dim
         q_first, q_end = tp.head_range(c.num_heads)
         if ".q_proj." in name:
@@ -257,8 +259,8 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
+            if "rotary_emb" in name or name.endswith(".input_scale"):
+                continue  # activations are scaled per token at run time, not by a stored scale
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding serves as the LM head
             target, shard = name, None
@@ -271,10 +273,14 @@ class LlamaForCausalLM(nn.Module):
             tensor = self._rank_slice(name, tensor)
             param = params[target]
             if shard is None:
+                if target.endswith("weight_scale"):  # FP8 checkpoints: per row ([N] or [N, 1]) or one scalar
+                    tensor = tensor.reshape(-1).expand(param.shape[0])
                 param.data[: tensor.shape[0]].copy_(tensor)  # embeddings / lm_head have padding rows
             else:
                 sizes = self._shard_sizes(target.split(".")[-2])
                 offset = sum(sizes[:shard])
+                if target.endswith("weight_scale"):
+                    tensor = tensor.reshape(-1).expand(sizes[shard])
                 param.data[offset:offset + sizes[shard]].copy_(tensor)
             loaded.add(f"{target}#{shard}" if shard is not None else target)
         return loaded

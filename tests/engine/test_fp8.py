@@ -71,3 +71,77 @@ def test_fp8_on_cuda_with_graphs(tiny_llama_dir):
     assert fp8.engine.runner.cuda_graphs_enabled
     for a, b in zip(bf16.generate(prompts, params), fp8.generate(prompts, params)):
         assert a.token_ids[:2] == b.token_ids[:2] and len(b.token_ids) == 16
+
+
+def _write_fp8_checkpoint(src_dir: str, dst_dir: str, llm: LLM, per_tensor: bool = False) -> dict:
+    """`llm`'s FP8 projections saved as an HF FP8 checkpoint: q/k/v and gate/up split back to HF
+    names, float8 weights with `weight_scale` (per output row [N, 1], or one scalar), the rest as
+    in `src_dir`. Returns the FP8 weights written, by our parameter name."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src_dir, dst_dir)
+    dense = load_file(os.path.join(src_dir, "model.safetensors"))
+    model = llm.engine.runner.model
+    out = {k: v for k, v in dense.items() if not any(p in k for p in ("_proj.",))}
+    written = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        fused = name.rsplit(".", 1)[-1]
+        parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}.get(fused, (fused,))
+        sizes = model._shard_sizes(fused) if len(parts) > 1 else [module.out_features]
+        q_all, s_all = module.weight.detach(), module.weight_scale.detach()
+        offset = 0
+        for part, size in zip(parts, sizes):
+            q, s = q_all[offset:offset + size], s_all[offset:offset + size]
+            if per_tensor:  # requantized to one scale for the whole tensor
+                w = q.float() * s[:, None]
+                scale = w.abs().max() / FP8_MAX
+                q, s = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.reshape(())
+            else:
+                s = s[:, None]
+            out[f"{name.replace(fused, part)}.weight"] = q.contiguous()
+            out[f"{name.replace(fused, part)}.weight_scale"] = s.contiguous().float()
+            out[f"{name.replace(fused, part)}.input_scale"] = torch.tensor(1.0)  # present in many: ignored
+            offset += size
+        written[name] = (q_all.clone(), s_all.clone())
+    os.remove(os.path.join(dst_dir, "model.safetensors"))
+    save_file(out, os.path.join(dst_dir, "model.safetensors"))
+    with open(os.path.join(dst_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    with open(os.path.join(dst_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return written
+
+
+def test_an_fp8_checkpoint_loads_as_it_is(tiny_llama_dir, tmp_path):
+    quantized = LLM(tiny_llama_dir, num_kv_blocks=32, quantization="fp8")
+    written = _write_fp8_checkpoint(tiny_llama_dir, str(tmp_path / "fp8"), quantized)
+    loaded = LLM(str(tmp_path / "fp8"), num_kv_blocks=32)  # --quantization auto: the checkpoint says fp8
+    modules = dict(loaded.engine.runner.model.named_modules())
+    for name, (q, scale) in written.items():
+        assert isinstance(modules[name], Fp8Linear)
+        assert torch.equal(modules[name].weight.view(torch.uint8), q.view(torch.uint8)), name  # bit for bit
+        assert torch.equal(modules[name].weight_scale, scale), name
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["Hello world, my name is", "def fibonacci(n):"]
+    assert [o.token_ids for o in loaded.generate(prompts, params)] == [o.token_ids for o in quantized.generate(prompts, params)]
+    with pytest.raises(Exception, match="FP8 checkpoint"):
+        LLM(str(tmp_path / "fp8"), num_kv_blocks=32, quantization="none")
+
+
+def test_an_fp8_checkpoint_with_one_scale_per_tensor(tiny_llama_dir, tmp_path):
+    quantized = LLM(tiny_llama_dir, num_kv_blocks=32, quantization="fp8")
+    _write_fp8_checkpoint(tiny_llama_dir, str(tmp_path / "fp8t"), quantized, per_tensor=True)
+    loaded = LLM(str(tmp_path / "fp8t"), num_kv_blocks=32)
+    attn = loaded.engine.runner.model.model.layers[0].self_attn
+    q_rows = attn.num_heads * attn.head_dim
+    scales = attn.qkv_proj.weight_scale
+    assert torch.all(scales[:q_rows] == scales[0]) and scales[q_rows] != scales[0]  # q's one scale, then k's
+    out = loaded.generate(["Hello world, my name is"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
