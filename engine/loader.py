@@ -277,13 +277,34 @@ def hf_model_config(path: str) -> tuple[ModelConfig, torch.dtype | None]:
     raise UnknownModel(f"{path}: architectures {archs} are not supported (GPT-2 and Llama family only)")
 
 
-def iter_hf_weights(path: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+class _LazyTensor:
+    """A safetensors tensor not read yet: indexing reads only the rows or columns asked for (a
+    tensor-parallel rank's slice of a checkpoint tensor), `read()` all of it."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._handle, self._name = handle, name
+        self._view = handle.get_slice(name)
+        self.shape = torch.Size(self._view.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._view[index]
+
+    def read(self) -> torch.Tensor:
+        return self._handle.get_tensor(self._name)
+
+
+def iter_hf_weights(path: str, device: torch.device, select=None) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's tensors, each already on `device`, one at a time: safetensors shards are read
     tensor by tensor (a few in flight on reader threads, so host memory stays near one tensor's
-    size and the disk, the copy and the caller overlap), with a progress bar over the bytes."""
+    size and the disk, the copy and the caller overlap), with a progress bar over the bytes.
+    `select(name, lazy)` (safetensors only): the part of each tensor to read, e.g. a tensor-parallel
+    rank's slice (`lazy` indexes like a tensor; returning it unindexed reads all of it)."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        yield from _stream_safetensors(files, device)
+        yield from _stream_safetensors(files, device, select)
         return
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
@@ -297,7 +318,7 @@ def iter_hf_weights(path: str, device: torch.device) -> Iterator[tuple[str, torc
 _READ_AHEAD = 4
 
 
-def _stream_safetensors(files: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream_safetensors(files: list[str], device: torch.device, select=None) -> Iterator[tuple[str, torch.Tensor]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors import safe_open
@@ -310,7 +331,10 @@ def _stream_safetensors(files: list[str], device: torch.device) -> Iterator[tupl
     def read(item) -> torch.Tensor:
         handle, name = item
         # The read from the page cache (or disk) and the host-to-device copy release the GIL.
-        return handle.get_tensor(name).to(device)
+        if select is None:
+            return handle.get_tensor(name).to(device)
+        part = select(name, _LazyTensor(handle, name))
+        return (part.read() if isinstance(part, _LazyTensor) else part).contiguous().to(device)
 
     with ThreadPoolExecutor(_READ_AHEAD) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None) as bar:
@@ -385,6 +409,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
     name = config.model
     dummy = config.load_format == "dummy"
     weights: Iterator[tuple[str, torch.Tensor]] | None = None
+    hf_dir: str | None = None
     ckpt_dtype: torch.dtype | None = None
     fp8_checkpoint = False  # its projections are float8 with `weight_scale` tensors
     tokenizer: TokenizerWrapper | None = None
@@ -428,8 +453,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
             tokenizer = hf_dir_tokenizer(name, model_config.eos_token_ids, model_config.bos_token_id)
         elif model_config.architecture == "gpt2":
             tokenizer = gpt2_tokenizer()
-        if not dummy:
-            weights = iter_hf_weights(name, device)
+        hf_dir = name  # read once the model exists: a tensor-parallel rank reads its slices only
     elif (named := named_architecture(name)) is not None:
         canonical, model_config = named
         if not dummy:
@@ -464,12 +488,18 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
     model = materialize(model_config, attention, device, dtype, tp)
     if fp8_checkpoint and not dummy:  # FP8 projections for the checkpoint's FP8 tensors and scales to fill
         quantize_projections_fp8(model)
+    presliced = False
+    if hf_dir is not None and not dummy:
+        # Llama's slices are rows or columns of the checkpoint's own tensors, read as such; GPT-2's
+        # Conv1D weights are sliced after their transpose, from whole tensors.
+        presliced = tp.size > 1 and model_config.architecture == "llama"
+        weights = iter_hf_weights(hf_dir, device, model.rank_slice if presliced else None)  # type: ignore[attr-defined]
     with torch.no_grad():
         if weights is None:
             logger.warning("load_format=dummy: %s runs with RANDOM weights (real architecture, meaningless text)", name)
             model.load_weights(iter_dummy_weights(model_config, attention, device, dtype, config.seed))  # type: ignore[operator]
         else:
-            loaded = model.load_weights(weights)  # type: ignore[operator]
+            loaded = model.load_weights(weights, presliced=presliced)  # type: ignore[operator]
             logger.info("loaded %d weight tensors for %s", len(loaded), name)
         if config.quantization == "fp8" and not (fp8_checkpoint and not dummy):
             logger.info("fp8: %d projections in float8 e4m3", quantize_projections_fp8(model))

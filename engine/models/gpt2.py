@@ -110,7 +110,7 @@ class GPT2LMHeadModel(nn.Module):
         logits = self.tp.gather_columns(self.lm_head_projection(hidden, self.wte.weight, None))[:, : self.config.vocab_size]
         return logits.float() if upcast else logits
 
-    def _rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of `name` (linear weights already [out, in]); all of it on one rank.
         Row-parallel biases stay on rank 0 only: the all-reduce adds them once."""
         c, tp = self.config, self.tp
@@ -134,8 +134,10 @@ class GPT2LMHeadModel(nn.Module):
             return tensor[row_first:row_end]
         return tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF GPT-2 tensors in. HF stores linear weights as Conv1D [in, out]."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], presliced: bool = False) -> set[str]:
+        """Copy HF GPT-2 tensors in. HF stores linear weights as Conv1D [in, out]; a tensor-parallel
+        rank slices them after the transpose (whole tensors are read: `presliced` must be False)."""
+        assert not presliced, "GPT-2's slices are taken after the Conv1D transpose"
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -146,7 +148,7 @@ class GPT2LMHeadModel(nn.Module):
                 raise KeyError(f"unexpected GPT-2 weight {name!r}")
             if name.endswith(".weight") and any(p in name for p in ("c_attn", "c_proj", "c_fc")):
                 tensor = tensor.t()
-            tensor = self._rank_slice(name, tensor)
+            tensor = self.rank_slice(name, tensor)
             params[name].data[: tensor.shape[0]].copy_(tensor)  # wte has padding rows
             loaded.add(name)
         return loaded

@@ -228,8 +228,9 @@ class LlamaForCausalLM(nn.Module):
             return [tp.heads(c.num_heads) * c.head_dim, kv, kv]
         return [c.intermediate_size // tp.size] * 2
 
-    def _rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the HF tensor `name` (all of it on one rank)."""
+    def rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the HF tensor `name` (all of it on one rank). `tensor` may be a
+        checkpoint tensor not read yet (engine.loader), which reads only the part indexed."""
         c, tp = self.config, self.tp
         if tp.size == 1:
             return tensor
@@ -251,11 +252,13 @@ class LlamaForCausalLM(nn.Module):
             return tensor[:, mlp_first:mlp_end]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             first, end = tp.split(padded_vocab_size(c.vocab_size, tp.size))
-            return tensor[first:end]  # the last ranks may hold only padding rows
+            rows = tensor.shape[0]
+            return tensor[min(first, rows):min(end, rows)]  # the last ranks may hold only padding rows
         return tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF Llama tensors in, filling fused q/k/v and gate/up shards."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], presliced: bool = False) -> set[str]:
+        """Copy HF Llama tensors in, filling fused q/k/v and gate/up shards. `presliced`: each
+        tensor is already this rank's part (`rank_slice` applied as it was read)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -270,7 +273,8 @@ class LlamaForCausalLM(nn.Module):
                     break
             if target not in params:
                 raise KeyError(f"unexpected Llama weight {name!r}")
-            tensor = self._rank_slice(name, tensor)
+            if not presliced:
+                tensor = self.rank_slice(name, tensor)
             param = params[target]
             if shard is None:
                 if target.endswith("weight_scale"):  # FP8 checkpoints: per row ([N] or [N, 1]) or one scalar

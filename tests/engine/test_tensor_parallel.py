@@ -124,3 +124,16 @@ def test_two_nodes_as_two_local_process_groups(tiny_llama_dir):
         if node1.is_alive():
             node1.kill()
     assert split == tokens(LLM(tiny_llama_dir, num_kv_blocks=48))
+
+
+def test_each_rank_reads_only_its_slices(tiny_llama_dir, monkeypatch):
+    """Rank 0's loader reads whole only the tensors every rank holds whole (the norms); the
+    projections, the embedding and the LM head it reads as its rows or columns."""
+    import engine.loader as loader
+
+    whole_reads = []
+    read = loader._LazyTensor.read
+    monkeypatch.setattr(loader._LazyTensor, "read", lambda self: whole_reads.append(self._name) or read(self))
+    with LLM(tiny_llama_dir, num_kv_blocks=16, tensor_parallel_size=2) as llm:
+        assert len(tokens(llm, PROMPTS[:1])[0]) == 16
+    assert whole_reads and all("norm" in name for name in whole_reads), whole_reads
