@@ -33,6 +33,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # While streams decode, prompt chunks add at most this many tokens to a step (None: the whole
+    # budget), bounding their inter-token gap while long prompts are admitted.
+    max_prefill_tokens_while_decoding: int | None = None
     # KV-cache sizing: an explicit byte count wins; else a block count; else on
     # CUDA a fraction of free memory, on the CPU a default byte count.
     kv_cache_memory_bytes: int | None = None
@@ -116,6 +119,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                   help="while streams decode, prompt chunks add at most this many tokens to a step (default: the "
+                        "whole budget): bounds the streams' inter-token gap when long prompts arrive")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton"], default="auto",
@@ -150,6 +156,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         kv_cache_memory_bytes=None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1024**3),
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,

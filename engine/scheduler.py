@@ -23,6 +23,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # While any running sequence decodes, prompt chunks add at most this many tokens to a step
+    # (None: the whole budget): a stream's inter-token gap is then at most one step of this many
+    # prompt tokens, however long the prompts being admitted.
+    max_prefill_tokens_while_decoding: int | None = None
 
 
 @dataclass
@@ -92,11 +96,21 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
+        prefill_budget = budget
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is not None and self.config.enable_chunked_prefill \
+                and any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+            prefill_budget = cap
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            prompt_chunk = remaining > 1  # still prefilling (a decode computes exactly one token)
+            num_new = min(remaining, budget, prefill_budget) if prompt_chunk else 1
+            if num_new < 1:  # a prompt chunk, and this step has no prompt budget left
+                i += 1
+                continue
             while not bm.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -106,6 +120,8 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSequence(seq, num_new, seq.num_computed_tokens))
                 budget -= num_new
+                if prompt_chunk:
+                    prefill_budget -= num_new
                 i += 1
                 continue
             break  # `seq` itself was preempted: nothing after it can run either
@@ -114,6 +130,7 @@ class Scheduler:
         while (
             self.waiting
             and budget > 0
+            and prefill_budget > 0
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
@@ -123,7 +140,7 @@ class Scheduler:
             num_new = seq.num_tokens - num_computed
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget, prefill_budget)
             if not bm.allocate(seq, num_computed + num_new, cached):
                 break
             if bm.enable_prefix_caching:
@@ -137,6 +154,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new, num_computed))
             budget -= num_new
+            prefill_budget -= num_new
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:

@@ -118,3 +118,25 @@ def test_token_budget_defaults_by_device(tiny_llama_dir):
     assert llm.engine.config.max_num_batched_tokens == 2048
     assert llm.engine.scheduler.config.max_num_batched_tokens == 2048
     assert LLM(tiny_llama_dir, num_kv_blocks=16, max_num_batched_tokens=96).engine.scheduler.config.max_num_batched_tokens == 96
+
+
+def test_prompt_tokens_while_decoding_are_capped():
+    """With a stream decoding, a long prompt is admitted in chunks of at most the cap (so the
+    stream's inter-token gap stays one small step); with nobody decoding, at the whole budget."""
+    sched, _ = make(num_blocks=64, max_num_batched_tokens=16, max_prefill_tokens_while_decoding=5)
+    sched.add(seq("a", 3))
+    run_step(sched)  # a's prompt: a decodes from now on
+    long = seq("long", 40, 50)
+    sched.add(long)
+    sched.add(seq("b", 4, 200))
+    chunks = []
+    while long.num_computed_tokens < 40:
+        out = run_step(sched)
+        new = {s.seq.request_id: s.num_new_tokens for s in out.scheduled}
+        assert new["a"] == 1 and sum(n for r, n in new.items() if r != "a") <= 5, new
+        chunks.append(new.get("long", 0))
+    assert sum(chunks) == 40 and max(chunks) == 5
+
+    idle, _ = make(num_blocks=64, max_num_batched_tokens=16, max_prefill_tokens_while_decoding=5)
+    idle.add(seq("long", 40, 50))
+    assert [s.num_new_tokens for s in run_step(idle).scheduled] == [16]  # nobody decodes: the whole budget
