@@ -58,6 +58,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--guided-json", default=None,
                    help="constrain every request to this JSON schema (JSON text, or @file): the cost of constrained decoding")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (default greedy); sampled batches run one step at a time, "
+                        "so this measures the single-step path")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--mode", choices=["offline", "online", "latency"], default="offline",
                    help="latency: the requests one after another, batch 1 (time to first token, time per token)")
     p.add_argument("--no-stop-on-eos", action="store_true", help="ignore EOS: every request makes max-new-tokens")
@@ -337,8 +341,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 text = f.read()
         structured = StructuredOutputSpec.json_schema(text)
         llm.engine.structured.validate(structured)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=args.no_stop_on_eos,
-                            structured_output=structured)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            ignore_eos=args.no_stop_on_eos, structured_output=structured)
     token_prompts = bench_prompts(args, llm.tokenizer, llm.engine.model_config.vocab_size)
     if token_prompts is not None:
         prompts = token_prompts

@@ -250,6 +250,10 @@ run_structured() {
     timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
+  # The single-step path alone (sampling leaves the greedy multi-step runs too): what a
+  # constrained batch would cost with a free mask.
+  timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --temperature 0.8 --top-p 0.95 \
+    --output-json "$out/bench_structured_sampled.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[sampled] /"
   if [ -n "${STRUCTURED_PROFILE:-}" ]; then  # where a constrained step's host time goes
     timeout 200 python3 -m cProfile -o "$out/structured.prof" -m server.cli bench --hf-model-id gpt2 "${seed_bench[@]}" \
       --guided-json "$schema" --max-new-tokens 128 --warmup-runs 0 --repeat-runs 1 --mode offline > /dev/null 2>&1
