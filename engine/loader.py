@@ -486,7 +486,8 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
     start = time.monotonic()
     model = materialize(model_config, attention, device, dtype, tp)
-    if fp8_checkpoint and not dummy:  # FP8 projections for the checkpoint's FP8 tensors and scales to fill
+    fp8_from_checkpoint = fp8_checkpoint and not dummy
+    if fp8_from_checkpoint:  # FP8 projections for the checkpoint's FP8 tensors and scales to fill
         quantize_projections_fp8(model)
     presliced = False
     if hf_dir is not None and not dummy:
@@ -501,7 +502,7 @@ def load_model(config: EngineConfig, device: torch.device, attention: AttentionB
         else:
             loaded = model.load_weights(weights, presliced=presliced)  # type: ignore[operator]
             logger.info("loaded %d weight tensors for %s", len(loaded), name)
-        if config.quantization == "fp8" and not (fp8_checkpoint and not dummy):
+        if config.quantization == "fp8" and not fp8_from_checkpoint:
             logger.info("fp8: %d projections in float8 e4m3", quantize_projections_fp8(model))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

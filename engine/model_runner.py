@@ -76,6 +76,10 @@ class StepInputs:
     block_table_rows: np.ndarray  # [num_seqs] rows of BlockTableRows.table
     logits_indices: np.ndarray  # [num_sampling_seqs] token index whose hidden state is sampled
 
+    def num_blocks(self, block_size: int) -> int:
+        """Block-table entries the longest sequence of the step needs."""
+        return -(-int(self.seq_lens.max()) // block_size)
+
 
 @dataclass
 class SampledToken:
@@ -122,6 +126,10 @@ class BlockTableRows:
         entry = self.rows.pop(request_id, None)
         if entry is not None:
             self.free_rows.append(entry[0])
+
+    def gather(self, row_ids: torch.Tensor, num_blocks: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The first `num_blocks` entries of rows `row_ids` (int64), [len(row_ids), num_blocks]."""
+        return torch.index_select(self.table[:, :num_blocks], 0, row_ids, out=out)
 
 
 def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineConfig:
@@ -279,9 +287,6 @@ class ModelRunner:
         """Rows of `block_rows.table` holding `seqs`' block tables (brought up to date)."""
         return torch.tensor([self.block_rows.row_of(s) for s in seqs], dtype=torch.int64)
 
-    def _host_block_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
-        return self.block_rows.table[:, :num_blocks].index_select(0, self._block_table_row_ids(seqs))
-
     def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step's per-token and per-sequence inputs on the host, as numpy arrays. The Python
         work is one pass over the scheduled sequences (their new token ids); positions, cache
@@ -306,8 +311,7 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         inputs = self.step_inputs(sched)
-        max_blocks = -(-int(inputs.seq_lens.max()) // self.block_size)
-        block_tables = self.block_rows.table[:, :max_blocks].index_select(0, torch.from_numpy(inputs.block_table_rows))
+        block_tables = self.block_rows.gather(torch.from_numpy(inputs.block_table_rows), inputs.num_blocks(self.block_size))
         if self.tp_group is not None:  # the other ranks run the same step on their slices
             self.tp_group.send_step(inputs, block_tables)
         return self.device_inputs(inputs, block_tables)
@@ -590,8 +594,8 @@ class CudaGraphDecoder:
         started.record()
         buffer = self.next_host_buffer
         self.next_host_buffer ^= 1
-        tables = torch.index_select(self.runner.block_rows.table, 0, self.runner._block_table_row_ids(seqs),
-                                    out=self.host_tables[buffer][:n])
+        rows = self.runner.block_rows
+        tables = rows.gather(self.runner._block_table_row_ids(seqs), rows.table.shape[1], out=self.host_tables[buffer][:n])
         self.block_tables[:n].copy_(tables, non_blocking=True)
         self.multi_graphs[bs].replay()
         host = self.host_tokens[buffer][:, :n]
@@ -631,7 +635,7 @@ class CudaGraphDecoder:
         self.seq_lens[:bs].copy_(dev_staging[3])
         if offset == 0:
             max_blocks = (max(lens) + num_steps - 2) // block + 1
-            tables = self.runner._host_block_tables(seqs, max_blocks)
+            tables = self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks)
             self.block_tables[:n, :max_blocks].copy_(tables)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
@@ -764,11 +768,10 @@ class MixedStepGraphs:
         logits_indices[num_sampled:] = 0
         self.dev_i64.copy_(staging.i64, non_blocking=True)  # whole rows: one contiguous upload
         self.dev_i32.copy_(staging.i32, non_blocking=True)
-        max_blocks = -(-int(inputs.seq_lens.max()) // self.runner.block_size)
+        max_blocks = inputs.num_blocks(self.runner.block_size)
         # Packed [num_seqs, max_blocks] on the host (contiguous, pinned), then into the wider table.
         packed = staging.tables[:num_seqs * max_blocks].view(num_seqs, max_blocks)
-        torch.index_select(self.runner.block_rows.table[:, :max_blocks], 0,
-                           torch.from_numpy(inputs.block_table_rows), out=packed)
+        self.runner.block_rows.gather(torch.from_numpy(inputs.block_table_rows), max_blocks, out=packed)
         self.block_tables[:num_seqs, :max_blocks].copy_(packed, non_blocking=True)
         staging.uploaded.record()
         self.graphs[bucket].replay()

@@ -130,8 +130,7 @@ class GPT2LMHeadModel(nn.Module):
         if name.endswith(".mlp.c_proj.weight"):
             return tensor[:, mlp_first:mlp_end]
         if name == "wte.weight":
-            row_first, row_end = tp.split(padded_vocab_size(c.vocab_size, tp.size))
-            return tensor[row_first:row_end]
+            return tensor[self.wte.first_row:self.wte.end_row]
         return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], presliced: bool = False) -> set[str]:

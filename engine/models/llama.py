@@ -250,10 +250,9 @@ class LlamaForCausalLM(nn.Module):
             return tensor[mlp_first:mlp_end]
         if ".down_proj." in name:
             return tensor[:, mlp_first:mlp_end]
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            first, end = tp.split(padded_vocab_size(c.vocab_size, tp.size))
-            rows = tensor.shape[0]
-            return tensor[min(first, rows):min(end, rows)]  # the last ranks may hold only padding rows
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # the same vocabulary rows for both
+            embed, rows = self.model.embed_tokens, tensor.shape[0]
+            return tensor[min(embed.first_row, rows):min(embed.end_row, rows)]  # the last ranks may hold only padding
         return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], presliced: bool = False) -> set[str]:

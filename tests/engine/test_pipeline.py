@@ -50,7 +50,7 @@ class EagerGraphDecoder:
             slot_mapping=torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]),
             query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32),
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
-            block_tables=self.runner._host_block_tables(seqs, max_blocks),
+            block_tables=self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks),
             max_query_len=1, max_seq_len=max(positions) + 1,
             query_start_loc_host=list(range(len(seqs) + 1)), seq_lens_host=[p + 1 for p in positions],
         )
