@@ -111,3 +111,25 @@ def test_silu_mul_matches_reference():
 
     x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4
     torch.testing.assert_close(silu_mul(x), silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_built_library_loads_past_a_dead_processs_lock_file():
+    """torch's extension loader waits forever on a lock file a killed process left behind (a CI run
+    once hung every server start that way); a finished build must load without looking at it."""
+    import os
+    import subprocess
+    import sys
+
+    from kernels.cpu_build import build_directory, extension
+
+    extension()  # built by make install; builds here otherwise
+    stale = os.path.join(build_directory(), "lock")
+    open(stale, "w").close()
+    try:
+        code = "from kernels.cpu_build import extension; print(extension().__name__)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "roseinfer_cpu_kernels"
+    finally:
+        os.remove(stale)
