@@ -17,7 +17,7 @@ from engine.model_runner import ModelRunner, PendingTokens, SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
-from engine.structured_output import StructuredOutputs
+from engine.structured_output import GrammarSteps, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +313,8 @@ class LLMEngine:
             p = seq.params
             if s.num_new_tokens != 1 or not s.samples_next_token or p.logprobs is not None or p.uses_penalties or p.min_tokens:
                 return 1
-            if seq.num_output_tokens == 0 or self.requests[seq.request_id].matcher is not None:
-                return 1  # a first token (TTFT), or a grammar that must see each token before the next
+            if seq.num_output_tokens == 0:
+                return 1  # a first token (TTFT)
             left = (p.max_tokens or 0) - seq.num_output_tokens
             room = self.max_model_len - seq.num_tokens
             if left == self.config.num_scheduler_steps - 1 and room >= left + 1:
@@ -330,6 +330,12 @@ class LLMEngine:
 
     def _decode_steps(self, sched, num_steps: int) -> list[RequestOutput]:
         seqs = [s.seq for s in sched.scheduled]
+        matchers = [self.requests[seq.request_id].matcher for seq in seqs]
+        if any(m is not None for m in matchers):
+            # Constrained rows: each step masked by its grammar, which sees each token before the next.
+            grammar = GrammarSteps(self.structured, matchers)
+            steps = self.runner.execute_decode_steps(seqs, num_steps, grammar)
+            return self._accept_decode_run(seqs, steps, num_steps, grammar.ends)
         if self.runner.can_launch_greedy_run(seqs, num_steps):
             run = _DecodeRun(seqs, self.runner.launch_greedy_run(seqs, chained=False), num_steps)
             return self._finish_decode_run(run)
@@ -360,14 +366,22 @@ class LLMEngine:
         # The next run writes positions up to num_tokens - 2 + 2k (the host has not counted `run`'s tokens).
         return all(bm.allocate(seq, seq.num_tokens - 1 + 2 * k) for seq in seqs)
 
-    def _accept_decode_run(self, seqs: list[Sequence], steps: list[list[int]], num_steps: int) -> list[RequestOutput]:
+    def _accept_decode_run(self, seqs: list[Sequence], steps: list[list[int]], num_steps: int,
+                           grammar_ends: dict[int, int] | None = None) -> list[RequestOutput]:
+        """`grammar_ends` (a run with constrained rows): the matchers have taken the run's tokens
+        already; a row whose grammar ended inside the run keeps its tokens up to that point."""
         now = time.monotonic()
         bm = self.block_manager
         outputs = []
         for j, seq in enumerate(seqs):
             if seq.is_finished:  # aborted while the run was in flight
                 continue
-            outputs.append(self._process(seq, [step[j] for step in steps], now))
+            tokens = [step[j] for step in steps]
+            if grammar_ends is None:
+                outputs.append(self._process(seq, tokens, now))
+            else:
+                end = grammar_ends.get(j)
+                outputs.append(self._process(seq, tokens[:end], now, grammar_ended=end is not None))
             if not seq.is_finished:
                 # The run computed every token but the newest one; publish blocks that filled up.
                 seq.num_computed_tokens = seq.num_tokens - 1
@@ -390,8 +404,11 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    def _process(self, seq: Sequence, tokens: list[int], now: float, sampled: SampledToken | None = None) -> RequestOutput:
-        """Append sampled tokens to `seq` in order, stopping at the first stop condition."""
+    def _process(self, seq: Sequence, tokens: list[int], now: float, sampled: SampledToken | None = None,
+                 grammar_ended: bool | None = None) -> RequestOutput:
+        """Append sampled tokens to `seq` in order, stopping at the first stop condition.
+        `grammar_ended` is given when the request's matcher has taken `tokens` already (a
+        constrained decode run): whether its grammar ended at the last of them."""
         req = self.requests[seq.request_id]
         params = seq.params
         detok = req.detokenizer
@@ -444,13 +461,17 @@ class LLMEngine:
                     break
 
         if req.matcher is not None and accepted:
-            for token in accepted:
-                if not req.matcher.accept_token(token):  # the mask allows only tokens it accepts
-                    logger.warning("request %s: token %d rejected by its grammar", seq.request_id, token)
-                    reason = reason or "stop"
-                    break
-            if reason is None and req.matcher.is_terminated():
-                reason = "stop"  # the grammar is complete (and took its stop token)
+            ended = grammar_ended
+            if ended is None:  # a single step: the matcher takes the token here
+                ended = False
+                for token in accepted:
+                    if not req.matcher.accept_token(token):  # the mask allows only tokens it accepts
+                        logger.warning("request %s: token %d rejected by its grammar", seq.request_id, token)
+                        ended = True
+                        break
+                ended = ended or req.matcher.is_terminated()
+            if ended:
+                reason = reason or "stop"  # the grammar is complete (and took its stop token)
         finished = reason is not None
         if finished:
             if stop_str is None:

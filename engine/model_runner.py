@@ -418,20 +418,42 @@ class ModelRunner:
         return self.graphs.launch_greedy_steps(seqs, chained)
 
     @torch.inference_mode()
-    def execute_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+    def execute_decode_steps(self, seqs: list[Sequence], num_steps: int, grammar=None) -> list[list[int]]:
         """Run `num_steps` decode steps back to back on the device, feeding each step's
         tokens to the next without a host round trip; one sync at the end. Blocks for all the new
         tokens must already be allocated. Returns the tokens of each step, per step. (Batches that
-        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined.)"""
+        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined.)
+
+        `grammar` (constrained rows, engine.structured_output.GrammarSteps): each step's sampling
+        is masked by `grammar.fill()`, and its tokens go back through `grammar.accept` before
+        the next mask. The host reads each step's tokens, but the next step's forward is already
+        queued on the device when it does, so the grammar's host work overlaps the forward."""
         assert self.graphs is not None and self.graphs.fits(len(seqs))
         batch = self.sampling_batch(seqs)
-        steps = []
-        tokens = None
+        if grammar is None:
+            steps = []
+            tokens = None
+            for i in range(num_steps):
+                logits = self.graphs.run_decode(seqs, offset=i, device_input_ids=tokens, num_steps=num_steps)
+                tokens = sample(logits, batch).token_ids
+                steps.append(tokens)
+            return torch.stack(steps).tolist()
+        cuda = self.device.type == "cuda"
+        host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=cuda)
+        logits = self.graphs.run_decode(seqs, num_steps=num_steps)
         for i in range(num_steps):
-            logits = self.graphs.run_decode(seqs, offset=i, device_input_ids=tokens, num_steps=num_steps)
+            batch.allowed_token_bitmask = grammar.fill()  # while the device runs step i's forward
             tokens = sample(logits, batch).token_ids
-            steps.append(tokens)
-        return torch.stack(steps).tolist()
+            host[i].copy_(tokens, non_blocking=cuda)
+            sampled = torch.cuda.Event() if cuda else None
+            if sampled is not None:
+                sampled.record()
+            if i + 1 < num_steps:  # queued before the host waits for step i's tokens
+                logits = self.graphs.run_decode(seqs, offset=i + 1, device_input_ids=tokens, num_steps=num_steps)
+            if sampled is not None:
+                sampled.synchronize()
+            grammar.accept(host[i].tolist())
+        return host.tolist()
 
     @staticmethod
     def _to_host(seqs: list[Sequence], out: SamplerOutput) -> list[SampledToken]:
@@ -491,6 +513,7 @@ class CudaGraphDecoder:
         # Host staging (ids, positions, slots, seq_lens), one per step of a multi-step decode:
         # an upload may still be in flight when the next step's inputs are written.
         self.staging = torch.zeros(max(1, runner.config.num_scheduler_steps), 4, max_bs, dtype=torch.int64, pin_memory=True)
+        self.staging_np = self.staging.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         # Greedy multi-step decode: `multi_steps` whole decode steps in one graph, each step's
@@ -604,28 +627,37 @@ class CudaGraphDecoder:
         done.record()
         return PendingTokens(host, started, done)
 
+    def _stage_run(self, seqs: list[Sequence], bs: int, num_steps: int) -> None:
+        """Host staging of all `num_steps` steps of a decode run (ids of the first step; positions,
+        cache slots and lengths of each), in one numpy pass over the batch: later steps of the run
+        then only upload and replay, so the device does not wait on Python between them."""
+        n = len(seqs)
+        block = self.runner.block_size
+        rows = self.runner.block_rows
+        row_ids = np.fromiter((rows.row_of(s) for s in seqs), np.int64, n)
+        positions = np.fromiter((s.num_tokens - 1 for s in seqs), np.int64, n) + np.arange(num_steps)[:, None]
+        staging = self.staging_np[:num_steps, :, :bs]
+        staging[:, 0, :] = 0
+        staging[0, 0, :n] = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, n)
+        staging[:, 1:, n:] = 0  # padding rows: no cache write (slot -1), length 0
+        staging[:, 2, n:] = -1
+        staging[:, 1, :n] = positions
+        staging[:, 2, :n] = rows.table_np[row_ids, positions // block] * block + positions % block
+        staging[:, 3, :n] = positions + 1
+
     def run_decode(self, seqs: list[Sequence], offset: int = 0, device_input_ids: torch.Tensor | None = None,
                    num_steps: int = 1) -> torch.Tensor:
         """Logits [len(seqs), vocab] for each sequence's next token.
 
         offset > 0 runs the step `offset` tokens ahead of what the host knows
         (multi-step decode): token ids then come from `device_input_ids`, and
-        the block tables uploaded at offset 0 already cover all `num_steps`.
+        the inputs and block tables staged at offset 0 already cover all `num_steps`.
         """
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
-        block = self.runner.block_size
-        ids, positions, slots, lens = [], [], [], []
-        for seq in seqs:
-            pos = seq.num_tokens - 1 + offset
-            ids.append(seq.token_ids[-1])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // block] * block + pos % block)
-            lens.append(pos + 1)
-        pad = bs - n
-        staging = self.staging[offset]
-        staging[:, :bs] = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, lens + [0] * pad])
-        dev_staging = staging[:, :bs].to(self.runner.device, non_blocking=True)
+        if offset == 0:
+            self._stage_run(seqs, bs, num_steps)
+        dev_staging = self.staging[offset, :, :bs].to(self.runner.device, non_blocking=True)
         if device_input_ids is None:
             self.input_ids[:bs].copy_(dev_staging[0])
         else:
@@ -634,7 +666,7 @@ class CudaGraphDecoder:
         self.slot_mapping[:bs].copy_(dev_staging[2])
         self.seq_lens[:bs].copy_(dev_staging[3])
         if offset == 0:
-            max_blocks = (max(lens) + num_steps - 2) // block + 1
+            max_blocks = (int(self.staging_np[num_steps - 1, 3, :n].max()) - 1) // self.runner.block_size + 1
             tables = self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks)
             self.block_tables[:n, :max_blocks].copy_(tables)
         self.graphs[bs].replay()

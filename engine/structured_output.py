@@ -11,6 +11,7 @@ regex is a 400 before anything is queued.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -20,6 +21,8 @@ import torch
 
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
+
+logger = logging.getLogger(__name__)
 
 
 class StructuredOutputs:
@@ -130,6 +133,37 @@ class StructuredOutputs:
         indices = [i for i, m in enumerate(matchers) if m is not None]
         self._batch_matcher.batch_fill_next_token_bitmask([matchers[i] for i in indices], bitmask, indices)
         return bitmask
+
+
+class GrammarSteps:
+    """The grammar side of a multi-step decode run with constrained rows (ModelRunner.
+    execute_decode_steps): each step's bitmask from the rows' matchers, and each step's tokens fed
+    back to them before the next. A row leaves the run's grammar when its matcher terminates (it
+    took its stop token) or rejects a token; `ends[row]` is then how many of the run's tokens
+    the row keeps, and its later tokens, sampled unconstrained, are dropped by the engine."""
+
+    def __init__(self, outputs: StructuredOutputs, matchers: list) -> None:
+        self._outputs = outputs
+        self._matchers = list(matchers)  # None: an unconstrained row, or one whose grammar ended
+        self._steps = 0
+        self.ends: dict[int, int] = {}
+
+    def fill(self) -> torch.Tensor:
+        return self._outputs.fill_bitmask(self._matchers)
+
+    def accept(self, tokens: list[int]) -> None:
+        import xgrammar as xgr
+
+        self._steps += 1
+        rows = [j for j, m in enumerate(self._matchers) if m is not None]
+        live = [self._matchers[j] for j in rows]
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token(live, [tokens[j] for j in rows])
+        for j, matcher, ok in zip(rows, live, accepted):
+            if not ok:  # the mask allows only tokens the matcher accepts
+                logger.warning("token %d rejected by its grammar inside a decode run", tokens[j])
+            if not ok or matcher.is_terminated():
+                self.ends[j] = self._steps
+                self._matchers[j] = None
 
 
 _PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",

@@ -243,20 +243,27 @@ run_load() {
 # Constrained decoding's cost: the seed workload free and with every request held to a JSON schema
 # (a long array of integers, so both runs make all their tokens), same call.
 run_structured() {
-  local schema='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
-  for guided in "" "$schema"; do
-    local tag=free extra=()
-    [ -n "$guided" ] && tag=json && extra=(--guided-json "$guided")
+  # Two schemas, neither of which can end inside 512 tokens (so every run makes all its tokens):
+  # records, an extraction-style array of objects (xgrammar fills a row in ~3 us on one core), and
+  # a bounded integer array with minItems 600, xgrammar's slow case (~50-150 us a row: the range
+  # inside a long repetition).
+  local records='{"type": "array", "minItems": 100, "items": {"type": "object", "additionalProperties": false,
+    "required": ["name", "age", "email"], "properties": {"name": {"type": "string", "maxLength": 20},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120}, "email": {"type": "string", "maxLength": 40}}}}'
+  local int600='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
+  for tag in free records int600; do
+    local extra=()
+    [ "$tag" = records ] && extra=(--guided-json "$records")
+    [ "$tag" = int600 ] && extra=(--guided-json "$int600")
     timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
-  # The single-step path alone (sampling leaves the greedy multi-step runs too): what a
-  # constrained batch would cost with a free mask.
+  # Sampled rows run multi-step runs through the same loop, without a grammar.
   timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --temperature 0.8 --top-p 0.95 \
     --output-json "$out/bench_structured_sampled.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[sampled] /"
   if [ -n "${STRUCTURED_PROFILE:-}" ]; then  # where a constrained step's host time goes
     timeout 200 python3 -m cProfile -o "$out/structured.prof" -m server.cli bench --hf-model-id gpt2 "${seed_bench[@]}" \
-      --guided-json "$schema" --max-new-tokens 128 --warmup-runs 0 --repeat-runs 1 --mode offline > /dev/null 2>&1
+      --guided-json "$records" --max-new-tokens 128 --warmup-runs 0 --repeat-runs 1 --mode offline > /dev/null 2>&1
     python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(14)" "$out/structured.prof" \
       | grep -E "ncalls|^ +[0-9]" | cut -c1-160
   fi

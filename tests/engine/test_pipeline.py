@@ -9,8 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import json
+
+import jsonschema
+
 from engine import LLM, SamplingParams
 from engine.attention import AttentionMetadata
+from engine.sampling_params import StructuredOutputSpec
 
 PROMPTS = ["Hello world, my name is", "The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a land far, far away, there lived a young girl who"]
@@ -39,6 +44,7 @@ class EagerGraphDecoder:
         self.last_ids: list[int] = []
         self.last_first_pos: list[int] = []
         self.launches = {"fresh": 0, "chained": 0}
+        self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]
@@ -61,6 +67,7 @@ class EagerGraphDecoder:
     def run_decode(self, seqs, offset: int = 0, device_input_ids=None, num_steps: int = 1) -> torch.Tensor:
         """`offset` steps ahead of the host, inputs from the previous step (a short multi-step run)."""
         ids = [s.token_ids[-1] for s in seqs] if device_input_ids is None else device_input_ids[: len(seqs)].tolist()
+        self.steps_ahead += offset > 0
         return self._decode(seqs, ids, [s.num_tokens - 1 + offset for s in seqs])
 
     def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
@@ -180,3 +187,29 @@ def test_a_run_one_step_past_max_tokens_drops_that_token(tiny_llama_dir, referen
     assert llm.engine.runner.graphs.launches["fresh"] + llm.engine.runner.graphs.launches["chained"] == 3
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_dir, reference):
+    """Constrained rows (greedy and seeded) share multi-step runs with free ones: each step masked
+    by its grammar, which takes each token before the next step's mask. A grammar that completes
+    inside a run ends its request there (the row's later tokens are dropped). Same tokens, texts
+    and finish reasons as single steps; blocks all freed."""
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 3, "maxItems": 6}
+    spec = StructuredOutputSpec.json_schema(schema)
+    # ignore_eos: only the grammar's end stops request 0 (its stop token is EOS)
+    params = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, structured_output=spec),
+              SamplingParams(max_tokens=60, temperature=1.0, seed=3, structured_output=spec),
+              SamplingParams(max_tokens=60, temperature=1.0, seed=4, structured_output=StructuredOutputSpec(
+                  "regex", r"(ab|cd){2,9}!")),
+              SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True)]
+    want = reference.generate(PROMPTS, params)
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
+    assert [o.finish_reason for o in got] == ["stop", "stop", "stop", "length"]
+    for out in got[:2]:
+        jsonschema.validate(json.loads(out.text), schema)
+    assert llm.engine.runner.graphs.steps_ahead > 0  # the constrained batch ran in multi-step runs
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
