@@ -183,6 +183,7 @@ class LLMEngine:
             self.add_request(f"warm-up-{i}", prompt, params)
             while self.has_unfinished():
                 self.step()
+        self.runner.warm_up_token_mask()  # a constrained request's grammar would take seconds to build here
         self.block_manager.prefix_cache_queries = self.block_manager.prefix_cache_hits = 0
         self.scheduler.num_preemptions = 0
         self.decode_run_gpu_s = 0.0

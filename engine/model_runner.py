@@ -22,6 +22,7 @@ from engine.loader import LoadedModel, load_model
 from engine.models.layers import configure_decode_kernels
 from engine.parallel import TensorParallel
 from engine.sampler import SamplerOutput, SamplingBatch, sample
+from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp_group import TensorParallelGroup, init_group, receive_step
@@ -385,6 +386,14 @@ class ModelRunner:
         if bitmask_filler is not None:
             batch.allowed_token_bitmask = bitmask_filler()
         return self._to_host(sampling_seqs, sample(logits, batch))
+
+    @torch.inference_mode()
+    def warm_up_token_mask(self) -> None:
+        """Compile constrained sampling's mask kernel before the first constrained request."""
+        vocab = self.model_config.vocab_size
+        batch = SamplingBatch([SamplingParams(temperature=0.0)], [None],
+                              allowed_token_bitmask=torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32))
+        sample(torch.zeros(1, vocab, device=self.device), batch)
 
     @torch.inference_mode()
     def forward_step(self, inputs: StepInputs, block_tables: torch.Tensor) -> None:

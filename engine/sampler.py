@@ -86,30 +86,36 @@ def apply_penalties_and_biases(logits: torch.Tensor, batch: SamplingBatch) -> to
     return logits
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[rows, words] int32 bitmask -> [rows, vocab_size] bool on `device` (True = allowed)."""
-    packed = bitmask.to(device, non_blocking=True)
-    shifts = torch.arange(32, device=device, dtype=torch.int32)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, :vocab_size].bool()
+def mask_disallowed_tokens_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf, in place, where a row's [rows, words] int32 host bitmask has a 0 bit (token t at bit
+    t % 32 of word t // 32). On CUDA one Triton launch; on the CPU the bits unpacked with torch."""
+    if logits.is_cuda:
+        from kernels.token_bitmask import mask_logits_
+
+        return mask_logits_(logits, bitmask.to(logits.device, non_blocking=True))
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :logits.shape[1]].bool()
+    return logits.masked_fill_(~allowed, float("-inf"))
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Pick one token per row. `logits` is [num_rows, vocab] float32 on the device."""
+    """Pick one token per row. `logits` is [num_rows, vocab] float32 on the device; a
+    constrained batch masks it in place (unless log-probabilities, taken before, need it)."""
     raw_logits = logits
+    max_logprobs = max((p.logprobs for p in batch.params if p.logprobs is not None), default=None)
     needs_processing = any(p.logit_bias or p.uses_penalties or p.min_tokens for p in batch.params)
     if needs_processing:
         logits = apply_penalties_and_biases(logits.clone(), batch)
     if batch.allowed_token_bitmask is not None:
-        allowed = allowed_tokens(batch.allowed_token_bitmask, logits.shape[1], logits.device)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        if logits is raw_logits and max_logprobs is not None:
+            logits = logits.clone()
+        logits = mask_disallowed_tokens_(logits, batch.allowed_token_bitmask)
 
     if batch.all_greedy:
         token_ids = logits.argmax(dim=-1)
     else:
         token_ids = _sample_random(logits, batch)
     out = SamplerOutput(token_ids=token_ids)
-
-    max_logprobs = max((p.logprobs for p in batch.params if p.logprobs is not None), default=None)
     if max_logprobs is not None:
         logprobs = torch.log_softmax(raw_logits, dim=-1)
         out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)

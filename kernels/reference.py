@@ -138,3 +138,11 @@ def gguf_dequantize_ref(blocks: torch.Tensor, k: int, scheme: str) -> torch.Tens
         codes = b[..., 2:].contiguous().view(torch.int8).float()
         w = d * codes
     return w.reshape(n, k)
+
+
+def mask_logits_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a token's bit (bit t % 32 of int32 word t // 32) is 0; a new tensor."""
+    vocab = logits.shape[1]
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=bitmask.device)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -99,6 +99,24 @@ def test_seeded_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.04)
 
 
+def test_bitmask_limits_greedy_and_sampled_rows_and_logprobs_stay_raw():
+    """Token t allowed where bit t % 32 of word t // 32 is set. Greedy takes the best allowed
+    token, sampled rows draw only allowed ones, a row of all ones is untouched, and log-
+    probabilities describe the model's own distribution, before the mask."""
+    vocab = 40
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(3, 1)  # token 39 is the model's favourite
+    bitmask = torch.zeros(3, 2, dtype=torch.int32)
+    bitmask[0, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5
+    bitmask[1, 1] = 1 | (1 << 2)  # tokens 32 and 34
+    bitmask[2] = -1
+    params = [SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=5.0), SamplingParams(temperature=0.0)]
+    for _ in range(20):
+        out = sample(logits.clone(), SamplingBatch(params, [None] * 3, allowed_token_bitmask=bitmask))
+        token_ids = out.token_ids.tolist()
+        assert token_ids[0] == 5 and token_ids[1] in (32, 34) and token_ids[2] == 39
+        assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[5].item())
+
+
 @pytest.mark.parametrize(
     "kwargs,param",
     [

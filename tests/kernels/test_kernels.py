@@ -23,8 +23,10 @@ from kernels.paged_attention import DecodeLaunch, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
-                               paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref)
+                               paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref,
+                               mask_logits_ref)
 from kernels.rotary import rotary_write_kv
+from kernels.token_bitmask import mask_logits_
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -243,6 +245,25 @@ def test_silu_and_mul_matches_reference(device, dtype, n):
     out = torch.full((5, n), float("nan"), device=device, dtype=dtype)
     got = silu_and_mul(x, out=out)
     assert got is out and rel_err(got, silu_and_mul_ref(x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [50257, 4100, 31])
+def test_mask_logits_matches_reference(device, vocab):
+    """Random bits, an all-ones row (unconstrained) and an all-zeros row; a bitmask wider than the
+    vocabulary (padding bits past it are ignored)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows, words = 5, (vocab + 31) // 32 + 1
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1
+    bitmask[2] = 0
+    logits = torch.randn(rows, vocab, generator=gen)
+    want = mask_logits_ref(logits, bitmask)
+    got = logits.to(device)
+    assert mask_logits_(got, bitmask.to(device)) is got
+    assert torch.equal(got.cpu(), want)
+    assert torch.isinf(want[2]).all() and not torch.isinf(want[1]).any()
+    assert 0.3 < torch.isinf(want[0]).float().mean() < 0.7
 
 
 LINEAR_CASES = [
