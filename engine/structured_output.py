@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -27,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 class StructuredOutputs:
     """Compiles specs against one tokenizer's vocabulary (built on first use) and hands out
-    matchers. Thread-safe: compilation runs on a small pool; the cache is keyed by the spec."""
+    matchers. Thread-safe: compilation runs on a small pool; the cache is keyed by the spec and
+    bounded: past `cache_limit_bytes` of compiled grammars (30-200 KB each over GPT-2's vocabulary)
+    the least recently used go, so a server whose every request brings its own schema or tools
+    does not grow without end. A request holding a matcher keeps its grammar alive regardless."""
 
     def __init__(self, token_bytes: list[bytes] | None, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 threads: int = 2, pin_bitmask: bool = False) -> None:
+                 threads: int = 2, pin_bitmask: bool = False, cache_limit_bytes: int = 256 * 2**20) -> None:
         self._token_bytes = token_bytes
         self.vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
@@ -39,7 +43,9 @@ class StructuredOutputs:
         # cache lookups, which the engine loop and the API processes make.
         self._compiler_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._cache: dict[StructuredOutputSpec, Future] = {}
+        self._cache: OrderedDict[StructuredOutputSpec, Future] = OrderedDict()  # least recently used first
+        self._sizes: dict[StructuredOutputSpec, int] = {}  # compiled grammars' bytes, once known
+        self.cache_limit_bytes = cache_limit_bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
         self._pin_bitmask = pin_bitmask
         self._bitmask: torch.Tensor | None = None
@@ -66,7 +72,7 @@ class StructuredOutputs:
                 vocab += [b""] * (self.vocab_size - len(vocab))
                 info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                          stop_token_ids=self._stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)  # ours is bounded
             return self._compiler
 
     def prepare(self) -> None:
@@ -101,10 +107,33 @@ class StructuredOutputs:
         """The compiled grammar, as a future: the cached one, or compiling on a worker thread."""
         with self._lock:
             future = self._cache.get(spec)
-            if future is None or (future.done() and future.exception() is not None):
-                future = self._pool.submit(self._compile, spec)
-                self._cache[spec] = future
+            if future is not None:
+                self._cache.move_to_end(spec)
+                return future
+            future = self._pool.submit(self._compile_and_cache, spec)
+            self._cache[spec] = future
             return future
+
+    def _compile_and_cache(self, spec: StructuredOutputSpec):
+        """Compile on a worker; count the grammar's bytes and drop the least recently used past
+        the limit before the future completes (so a caller sees the cache as it will stay)."""
+        try:
+            compiled = self._compile(spec)
+        except BaseException:
+            with self._lock:  # a bad spec is not kept: the next request with it compiles (and fails) anew
+                self._cache.pop(spec, None)
+            raise
+        with self._lock:
+            if spec in self._cache:  # a pending entry is never evicted: this is still ours
+                self._sizes[spec] = compiled.memory_size_bytes
+                total = sum(self._sizes.values())
+                for old in list(self._cache):
+                    if total <= self.cache_limit_bytes:
+                        break
+                    if old in self._sizes and old != spec:  # compiling ones have no size yet: they stay
+                        total -= self._sizes.pop(old)
+                        del self._cache[old]
+        return compiled
 
     def validate(self, spec: StructuredOutputSpec) -> None:
         """Compile now (blocking: call off the event loop); InvalidRequest if the spec is bad."""

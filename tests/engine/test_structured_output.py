@@ -13,6 +13,7 @@ import pytest
 from engine import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
+from engine.structured_output import StructuredOutputs
 from engine import tool_calls
 
 SCHEMAS = [
@@ -104,6 +105,29 @@ def test_abort_while_compiling_and_after(tiny_llm):
     assert engine.abort_request("late")
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not engine.requests
+
+
+def test_grammar_cache_is_bounded_and_keeps_the_recently_used(tiny_llm):
+    """Specs of equal compiled size, room for three: a fourth evicts the least recently used."""
+    engine = tiny_llm.engine
+    outputs = StructuredOutputs.for_tokenizer(engine.tokenizer, engine.model_config.vocab_size, (50256,))
+    specs = [StructuredOutputSpec("regex", f"{c}[0-9]{{3}}") for c in "abcde"]
+    futures = [outputs.compile_async(spec) for spec in specs[:3]]
+    size = futures[0].result().memory_size_bytes
+    assert all(f.result().memory_size_bytes == size for f in futures)
+    outputs.cache_limit_bytes = 3 * size
+    assert outputs.compile_async(specs[0]) is futures[0]  # a hit: now the most recently used
+    outputs.compile_async(specs[3]).result()  # evicts specs[1]
+    outputs.compile_async(specs[4]).result()  # evicts specs[2]
+    assert outputs.compile_async(specs[0]) is futures[0]
+    again = outputs.compile_async(specs[1])
+    assert again is not futures[1]  # compiled again
+    again.result()  # evicts specs[3]
+    assert list(outputs._cache) == [specs[4], specs[0], specs[1]]
+    assert sum(outputs._sizes.values()) <= outputs.cache_limit_bytes
+    with pytest.raises(InvalidRequest):  # a bad spec fails and is not kept
+        outputs.validate(StructuredOutputSpec("regex", "(unclosed"))
+    assert list(outputs._cache) == [specs[4], specs[0], specs[1]]
 
 
 def test_seeded_constrained_sampling_is_reproducible(tiny_llm):

@@ -39,7 +39,8 @@ class ServerProcess:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.proc.kill()
-        raise RuntimeError("server did not become healthy in 120 s")
+        tail = "".join(self.proc.stdout.readlines()[-40:])  # what it was doing: a hung start says why here
+        raise RuntimeError(f"server did not become healthy in 120 s; its last output:\n{tail}")
 
     def stop(self) -> int:
         """SIGTERM and wait: a graceful shutdown exits 0."""
