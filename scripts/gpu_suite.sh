@@ -258,6 +258,8 @@ run_structured() {
     timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
+  # The grammar's host work per step on this host's CPU (it must hide behind a ~0.45 ms forward).
+  python3 scripts/grammar_cost.py --rows 64 --threads 1,8 --json "$out/grammar_cost.json" | sed "s/^/[grammar] /"
   # Sampled rows run multi-step runs through the same loop, without a grammar.
   timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --temperature 0.8 --top-p 0.95 \
     --output-json "$out/bench_structured_sampled.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[sampled] /"

@@ -1,0 +1,80 @@
+"""What a constrained decode step costs the host: xgrammar's bitmask fill and token accept, per
+row, over GPT-2's vocabulary, for the schemas `scripts/gpu_suite.sh structured` benchmarks. Every
+row follows the same valid text (token by token), so the figures repeat from run to run.
+
+A constrained multi-step run does this work for each step while the device runs that step's
+forward (engine.structured_output.GrammarSteps): it stays hidden while rows x (fill + accept) is
+shorter than a forward (GPT-2 at batch 64 on an H200: ~0.45 ms).
+
+    python scripts/grammar_cost.py --rows 64 --threads 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from engine.sampling_params import StructuredOutputSpec
+from engine.structured_output import StructuredOutputs
+from engine.tokenizer import gpt2_tokenizer
+
+RECORD = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "email": {"type": "string", "maxLength": 40}}}
+# name: (schema, a valid prefix of its output, written as xgrammar's compact separators expect)
+WORKLOADS = {
+    "records": ({"type": "array", "minItems": 100, "items": RECORD},
+                "[" + ", ".join(f'{{"name": "person {i}", "age": {20 + i}, "email": "p{i}@example.com"}}' for i in range(12))),
+    "int600": ({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600},
+               "[" + ", ".join(str((i * 7919) % 1000) for i in range(120))),
+}
+
+
+def measure(outputs: StructuredOutputs, schema: dict, text: str, rows: int, threads: int, steps: int) -> dict:
+    import xgrammar as xgr
+
+    compiled = outputs.compile_async(StructuredOutputSpec.json_schema(schema)).result()
+    token_ids = gpt2_tokenizer().encode(text, add_special_tokens=False)[:steps]
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
+    bitmask = torch.empty(rows, (outputs.vocab_size + 31) // 32, dtype=torch.int32)
+    batch = xgr.BatchGrammarMatcher(threads)
+    fill = accept = 0.0
+    for token in token_ids:
+        start = time.perf_counter()
+        batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        mid = time.perf_counter()
+        ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, [token] * rows)
+        accept += time.perf_counter() - mid
+        fill += mid - start
+        assert all(ok), f"token {token} ({gpt2_tokenizer().decode([token])!r}) rejected: fix the workload's text"
+    n = len(token_ids) * rows
+    return {"fill_us_per_row": fill / n * 1e6, "accept_us_per_row": accept / n * 1e6,
+            "step_us": (fill + accept) / len(token_ids) * 1e6, "steps": len(token_ids)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    tokenizer = gpt2_tokenizer()
+    outputs = StructuredOutputs.for_tokenizer(tokenizer, 50257, (50256,))
+    results = {}
+    print(f"{'workload':10} {'threads':>7} {'fill us/row':>12} {'accept us/row':>14} {'step us':>9}")
+    for name, (schema, text) in WORKLOADS.items():
+        for threads in (int(t) for t in args.threads.split(",")):
+            r = measure(outputs, schema, text, args.rows, threads, args.steps)
+            results[f"{name}/{threads}"] = r
+            print(f"{name:10} {threads:>7} {r['fill_us_per_row']:>12.1f} {r['accept_us_per_row']:>14.2f} {r['step_us']:>9.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
