@@ -72,9 +72,11 @@ def named_architecture(name: str) -> tuple[str, ModelConfig] | None:
     return None if config is None else (key, config)
 
 
-def decode_bytes_per_step(config: ModelConfig, dtype_bytes: int, batch: int = 1, context: int = 0) -> int:
+def decode_bytes_per_step(config: ModelConfig, dtype_bytes: int, batch: int = 1, context: int = 0,
+                          projection_bytes: int | None = None, kv_bytes: int | None = None) -> int:
     """Bytes a decode step must read: every weight matrix once (the embedding table only as the LM
-    head when tied: the lookup touches a row per sequence), plus each sequence's K/V so far."""
+    head when tied: the lookup touches a row per sequence), plus each sequence's K/V so far.
+    `projection_bytes` (fp8 weights: 1) and `kv_bytes` (an fp8 cache: 1) default to `dtype_bytes`."""
     c = config
     qkv = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
     o = c.num_heads * c.head_dim * c.hidden_size
@@ -82,18 +84,17 @@ def decode_bytes_per_step(config: ModelConfig, dtype_bytes: int, batch: int = 1,
         mlp = 2 * c.hidden_size * c.intermediate_size
         norms = 4 * c.hidden_size
         biases = 3 * c.hidden_size + c.hidden_size + c.intermediate_size + c.hidden_size
-        per_layer = qkv + o + mlp + norms + biases
         extra = 2 * c.hidden_size  # final LayerNorm
     else:
         mlp = 3 * c.hidden_size * c.intermediate_size
         norms = 2 * c.hidden_size
         biases = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim if c.attention_bias else 0
-        per_layer = qkv + o + mlp + norms + biases
         extra = c.hidden_size  # final RMSNorm
     lm_head = c.vocab_size * c.hidden_size
-    weights = (c.num_layers * per_layer + extra + lm_head) * dtype_bytes
-    kv = batch * context * c.kv_cache_bytes_per_block(1, dtype_bytes)
-    return weights + kv
+    projections = c.num_layers * (qkv + o + mlp) * (dtype_bytes if projection_bytes is None else projection_bytes)
+    rest = (c.num_layers * (norms + biases) + extra + lm_head) * dtype_bytes
+    kv = batch * context * c.kv_cache_bytes_per_block(1, dtype_bytes if kv_bytes is None else kv_bytes)
+    return projections + rest + kv
 
 
 def decode_projection_shapes(config: ModelConfig) -> list[tuple[int, int, bool]]:

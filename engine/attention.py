@@ -43,8 +43,12 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+KV_UNIT_SCALES = (1.0, 1.0)
+
+
 class AttentionBackend:
-    """Writes this step's K/V into the cache, then attends over each sequence's context."""
+    """Writes this step's K/V into the cache, then attends over each sequence's context. A float8
+    cache holds K / k_scale and V / v_scale (`kv_scales`, one pair per layer)."""
 
     name = "base"
     # Whether forward takes `rope` and rotates q and k itself (fused with the cache write).
@@ -59,17 +63,32 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        kv_scales: tuple[float, float] = KV_UNIT_SCALES,
     ) -> torch.Tensor:
         """`rope` = (positions, cos, sin): rotate q and k first (only backends that fuse it are
         given one; the torch path rotates in the model, with HF's arithmetic)."""
         raise NotImplementedError
 
 
-def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+FP8_MAX = 448.0  # float8 e4m3's largest finite value: K/V past it are clamped (a cast would give NaN)
+
+
+def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: tuple[float, float] = KV_UNIT_SCALES) -> None:
     block_size = kv_cache.shape[3]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    kv_cache[0][blocks, :, offsets] = k
-    kv_cache[1][blocks, :, offsets] = v
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        k = (k.float() / kv_scales[0]).clamp(-FP8_MAX, FP8_MAX)
+        v = (v.float() / kv_scales[1]).clamp(-FP8_MAX, FP8_MAX)
+    kv_cache[0][blocks, :, offsets] = k.to(kv_cache.dtype)
+    kv_cache[1][blocks, :, offsets] = v.to(kv_cache.dtype)
+
+
+def cached_tokens(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache entries as `dtype` values (a float8 cache's times its scale)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return (cache.float() * scale).to(dtype)
+    return cache.to(dtype)
 
 
 def gather_context(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -78,15 +97,17 @@ def gather_context(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
 
 
 def paged_decode_torch(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    kv_scales: tuple[float, float] = KV_UNIT_SCALES,
 ) -> torch.Tensor:
     """One query token per sequence, attention in fp32 over the gathered context."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, num_kv_heads, block_size, _ = kv_cache.shape
     group = num_heads // num_kv_heads
     ctx = block_tables.shape[1] * block_size
-    keys = gather_context(kv_cache[0], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
-    values = gather_context(kv_cache[1], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim).float()
+    keys = gather_context(kv_cache[0], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    values = gather_context(kv_cache[1], block_tables).reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    keys, values = cached_tokens(keys, kv_scales[0], torch.float32), cached_tokens(values, kv_scales[1], torch.float32)
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
     valid = torch.arange(ctx, device=q.device)[None, :] < seq_lens[:, None]
@@ -103,15 +124,15 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, kv_cache, meta, scale, rope=None):
+    def forward(self, q, k, v, kv_cache, meta, scale, rope=None, kv_scales=KV_UNIT_SCALES):
         assert rope is None, "the torch backend does not fuse RoPE"
-        write_kv_torch(kv_cache, k, v, meta.slot_mapping)
+        write_kv_torch(kv_cache, k, v, meta.slot_mapping, kv_scales)
         if meta.is_decode_only:
-            return paged_decode_torch(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
-        return self._varlen(q, k, v, kv_cache, meta, scale)
+            return paged_decode_torch(q, kv_cache, meta.block_tables, meta.seq_lens, scale, kv_scales)
+        return self._varlen(q, k, v, kv_cache, meta, scale, kv_scales)
 
     @staticmethod
-    def _varlen(q, k, v, kv_cache, meta, scale):
+    def _varlen(q, k, v, kv_cache, meta, scale, kv_scales=KV_UNIT_SCALES):
         num_heads, head_dim = q.shape[1:]
         _, _, num_kv_heads, block_size, _ = kv_cache.shape
         group = num_heads // num_kv_heads
@@ -125,8 +146,10 @@ class TorchAttention(AttentionBackend):
             else:
                 num_blocks = -(-seq_len // block_size)
                 table = meta.block_tables[i, :num_blocks]
-                keys = gather_context(kv_cache[0], table).reshape(-1, num_kv_heads, head_dim)[:seq_len]
-                values = gather_context(kv_cache[1], table).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+                keys = cached_tokens(gather_context(kv_cache[0], table).reshape(-1, num_kv_heads, head_dim)[:seq_len],
+                                     kv_scales[0], q.dtype)
+                values = cached_tokens(gather_context(kv_cache[1], table).reshape(-1, num_kv_heads, head_dim)[:seq_len],
+                                       kv_scales[1], q.dtype)
             query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
             o = F.scaled_dot_product_attention(

@@ -298,12 +298,12 @@ def measure_copy_rate(device) -> float:
 
 
 def floor_line(model_config, dtype, batch: int, context: int, copy_rate: float, step_s: float,
-               ranks: int = 1) -> tuple[str, dict]:
+               ranks: int = 1, projection_bytes: int | None = None, kv_bytes: int | None = None) -> tuple[str, dict]:
     """The decode step against its memory floor: the bytes each GPU must read (a tensor-parallel
-    rank reads its share) over the copy rate."""
+    rank reads its share; fp8 weights or cache a byte an element) over the copy rate."""
     from engine.architectures import decode_bytes_per_step
 
-    nbytes = decode_bytes_per_step(model_config, dtype.itemsize, batch, context) // ranks
+    nbytes = decode_bytes_per_step(model_config, dtype.itemsize, batch, context, projection_bytes, kv_bytes) // ranks
     floor_s = nbytes / copy_rate
     per_gpu = f" per GPU, {ranks} ranks" if ranks > 1 else ""
     line = (f"Decode step (batch {batch}, mean context {context}): {step_s * 1e3:.3f} ms; memory floor {floor_s * 1e3:.3f} ms "
@@ -391,7 +391,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         step_s = 1 / ours if args.mode == "latency" else statistics.median(t for r in runs for t in r.tpot_s)
         context = round(statistics.fmean(len(p) for p in token_prompts)) + args.max_new_tokens // 2
         line, report["floor"] = floor_line(runner.model_config, runner.dtype, batch, context,
-                                           measure_copy_rate(runner.device), step_s, config.tensor_parallel_size)
+                                           measure_copy_rate(runner.device), step_s, config.tensor_parallel_size,
+                                           1 if runner.fp8_weights else None, runner.kv_dtype.itemsize)
         print(line, flush=True)
         if args.mode == "latency":
             ttft = statistics.median(t for r in runs for t in r.ttft_s)

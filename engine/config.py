@@ -40,6 +40,9 @@ class EngineConfig:
     # CUDA a fraction of free memory, on the CPU a default byte count.
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
+    # auto: the model's dtype; fp8: float8 e4m3 with a scale per layer for K and for V, measured at
+    # load on a fixed text (ModelRunner._calibrate_kv_scales): twice the tokens, half the bytes read.
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # auto | torch | cpu | triton
     enforce_eager: bool = False
@@ -67,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be auto, none, gguf or fp8, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ValueError(f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}")
         if self.block_size not in (8, 16, 32, 64):
@@ -124,6 +129,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "whole budget): bounds the streams' inter-token gap when long prompts arrive")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: the KV cache in float8 e4m3 (twice the tokens, half the bytes attention reads; "
+                        "the Triton and torch attention backends)")
     g.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton"], default="auto",
                    help="auto: triton on CUDA; on the CPU the C++ kernels (float32) where they build, else torch")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -147,6 +155,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         dtype=args.dtype,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         tokenizer=args.tokenizer,
         seed=args.seed,

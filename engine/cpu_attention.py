@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention, write_kv_torch
+from engine.attention import KV_UNIT_SCALES, AttentionMetadata, TorchAttention, write_kv_torch
 from kernels.cpu_attention import paged_decode, rotary_write_kv
 
 
@@ -15,7 +15,8 @@ class CpuAttention(TorchAttention):
     fuses_rotary = True  # the Llama model hands RoPE to forward
 
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                kv_scales: tuple[float, float] = KV_UNIT_SCALES) -> torch.Tensor:  # no fp8 cache here: unit scales
         if rope is None:
             write_kv_torch(kv_cache, k, v, meta.slot_mapping)
         else:  # q and k rotated in place (prefill below reads the fresh k), both written to the cache

@@ -19,7 +19,7 @@ import torch
 from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_tokens
 from engine.loader import LoadedModel, load_model
-from engine.models.layers import configure_decode_kernels
+from engine.models.layers import Fp8Linear, configure_decode_kernels
 from engine.parallel import TensorParallel
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.sampling_params import SamplingParams
@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 512 * 1024**2
 
+# What an fp8 KV cache's scales are measured on (ModelRunner._calibrate_kv_scales): prose, a list,
+# code and numbers, about 200 tokens.
+KV_CALIBRATION_TEXT = (
+    "The committee met on Tuesday to review the budget for the coming year. After a long discussion, "
+    "the members agreed to fund three projects: a new library wing, repairs to the old bridge, and a "
+    "summer program for children. Costs: 1,250,000 dollars, 480,000 dollars and 95,000 dollars.\n\n"
+    "def mean(values):\n    total = sum(values)\n    return total / len(values) if values else 0.0\n\n"
+    "Q: What is the boiling point of water at sea level?\nA: 100 degrees Celsius, or 212 degrees "
+    "Fahrenheit. At higher altitudes it boils at a lower temperature, because the air pressure is lower."
+)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -42,16 +53,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_attention_backend(name: str, device: torch.device, dtype: str = "auto") -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device, dtype: str = "auto",
+                           kv_cache_dtype: str = "auto") -> AttentionBackend:
     """`auto` picks the Triton kernels on CUDA; on the CPU the C++ kernels for float32 where they
-    build, else plain torch."""
+    build (not for an fp8 cache), else plain torch."""
+    if name == "cpu" and kv_cache_dtype == "fp8":
+        raise ValueError("the CPU attention backend has no fp8 KV cache: use --attention-backend torch")
     if name == "auto":
         if device.type == "cuda":
             name = "triton"
         else:
             from kernels.cpu_build import available
 
-            name = "cpu" if dtype in ("auto", "float32") and available() else "torch"
+            cpu_ok = dtype in ("auto", "float32") and kv_cache_dtype == "auto"
+            name = "cpu" if cpu_ok and available() else "torch"
     if name == "torch":
         return TorchAttention()
     if name == "cpu":
@@ -166,11 +181,13 @@ class ModelRunner:
     def _build(self, config: EngineConfig) -> None:
         """The model, its launch decisions, the KV cache and the CUDA graphs."""
         torch.manual_seed(config.seed)
-        self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype)
+        self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype, config.kv_cache_dtype)
         self.loaded: LoadedModel = load_model(config, self.device, self.attention, self.tp)
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        self.fp8_weights = any(isinstance(m, Fp8Linear) for m in self.model.modules())  # the floor's bytes
         if self.attention.name == "triton":  # the CUDA path: launch decisions made once, here
             configure_decode_kernels(self.model, self.attention, self.device, self.dtype, config.max_num_seqs)
         self.block_size = config.block_size
@@ -182,7 +199,7 @@ class ModelRunner:
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
             self.num_blocks = int(count.item())
         self.kv_caches = [
-            torch.empty(2, self.num_blocks, self.kv_heads, self.block_size, mc.head_dim, dtype=self.dtype, device=self.device)
+            torch.empty(2, self.num_blocks, self.kv_heads, self.block_size, mc.head_dim, dtype=self.kv_dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
         self.max_model_len = min(
@@ -200,6 +217,8 @@ class ModelRunner:
             from kernels.launch_table import prefill_launch
 
             self.prefill_block_m = prefill_launch(mc.head_dim).block_m
+        if self.kv_dtype == torch.float8_e4m3fn:
+            self._calibrate_kv_scales()  # before the graphs capture the scales
         self.graphs: CudaGraphDecoder | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         if self.tp.size > 1 and self.device.type == "cuda" and not config.enforce_eager:
@@ -212,10 +231,43 @@ class ModelRunner:
                 pool = self.mixed_graphs.pool
             self.graphs = CudaGraphDecoder(self, [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs], pool)
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d, attention %s, dtype %s, device %s, cuda graphs %s",
-            self.num_blocks, self.block_size, self.kv_cache_bytes / 2**20, self.max_model_len,
-            self.attention.name, self.dtype, self.device, "on" if self.graphs else "off",
+            "KV cache: %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d, attention %s, dtype %s, device %s, "
+            "cuda graphs %s", self.num_blocks, self.block_size, self.kv_cache_bytes / 2**20, self.kv_dtype,
+            self.max_model_len, self.attention.name, self.dtype, self.device, "on" if self.graphs else "off",
         )
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self) -> None:
+        """An fp8 cache's scales, a (k_scale, v_scale) per layer, from one prefill of a fixed text
+        into a temporary cache in the model's dtype: each layer's largest |K| (after RoPE, as
+        stored) and |V| map to half of e4m3's 448. Values up to twice the calibration's stay
+        finite, and small ones keep e4m3's 3 mantissa bits: with unit scales 43% of SmolLM2's
+        layer-0 values of V fell into its subnormals (perplexity +2.2% against +0.x% calibrated,
+        docs/BENCHMARKS.md). Every tensor-parallel rank runs it (the forward's all-reduces)."""
+        from engine.attention import FP8_MAX
+
+        layers = [m for m in self.model.modules() if hasattr(m, "kv_scales")]
+        vocab = self.model_config.vocab_size
+        ids = [i % vocab for i in self.loaded.tokenizer.encode(KV_CALIBRATION_TEXT)]
+        n, dev = len(ids), self.device
+        blocks = -(-n // self.block_size)
+        caches = [torch.zeros(2, blocks, self.kv_heads, self.block_size, self.model_config.head_dim, dtype=self.dtype,
+                              device=dev) for _ in layers]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=dev), query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None], max_query_len=n, max_seq_len=n,
+            query_start_loc_host=[0, n], seq_lens_host=[n],
+        )
+        if self.prefill_block_m:
+            meta.prefill_tiles = torch.from_numpy(prefill_tiles(np.array([n]), self.prefill_block_m)).to(dev)
+        self.model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), caches, meta)
+        for layer, cache in zip(layers, caches):
+            amax = cache.flatten(1).abs().amax(dim=1).float().clamp(min=1e-6)
+            layer.kv_scales = tuple((amax / (FP8_MAX / 2)).tolist())
+        logger.info("fp8 KV cache: scales from %d calibration tokens, k %.3g-%.3g, v %.3g-%.3g", n,
+                    min(m.kv_scales[0] for m in layers), max(m.kv_scales[0] for m in layers),
+                    min(m.kv_scales[1] for m in layers), max(m.kv_scales[1] for m in layers))
 
     @property
     def cuda_graphs_enabled(self) -> bool:
@@ -228,7 +280,7 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         """This rank's bytes: its KV heads only."""
         mc = self.model_config
-        return replace(mc, num_kv_heads=self.kv_heads).kv_cache_bytes_per_block(self.block_size, torch.finfo(self.dtype).bits // 8)
+        return replace(mc, num_kv_heads=self.kv_heads).kv_cache_bytes_per_block(self.block_size, self.kv_dtype.itemsize)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config

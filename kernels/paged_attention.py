@@ -7,6 +7,10 @@ online, in fp32, in the log2 domain. When the batch is too small to fill the
 GPU, the context is split across programs (flash-decoding) and a second
 kernel merges the partial results.
 
+A float8 (e4m3) cache is read at half the bytes and widened to q's dtype in
+registers; its scales cost nothing in the loop: k_scale folds into the softmax
+scale, v_scale multiplies the output once.
+
 Launch parameters come from `kernels.launch_table` (decided once, at load or
 warm-up): no autotune wrapper sits on this hot path.
 """
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache import is_fp8_cache
 from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 LOG2E = 1.4426950408889634
@@ -38,14 +43,14 @@ class DecodeLaunch:
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    scale_log2,
+    scale_log2, v_scale,
     stride_q_tok, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     stride_o_tok, stride_o_head,
     GROUP: tl.constexpr, QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -80,6 +85,9 @@ def _paged_decode_kernel(
         off = block * stride_c_block + head_base + (tok % BLOCK_SIZE) * stride_c_tok
         k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FP8_CACHE:
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -99,6 +107,8 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + pv
         m = m_new
 
+    if FP8_CACHE:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         l_safe = tl.where(l == 0.0, 1.0, l)  # an empty (padding) sequence yields zeros, not NaN
         out = acc / l_safe[:, None]
@@ -145,13 +155,17 @@ def paged_decode(
     launch: DecodeLaunch = DecodeLaunch(),
     out: torch.Tensor | None = None,
     pdl: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q [num_seqs, heads, head_dim]; caches [blocks, kv_heads, block_size, head_dim];
-    block_tables [num_seqs, >= max blocks] int32; seq_lens [num_seqs] int32 (0 = padding row, output 0)."""
+    """q [num_seqs, heads, head_dim]; caches [blocks, kv_heads, block_size, head_dim] in q's dtype or
+    float8 e4m3 (holding K / k_scale and V / v_scale); block_tables [num_seqs, >= max blocks] int32;
+    seq_lens [num_seqs] int32 (0 = padding row, output 0)."""
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, kv_heads, block_size, cache_dim = k_cache.shape
-    assert cache_dim == head_dim and v_cache.shape == k_cache.shape
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes differ"
+    fp8 = is_fp8_cache(k_cache)
+    assert cache_dim == head_dim and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+    assert fp8 or q.dtype == k_cache.dtype, "q and cache dtypes differ"
     assert num_heads % kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two in [16, 256]"
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -169,14 +183,14 @@ def paged_decode(
         part_acc = part_ml = out  # unused
     _paged_decode_kernel[(num_seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
-        scale * LOG2E,
+        scale * LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TOKENS=launch.tokens, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-        DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", FP8_CACHE=fp8,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl, q),
     )
     if splits > 1:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache import is_fp8_cache
 from kernels.paged_attention import LOG2E
 from kernels.prefill_tiles import TILE_SEQ_SHIFT
 
@@ -37,14 +38,14 @@ class PrefillLaunch:
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr, out_ptr,
-    scale_log2,
+    scale_log2, v_scale,
     stride_q_tok, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     stride_o_tok, stride_o_head,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-    TILE_SEQ_SHIFT: tl.constexpr,
+    TILE_SEQ_SHIFT: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     tile = tl.load(tiles_ptr + tl.program_id(0))
     head = tl.program_id(1)
@@ -76,6 +77,8 @@ def _paged_prefill_kernel(
             block = tl.load(bt_row + cols // BLOCK_SIZE, mask=col_valid, other=0).to(tl.int64)
             off = block * stride_c_block + (cols % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
             k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=col_valid[None, :], other=0.0)
+            if FP8_CACHE:
+                k = k.to(q_ptr.dtype.element_ty)
             if DOT_FP32:
                 k = k.to(tl.float32)
             if IEEE:
@@ -90,6 +93,8 @@ def _paged_prefill_kernel(
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=col_valid[:, None], other=0.0)
+            if FP8_CACHE:
+                v = v.to(q_ptr.dtype.element_ty)
             if DOT_FP32:
                 v = v.to(tl.float32)
             if IEEE:
@@ -99,6 +104,8 @@ def _paged_prefill_kernel(
             acc = acc * alpha[:, None] + pv
             m = m_new
         out = acc / l[:, None]
+        if FP8_CACHE:
+            out = out * v_scale
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_o_tok + head * stride_o_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -114,14 +121,18 @@ def paged_prefill(
     tiles: torch.Tensor,
     launch: PrefillLaunch = PrefillLaunch(),
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [num_tokens, heads, head_dim] (sequences packed by query_start_loc [num_seqs + 1] int32);
-    `tiles` int32 from `prefill_tiles` with the same `launch.block_m` (entries -1 do nothing)."""
+    `tiles` int32 from `prefill_tiles` with the same `launch.block_m` (entries -1 do nothing). The
+    caches are in q's dtype or float8 e4m3 (K / k_scale, V / v_scale; see kernels.paged_attention)."""
     num_tokens, num_heads, head_dim = q.shape
     _, kv_heads, block_size, cache_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]
     assert cache_dim == head_dim and v_cache.shape == k_cache.shape
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    fp8 = is_fp8_cache(k_cache)
+    assert k_cache.dtype == v_cache.dtype and (fp8 or q.dtype == k_cache.dtype)
     assert num_heads % kv_heads == 0 and head_dim in (16, 32, 64, 128, 256)
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert block_tables.dtype == torch.int32 and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1
@@ -132,7 +143,7 @@ def paged_prefill(
         out = torch.empty_like(q)
     _paged_prefill_kernel[(tiles.shape[0], num_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tiles, out,
-        scale * LOG2E,
+        scale * LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
         block_tables.stride(0),
@@ -141,6 +152,6 @@ def paged_prefill(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (seen with triton 3.9): upcast there only.
         DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        TILE_SEQ_SHIFT=TILE_SEQ_SHIFT, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        TILE_SEQ_SHIFT=TILE_SEQ_SHIFT, FP8_CACHE=fp8, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

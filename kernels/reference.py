@@ -6,11 +6,20 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store k/v [num_tokens, kv_heads, head_dim] at flat cache slots (caches [blocks, kv_heads, block_size, head_dim]); slot < 0 means skip."""
+def quantize_kv_ref(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8 e4m3, clamped to its +-448 (round to nearest even)."""
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store k/v [num_tokens, kv_heads, head_dim] at flat cache slots (caches [blocks, kv_heads, block_size, head_dim]); slot < 0 means skip.
+    A float8 cache gets k / k_scale and v / v_scale."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     block_size = k_cache.shape[2]
+    if k_cache.dtype == torch.float8_e4m3fn:
+        k, v = quantize_kv_ref(k, k_scale), quantize_kv_ref(v, v_scale)
     for cache, new in ((k_cache, k[keep]), (v_cache, v[keep])):
         for j, slot in enumerate(slots.tolist()):
             cache[slot // block_size, :, slot % block_size] = new[j]
@@ -110,15 +119,16 @@ def embed_add_ref(input_ids, positions, wte, wpe) -> torch.Tensor:
     return F.embedding(input_ids, wte) + F.embedding(positions, wpe)
 
 
-def rotary_write_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin) -> torch.Tensor:
+def rotary_write_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """The rotated q (a copy); rotated k and v written into the caches at the slots."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     rows = torch.cat([q.reshape(tokens, -1), k.reshape(tokens, -1)], dim=1)
     rotated = rotary_ref(rows, positions, cos, sin, heads + kv_heads, head_dim)
     q_rot = rotated[:, : heads * head_dim].view(tokens, heads, head_dim)
-    k_rot = rotated[:, heads * head_dim:].reshape(tokens, kv_heads, head_dim).to(k_cache.dtype)
-    write_kv_ref(k_rot, v.to(v_cache.dtype), k_cache, v_cache, slot_mapping)
+    k_rot = rotated[:, heads * head_dim:].reshape(tokens, kv_heads, head_dim).to(q.dtype)
+    write_kv_ref(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)  # rounded to the model dtype first
     return q_rot
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache import is_fp8_cache, to_fp8
 from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
@@ -20,9 +21,9 @@ from kernels.pdl import pdl_launch, wait_for_previous_kernel
 def _rotary_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
     stride_q_tok, stride_k_tok, stride_v_tok, stride_table, stride_c_block, stride_c_head, stride_c_tok,
-    num_heads, num_kv_heads,
+    num_heads, num_kv_heads, inv_k_scale, inv_v_scale,
     HALF: tl.constexpr, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -49,20 +50,28 @@ def _rotary_write_kv_kernel(
         k1 = tl.load(k + d, mask=kv_mask, other=0.0).to(tl.float32)  # new names: the compiler wants
         k2 = tl.load(k + HALF + d, mask=kv_mask, other=0.0).to(tl.float32)  # one shape per variable
         cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst + d, (k1 * cos - k2 * sin).to(dtype).to(cache_dtype), mask=kv_mask)
-        tl.store(k_cache_ptr + dst + HALF + d, (k2 * cos + k1 * sin).to(dtype).to(cache_dtype), mask=kv_mask)
+        k1r = (k1 * cos - k2 * sin).to(dtype)  # rounded to the model dtype first, as the unfused path is
+        k2r = (k2 * cos + k1 * sin).to(dtype)
         dd = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(v_ptr + tok * stride_v_tok + kh * (2 * HALF) + dd, mask=kv_mask)
-        tl.store(v_cache_ptr + dst + dd, v, mask=kv_mask)
+        if FP8_CACHE:
+            tl.store(k_cache_ptr + dst + d, to_fp8(k1r, inv_k_scale, cache_dtype), mask=kv_mask)
+            tl.store(k_cache_ptr + dst + HALF + d, to_fp8(k2r, inv_k_scale, cache_dtype), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + dd, to_fp8(v, inv_v_scale, cache_dtype), mask=kv_mask)
+        else:
+            tl.store(k_cache_ptr + dst + d, k1r.to(cache_dtype), mask=kv_mask)
+            tl.store(k_cache_ptr + dst + HALF + d, k2r.to(cache_dtype), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + dd, v, mask=kv_mask)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    pdl: bool = False) -> torch.Tensor:
+                    pdl: bool = False, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """RoPE and the KV-cache write in one launch: q [tokens, heads, head_dim] is rotated in place;
     k rotated and v as is are stored at `slot_mapping` (negative: skipped) in the caches
     [blocks, kv_heads, block_size, head_dim]; k and v themselves are left unchanged. q, k, v may
-    be strided views of a fused qkv row (heads contiguous). Returns q."""
+    be strided views of a fused qkv row (heads contiguous). A float8 cache stores K / k_scale and
+    V / v_scale (kernels.kv_cache). Returns q."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     assert k.shape == v.shape == (tokens, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype
@@ -77,8 +86,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     _rotary_write_kv_kernel[(tokens,)](
         q, k, v, positions, cos, sin, slot_mapping, k_cache, v_cache,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        heads, kv_heads,
+        heads, kv_heads, 1.0 / k_scale, 1.0 / v_scale,
         HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(heads), KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
-        BLOCK_SIZE=k_cache.shape[2], num_warps=4, **pdl_launch(pdl, q),
+        BLOCK_SIZE=k_cache.shape[2], FP8_CACHE=is_fp8_cache(k_cache), num_warps=4, **pdl_launch(pdl, q),
     )
     return q

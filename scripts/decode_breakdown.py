@@ -43,9 +43,10 @@ def skip(model, attention, part: str) -> list[tuple[object, str, object]]:
             patch(module, "act_kernel", lambda gate_up, pdl=False, n=module.intermediate_size: gate_up[:, :n])
     if part == "rope":  # the plain cache write instead of RoPE fused with it
         forward = attention.forward
-        patch(attention, "forward", lambda q, k, v, cache, meta, scale, rope=None: forward(q, k, v, cache, meta, scale))
+        patch(attention, "forward", lambda q, k, v, cache, meta, scale, rope=None, kv_scales=(1.0, 1.0):
+              forward(q, k, v, cache, meta, scale, kv_scales=kv_scales))
     if part == "attention":
-        patch(attention, "forward", lambda q, k, v, cache, meta, scale, rope=None: q)
+        patch(attention, "forward", lambda q, k, v, cache, meta, scale, rope=None, kv_scales=(1.0, 1.0): q)
     if part == "lm_head":
         patch(model, "compute_logits", lambda hidden, upcast=True: hidden)
     return touched
@@ -93,7 +94,8 @@ def main() -> None:
                         delattr(obj, attr)  # back to the class's method
                     else:
                         setattr(obj, attr, old)
-        floor_us = decode_bytes_per_step(engine.model_config, runner.dtype.itemsize, batch, args.context) / copy_rate * 1e6
+        floor_us = decode_bytes_per_step(engine.model_config, runner.dtype.itemsize, batch, args.context,
+                                         1 if runner.fp8_weights else None, runner.kv_dtype.itemsize) / copy_rate * 1e6
         whole = row["whole step"]
         print(f"{args.model} batch {batch} context {args.context}: whole step {whole:.1f} us, floor {floor_us:.1f} us "
               f"({whole / floor_us:.2f}x)", flush=True)

@@ -1,6 +1,8 @@
-"""How much FP8 weights (`--quantization fp8`) change a model's outputs, against the same model in
-bf16 and fp32: next-token logits' cosine similarity at every position of a set of prompts, greedy
-agreement, and the perplexity of a fixed text. On the CPU the FP8 GEMMs run in torch's reference
+"""How much FP8 weights (`--quantization fp8`) and an FP8 KV cache (`--kv-cache-dtype fp8`) change a
+model's outputs, against the same model in bf16 and fp32: next-token logits' cosine similarity at
+every position of a set of prompts, greedy agreement, and the perplexity of a fixed text. With an
+fp8 cache the text is fed in chunks, so that every position attends to K/V read back from the cache
+(a one-shot prefill attends to the fresh ones). On the CPU the FP8 GEMMs run in torch's reference
 `_scaled_mm` (the same arithmetic cuBLASLt does on Hopper: e4m3 inputs, fp32 accumulation).
 
     python scripts/fp8_quality.py --model smollm2-135m-instruct --json out.json
@@ -39,20 +41,27 @@ TEXT = (
 )
 
 
-def all_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one sequence, [len(ids), vocab] fp32 (a single prefill into the
-    first blocks of the runner's cache; nothing else may be running)."""
+def all_logits(llm: LLM, ids: list[int], chunk: int | None = None) -> torch.Tensor:
+    """Logits at every position of one sequence, [len(ids), vocab] fp32: prefill steps of `chunk`
+    tokens (None: one step; else a first step of one token, so that every later one reads its
+    context back from the cache) into the first blocks of the runner's cache; nothing else may be
+    running."""
     runner = llm.engine.runner
     n = len(ids)
     blocks = -(-n // runner.block_size)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        max_query_len=n, max_seq_len=n, query_start_loc_host=[0, n], seq_lens_host=[n],
-    )
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+    bounds = [0, n] if chunk is None else [0, *range(1, n, chunk), n]
+    out = []
     with torch.inference_mode():
-        hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta)
-        return runner.model.compute_logits(hidden).float()
+        for start, end in zip(bounds, bounds[1:]):
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(start, end), query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+                seq_lens=torch.tensor([end], dtype=torch.int32), block_tables=table, max_query_len=end - start,
+                max_seq_len=end, query_start_loc_host=[0, end - start], seq_lens_host=[end],
+            )
+            hidden = runner.model(torch.tensor(ids[start:end]), torch.arange(start, end), runner.kv_caches, meta)
+            out.append(runner.model.compute_logits(hidden).float())
+    return torch.cat(out)
 
 
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
@@ -71,6 +80,8 @@ def main() -> None:
         "fp32": dict(dtype="float32", quantization="none"),
         "bf16": dict(dtype="bfloat16", quantization="none"),
         "fp8": dict(dtype="bfloat16", quantization="fp8"),  # as on a GPU: FP8 GEMMs, bf16 elsewhere
+        "kv_fp8": dict(dtype="bfloat16", quantization="none", kv_cache_dtype="fp8", attention_backend="torch"),
+        "fp8+kv_fp8": dict(dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", attention_backend="torch"),
     }
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     logits, tokens, ppl = {}, {}, {}
@@ -78,8 +89,9 @@ def main() -> None:
         llm = LLM(args.model, device="cpu", num_kv_blocks=128, **kwargs)
         prompt_ids = [llm.tokenizer.encode(t) for t in PROMPTS]
         text_ids = llm.tokenizer.encode(TEXT)
-        logits[name] = [all_logits(llm, ids) for ids in prompt_ids]
-        ppl[name] = perplexity(all_logits(llm, text_ids), text_ids)
+        chunk = 8 if kwargs.get("kv_cache_dtype") == "fp8" else None
+        logits[name] = [all_logits(llm, ids, chunk) for ids in prompt_ids]
+        ppl[name] = perplexity(all_logits(llm, text_ids, chunk), text_ids)
         tokens[name] = [o.token_ids for o in llm.generate(prompt_ids, greedy)]
         del llm
 
@@ -99,13 +111,14 @@ def main() -> None:
 
     report = {"model": args.model, "perplexity": ppl, "pairs": {}}
     print(f"perplexity of the fixed text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
-    for a, b in (("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32")):
+    for a, b in (("fp8", "bf16"), ("kv_fp8", "bf16"), ("fp8+kv_fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32")):
         cos = cosine(a, b)
         top1, run = agreement(a, b)
         report["pairs"][f"{a}_vs_{b}"] = {"logits_cosine": cos, "top1_agreement": top1, "greedy_tokens_before_diff": run}
         print(f"{a} vs {b}: logits cosine {cos:.5f}, top-1 agreement {top1:.3f}, "
               f"greedy tokens before the first difference {run:.1f} of {args.new_tokens}")
-    print(f"fp8 perplexity / bf16: {ppl['fp8'] / ppl['bf16']:.4f}")
+    for name in ("fp8", "kv_fp8", "fp8+kv_fp8"):
+        print(f"{name} perplexity / bf16: {ppl[name] / ppl['bf16']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

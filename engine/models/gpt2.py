@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import (
     AddNorm,
@@ -35,10 +35,11 @@ class GPT2Attention(nn.Module):
         self.c_proj = DecodeLinear(local, config.hidden_size)
         self.attention = attention
         self.scale = self.head_dim**-0.5
+        self.kv_scales = KV_UNIT_SCALES  # an fp8 cache's (k_scale, v_scale), calibrated by the runner
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
+        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales)
         return self.tp.all_reduce(self.c_proj(o.reshape(x.shape[0], -1)))
 
 

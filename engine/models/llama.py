@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import (
     AddNorm,
@@ -108,6 +108,7 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         # The Triton and CPU backends apply RoPE in the same call that writes K/V to the cache.
         self.rotary_in_attention = attention.fuses_rotary
+        self.kv_scales = KV_UNIT_SCALES  # an fp8 cache's (k_scale, v_scale), calibrated by the runner
 
     def forward(self, x, positions, kv_cache, meta):
         qkv = self.qkv_proj(x)
@@ -117,10 +118,10 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.rotary_in_attention:
             rope = (positions, self.rotary.cos_half, self.rotary.sin_half)
-            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, rope)
+            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, rope, kv_scales=self.kv_scales)
         else:
             q, k = self.rotary(positions, q, k)
-            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)
+            o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales)
         return self.tp.all_reduce(self.o_proj(o.reshape(x.shape[0], self.q_size)))
 
 

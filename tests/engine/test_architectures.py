@@ -47,6 +47,10 @@ def test_bytes_per_step_are_the_weights_a_step_reads(name):
     assert decode_bytes_per_step(config, 2, batch=4, context=100) - decode_bytes_per_step(config, 2) == 400 * kv_per_token
     shapes = decode_projection_shapes(config)
     assert len(shapes) == 5 and shapes[-1] == (padded_vocab_size(config.vocab_size), config.hidden_size, False)
+    # fp8 projections (a byte a weight; the LM head stays) and an fp8 cache (a byte an element)
+    projections = config.num_layers * sum(n * k for n, k, _ in shapes[:-1])
+    assert decode_bytes_per_step(config, 2, projection_bytes=1) == 2 * params - projections
+    assert decode_bytes_per_step(config, 2, 4, 100, kv_bytes=1) - decode_bytes_per_step(config, 2) == 200 * kv_per_token
 
 
 def small(config, **kw):

@@ -59,6 +59,35 @@ def test_fp8_engine_close_to_full_precision(request, fixture):
     assert len(out.token_ids) == 8
 
 
+def test_fp8_kv_cache_holds_twice_the_tokens_and_decodes_close(tiny_llama_dir):
+    """--kv-cache-dtype fp8 on the CPU (the torch attention backend): the same bytes hold twice a
+    bf16 cache's blocks, and decode steps, which read K and V back from the e4m3 cache, give the
+    bf16 cache's next tokens with nearly the same log-probabilities. Blocks all come back."""
+    kw = dict(dtype="bfloat16", kv_cache_memory_bytes=2 * 2**20, attention_backend="torch")
+    bf16 = LLM(tiny_llama_dir, **kw)
+    fp8 = LLM(tiny_llama_dir, kv_cache_dtype="fp8", **kw)
+    assert all(kv.dtype == FP8 for kv in fp8.engine.runner.kv_caches)
+    assert fp8.engine.runner.num_blocks == 2 * bf16.engine.runner.num_blocks
+    # calibrated at load: a (k_scale, v_scale) per layer, each layer's own
+    scales = [m.kv_scales for m in fp8.engine.runner.model.modules() if hasattr(m, "kv_scales")]
+    assert len(scales) == 2 and len(set(scales)) == 2 and all(0 < x < 1 for pair in scales for x in pair)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
+    prompts = ["Hello world, my name is", "The capital of France is", "def fibonacci(n):"]
+    decode_steps_compared = 0
+    for a, b in zip(bf16.generate(prompts, params), fp8.generate(prompts, params)):
+        assert a.token_ids[0] == b.token_ids[0]
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                break
+            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.15
+            decode_steps_compared += i > 0
+    assert decode_steps_compared >= 6
+    bm = fp8.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    with pytest.raises(ValueError, match="fp8 KV cache"):
+        LLM(tiny_llama_dir, kv_cache_dtype="fp8", attention_backend="cpu", num_kv_blocks=8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp8_on_cuda_with_graphs(tiny_llama_dir):
@@ -145,3 +174,18 @@ def test_an_fp8_checkpoint_with_one_scale_per_tensor(tiny_llama_dir, tmp_path):
     assert torch.all(scales[:q_rows] == scales[0]) and scales[q_rows] != scales[0]  # q's one scale, then k's
     out = loaded.generate(["Hello world, my name is"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_kv_cache_on_cuda_with_graphs(tiny_llama_dir):
+    """The Triton kernels write and read the e4m3 cache inside the decode graphs, the multi-step
+    runs and the mixed-step graphs (a long prompt's chunks): the first tokens agree with bf16's."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = ["Hello world, my name is", "The capital of France is " * 20]
+    kw = dict(device="cuda", dtype="bfloat16", kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=64)
+    bf16 = LLM(tiny_llama_dir, **kw)
+    fp8 = LLM(tiny_llama_dir, kv_cache_dtype="fp8", **kw)
+    assert fp8.engine.runner.cuda_graphs_enabled and fp8.engine.runner.num_blocks == 2 * bf16.engine.runner.num_blocks
+    for a, b in zip(bf16.generate(prompts, params), fp8.generate(prompts, params)):
+        assert a.token_ids[:2] == b.token_ids[:2] and len(b.token_ids) == 24

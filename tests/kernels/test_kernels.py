@@ -24,7 +24,7 @@ from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
                                paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref,
-                               mask_logits_ref)
+                               mask_logits_ref, quantize_kv_ref)
 from kernels.rotary import rotary_write_kv
 from kernels.token_bitmask import mask_logits_
 
@@ -176,6 +176,113 @@ def test_write_kv_matches_reference(device, dtype):
     assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
     written = slots[slots >= 0]
     assert not k_cache[written // bs, :, written % bs].isnan().any()
+
+
+FP8 = torch.float8_e4m3fn
+K_SCALE, V_SCALE = 0.5, 2.0  # not 1: the tests see where each scale goes
+
+
+def assert_fp8_equal(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal e4m3 caches (NaN where nothing was written). Triton's CPU interpreter (3.9) converts
+    to e4m3 its own way: ties round away from zero (50 -> 52, not 48) and a value that rounds up to
+    the next power of two becomes half of it (31.8 -> 16, not 32). The GPU rounds to nearest even;
+    only under the interpreter are those entries (a few percent) let through."""
+    got, ref = got.float().nan_to_num(7.0), ref.float().nan_to_num(7.0)
+    wrong = got != ref
+    if INTERPRET:
+        assert wrong.float().mean() < 0.05
+        one_step = (got - ref).abs() <= (ref.abs() / 8).clamp(min=2**-9)  # e4m3 steps: subnormals 2^-9 apart
+        binade = (got * 2 == ref) & (torch.frexp(ref).mantissa.abs() == 0.5)
+        wrong &= ~(one_step | binade)
+    assert not wrong.any(), (got[wrong][:8], ref[wrong][:8])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_write_kv_into_an_fp8_cache(device, dtype):
+    """K / k_scale and V / v_scale rounded to e4m3 exactly as torch rounds them, +-448 at the ends
+    (a value past it would be NaN), the padding slot skipped."""
+    num_blocks, bs, kv_heads, dim = 4, 16, 2, 64
+    k_cache = torch.full((num_blocks, kv_heads, bs, dim), float("nan"), device=device).to(FP8)
+    v_cache = k_cache.clone()
+    slots = torch.randperm(num_blocks * bs)[:12].to(device)
+    slots[2] = -1
+    k = (torch.randn(12, kv_heads, dim, device=device) * 60).to(dtype)
+    v = (torch.randn(12, kv_heads, dim, device=device) * 200).to(dtype)
+    k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 300.0, -224.5])
+    write_kv(k, v, k_cache, v_cache, slots, k_scale=K_SCALE, v_scale=V_SCALE)
+    k_ref, v_ref = k_cache.clone().fill_(float("nan")), v_cache.clone().fill_(float("nan"))
+    write_kv_ref(k, v, k_ref, v_ref, slots, K_SCALE, V_SCALE)
+    for got, ref in ((k_cache, k_ref), (v_cache, v_ref)):
+        assert_fp8_equal(got, ref)
+    first = slots[0]
+    assert k_cache[first // bs, 0, first % bs, :3].float().tolist() == [448.0, -448.0, 448.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_write_kv_into_an_fp8_cache(device):
+    tokens, heads, kv_heads, dim, num_blocks, bs = 9, 4, 2, 64, 3, 16
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(64).float(), inv_freq)
+    cos, sin = angles.cos().to(device, torch.bfloat16), angles.sin().to(device, torch.bfloat16)
+    q = (torch.randn(tokens, heads, dim, device=device) * 3).to(torch.bfloat16)
+    k = (torch.randn(tokens, kv_heads, dim, device=device) * 3).to(torch.bfloat16)
+    v = (torch.randn(tokens, kv_heads, dim, device=device) * 3).to(torch.bfloat16)
+    positions = torch.randint(0, 64, (tokens,), device=device)
+    slots = torch.randperm(num_blocks * bs)[:tokens].to(device)
+    caches = [torch.zeros(num_blocks, kv_heads, bs, dim, device=device).to(FP8) for _ in range(4)]
+    ref_q = rotary_write_kv_ref(q.clone(), k, v, caches[2], caches[3], slots, positions, cos, sin, K_SCALE, V_SCALE)
+    got_q = rotary_write_kv(q.clone(), k, v, caches[0], caches[1], slots, positions, cos, sin,
+                            k_scale=K_SCALE, v_scale=V_SCALE)
+    assert rel_err(got_q, ref_q) < TOL[torch.bfloat16]
+    assert_fp8_equal(caches[0], caches[2])  # K rotated in fp32 and rounded to bf16 first, as the reference
+    assert_fp8_equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,splits", [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 2)])
+def test_paged_decode_reads_an_fp8_cache(device, dtype, splits):
+    """The cache holds K / k_scale and V / v_scale in e4m3: the output is attention over the
+    dequantised K and V (half the bytes read)."""
+    heads, kv_heads, dim, bs, lens = 8, 2, 128, 16, [1, 37, 90]
+    gen = torch.Generator().manual_seed(11)
+    num_blocks = sum(-(-n // bs) for n in lens) + 2
+    k_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
+    v_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
+    tables = random_tables(lens, bs, num_blocks, device, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), heads, dim, device=device).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    paged_decode(q, k_cache, v_cache, tables, seq_lens, dim**-0.5, DecodeLaunch(tokens=16, num_splits=splits), out=out,
+                 k_scale=K_SCALE, v_scale=V_SCALE)
+    ref = paged_decode_ref(q, k_cache.float() * K_SCALE, v_cache.float() * V_SCALE, tables.clamp(min=0), seq_lens,
+                           dim**-0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_prefill_reads_an_fp8_cache(device, dtype):
+    heads, kv_heads, dim, bs, spans = 4, 2, 64, 16, [(7, 40), (16, 16), (1, 9)]
+    gen = torch.Generator().manual_seed(5)
+    lens = [s for _, s in spans]
+    num_blocks = sum(-(-n // bs) for n in lens) + 2
+    k_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
+    v_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
+    tables = random_tables(lens, bs, num_blocks, device, gen)
+    starts = [0]
+    for q_len, _ in spans:
+        starts.append(starts[-1] + q_len)
+    q = torch.randn(starts[-1], heads, dim, device=device).to(dtype)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = torch.full_like(q, float("nan"))
+    tiles = torch.from_numpy(prefill_tiles([ql for ql, _ in spans], 16)).to(device)
+    paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, dim**-0.5, tiles, PrefillLaunch(block_m=16, block_n=16),
+                  out=out, k_scale=K_SCALE, v_scale=V_SCALE)
+    ref = paged_prefill_ref(q, k_cache.float() * K_SCALE, v_cache.float() * V_SCALE, tables.clamp(min=0), qsl, seq_lens,
+                            dim**-0.5)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
