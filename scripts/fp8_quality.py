@@ -14,11 +14,13 @@ import argparse
 import json
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.attention import AttentionMetadata
+from kernels.prefill_tiles import prefill_tiles
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
@@ -47,20 +49,25 @@ def all_logits(llm: LLM, ids: list[int], chunk: int | None = None) -> torch.Tens
     context back from the cache) into the first blocks of the runner's cache; nothing else may be
     running."""
     runner = llm.engine.runner
+    dev = runner.device
     n = len(ids)
     blocks = -(-n // runner.block_size)
-    table = torch.arange(blocks, dtype=torch.int32)[None]
+    table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
     bounds = [0, n] if chunk is None else [0, *range(1, n, chunk), n]
     out = []
     with torch.inference_mode():
         for start, end in zip(bounds, bounds[1:]):
             meta = AttentionMetadata(
-                slot_mapping=torch.arange(start, end), query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
-                seq_lens=torch.tensor([end], dtype=torch.int32), block_tables=table, max_query_len=end - start,
-                max_seq_len=end, query_start_loc_host=[0, end - start], seq_lens_host=[end],
+                slot_mapping=torch.arange(start, end, device=dev),
+                query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([end], dtype=torch.int32, device=dev), block_tables=table,
+                max_query_len=end - start, max_seq_len=end, query_start_loc_host=[0, end - start], seq_lens_host=[end],
             )
-            hidden = runner.model(torch.tensor(ids[start:end]), torch.arange(start, end), runner.kv_caches, meta)
-            out.append(runner.model.compute_logits(hidden).float())
+            if runner.prefill_block_m:  # the Triton prefill kernel's tile list
+                meta.prefill_tiles = torch.from_numpy(prefill_tiles(np.array([end - start]), runner.prefill_block_m)).to(dev)
+            hidden = runner.model(torch.tensor(ids[start:end], device=dev), torch.arange(start, end, device=dev),
+                                  runner.kv_caches, meta)
+            out.append(runner.model.compute_logits(hidden).float().cpu())
     return torch.cat(out)
 
 
@@ -72,6 +79,8 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (the named architectures)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -86,7 +95,9 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     logits, tokens, ppl = {}, {}, {}
     for name, kwargs in variants.items():
-        llm = LLM(args.model, device="cpu", num_kv_blocks=128, **kwargs)
+        if args.device != "cpu":
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_backend"}  # the Triton kernels there
+        llm = LLM(args.model, device=args.device, load_format=args.load_format, num_kv_blocks=128, **kwargs)
         prompt_ids = [llm.tokenizer.encode(t) for t in PROMPTS]
         text_ids = llm.tokenizer.encode(TEXT)
         chunk = 8 if kwargs.get("kv_cache_dtype") == "fp8" else None

