@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.errors import EngineDead
@@ -59,6 +60,15 @@ def test_llama_gqa_two_ranks_match_one(tiny_llama_dir):
     attn = llm.engine.runner.model.model.layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
     assert llm.engine.runner.kv_caches[0].shape[2] == 1  # one KV head in this rank's cache
+
+
+def test_fp8_kv_cache_splits_across_ranks(tiny_llama_dir):
+    """Each rank calibrates its own heads' scales (the calibration prefill's all-reduces meet across
+    ranks) and keeps its slice of the cache in e4m3; the prefix cache hits on every rank. Scales
+    of a head set differ from one rank's to all heads', so only the first tokens must agree."""
+    one, split, llm = run_both(tiny_llama_dir, 2, kv_cache_dtype="fp8", attention_backend="torch")
+    assert [t[:4] for t in split] == [t[:4] for t in one]
+    assert llm.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
 
 
 def test_smollm2_three_ranks_match_one():
