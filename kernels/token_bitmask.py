@@ -21,7 +21,8 @@ def _mask_logits_kernel(logits_ptr, bitmask_ptr, stride_logits, stride_bitmask, 
     in_vocab = tokens < vocab
     words = tl.load(bitmask_ptr + row * stride_bitmask + tokens // 32, mask=in_vocab, other=-1)
     allowed = ((words >> (tokens % 32)) & 1) != 0
-    tl.store(logits_ptr + row * stride_logits + tokens, float("-inf"), mask=in_vocab & ~allowed)
+    minus_inf = tl.full([BLOCK], float("-inf"), tl.float32)
+    tl.store(logits_ptr + row * stride_logits + tokens, minus_inf, mask=in_vocab & ~allowed)
 
 
 def mask_logits_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
