@@ -9,9 +9,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -65,6 +70,134 @@ void rotary_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   });
 }
 
+// Dot product in 16 independent partial sums: a loop the compiler turns into one vector FMA per
+// 16 elements (a single running sum is a chain it must not reorder, so it stays scalar).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {0.f};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[d + j] * b[d + j];
+  float sum = 0.f;
+  for (; d < n; ++d) sum += a[d] * b[d];
+  for (int j = 0; j < 16; ++j) sum += part[j];
+  return sum;
+}
+
+// One KV head's group of query heads (qs: [group, dim], pre-scaled) over `len` tokens of a context
+// whose token i sits at offset rows[i] of both caches. Two passes: every score (each key read
+// once for the whole group), exponentiated against the running maximum, then the values weighted
+// by them. Unnormalised, so that parts of one context merge: per head the maximum m[g], the sum
+// of the exponentials l[g] and acc [group, dim] = sum of exp(score - m) * value. `scores` is
+// scratch of group * len floats.
+void attend_portable(const float* qs, const int64_t* rows, const float* kc, const float* vc, int64_t group,
+                     int64_t dim, int64_t len, float* scores, float* acc, float* m, float* l) {
+  for (int64_t pos = 0; pos < len; ++pos)
+    for (int64_t g = 0; g < group; ++g) scores[g * len + pos] = dot(qs + g * dim, kc + rows[pos], dim);
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * len;
+    m[g] = -std::numeric_limits<float>::infinity();
+    for (int64_t pos = 0; pos < len; ++pos) m[g] = std::max(m[g], sg[pos]);
+    l[g] = 0.f;
+    for (int64_t pos = 0; pos < len; ++pos) {
+      sg[pos] = std::exp(sg[pos] - m[g]);
+      l[g] += sg[pos];
+    }
+  }
+  std::fill_n(acc, group * dim, 0.f);
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const float* value = vc + rows[pos];
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + pos];
+      float* a = acc + g * dim;
+      for (int64_t d = 0; d < dim; ++d) a[d] += p * value[d];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// exp(x) for 16 floats (Cephes' expf: x = n ln2 + r, exp(r) by a polynomial, times 2^n), about
+// 1e-7 relative error; std::exp is scalar.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// x[i] = exp(x[i] - max), 16 lanes at a time; returns the max, *sum gets the sum.
+inline float exp_against_max(float* x, int64_t n, float* sum_out) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
+  }
+  const float mx = _mm512_reduce_max_ps(m);
+  const __m512 mv = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  *sum_out = _mm512_reduce_add_ps(sum);
+  return mx;
+}
+
+constexpr int64_t kMaxVectors = 32;  // group x head_dim / 16: the queries and accumulators held in registers
+constexpr int64_t kPrefetch = 8;     // rows ahead: the cache is streamed from memory, a row per token
+
+// attend_portable's arithmetic in AVX-512 registers: head_dim a multiple of 16, a group of at
+// most kMaxVectors * 16 / head_dim query heads (SmolLM2's 3 x 64, Llama-3's 4 x 128).
+void attend_avx512(const float* qs, const int64_t* rows, const float* kc, const float* vc, int64_t group,
+                   int64_t dim, int64_t len, float* scores, float* acc, float* m, float* l) {
+  const int64_t nv = dim / 16;
+  __m512 qv[kMaxVectors], xv[kMaxVectors], av[kMaxVectors];
+  for (int64_t i = 0; i < group * nv; ++i) qv[i] = _mm512_loadu_ps(qs + i * 16);
+  for (int64_t pos = 0; pos < len; ++pos) {
+    if (pos + kPrefetch < len)
+      for (int64_t b = 0; b < dim * 4; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(kc + rows[pos + kPrefetch]) + b, _MM_HINT_T0);
+    const float* key = kc + rows[pos];
+    for (int64_t v = 0; v < nv; ++v) xv[v] = _mm512_loadu_ps(key + v * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 sum = _mm512_mul_ps(qv[g * nv], xv[0]);
+      for (int64_t v = 1; v < nv; ++v) sum = _mm512_fmadd_ps(qv[g * nv + v], xv[v], sum);
+      scores[g * len + pos] = _mm512_reduce_add_ps(sum);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) m[g] = exp_against_max(scores + g * len, len, l + g);
+  for (int64_t i = 0; i < group * nv; ++i) av[i] = _mm512_setzero_ps();
+  for (int64_t pos = 0; pos < len; ++pos) {
+    if (pos + kPrefetch < len)
+      for (int64_t b = 0; b < dim * 4; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(vc + rows[pos + kPrefetch]) + b, _MM_HINT_T0);
+    const float* value = vc + rows[pos];
+    for (int64_t v = 0; v < nv; ++v) xv[v] = _mm512_loadu_ps(value + v * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * len + pos]);
+      for (int64_t v = 0; v < nv; ++v) av[g * nv + v] = _mm512_fmadd_ps(p, xv[v], av[g * nv + v]);
+    }
+  }
+  for (int64_t i = 0; i < group * nv; ++i) _mm512_storeu_ps(acc + i * 16, av[i]);
+}
+#endif
+
+constexpr int64_t kMinSplitTokens = 128;  // a context part worth a task of its own
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                            torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 with contiguous heads");
@@ -75,50 +208,75 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto out = torch::empty({seqs, heads, dim}, q.options());
   const float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const Indices lp(seq_lens);
-  const int64_t table_width = block_tables.stride(0);
+  const int64_t table_width = block_tables.stride(0);  // rows may be views of a wider table
   const bool wide = block_tables.scalar_type() == torch::kInt64;
   TORCH_CHECK(wide || block_tables.scalar_type() == torch::kInt32, "block tables must be int32/int64");
   const void* tdata = block_tables.data_ptr();
-  auto tp = [&](int64_t i) -> int64_t {
+  auto table = [&](int64_t i) -> int64_t {
     return wide ? static_cast<const int64_t*>(tdata)[i] : static_cast<const int32_t*>(tdata)[i];
   };
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(group * dim), m(group), l(group), qs(group * dim);
+  auto attend = attend_portable;
+#if defined(__AVX512F__)
+  if (dim % 16 == 0 && group * (dim / 16) <= kMaxVectors) attend = attend_avx512;
+#endif
+  // Tasks: (sequence, KV head, part of the context). A small batch has fewer (sequence, KV head)
+  // pairs than threads can share evenly (SmolLM2 alone: 3 on 2 cores), so long contexts are cut
+  // into parts, merged below from their maxima and sums (flash-decoding's split).
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < seqs; ++s) max_len = std::max(max_len, lp[s]);
+  const int64_t pairs = seqs * kv_heads;
+  const int64_t wanted = (4 * at::get_num_threads() + pairs - 1) / pairs;
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, max_len / kMinSplitTokens));
+  std::vector<float> part_acc(pairs * splits * group * dim), part_m(pairs * splits * group), part_l(pairs * splits * group);
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(group * dim), scores;
+    std::vector<int64_t> rows;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / kv_heads, kh = task % kv_heads, len = lp[s];
+      const int64_t pair = task / splits, split = task % splits;
+      const int64_t s = pair / kv_heads, kh = pair % kv_heads, len = lp[s];
+      const int64_t chunk = (len + splits - 1) / splits;
+      const int64_t first = std::min(len, split * chunk), count = std::min(len, first + chunk) - first;
+      float *acc = part_acc.data() + task * group * dim, *m = part_m.data() + task * group, *l = part_l.data() + task * group;
+      if (count == 0) {  // nothing here (a padding row, or a short context's empty part): weighs nothing
+        std::fill_n(m, group, -std::numeric_limits<float>::infinity());
+        std::fill_n(l, group, 0.f);
+        std::fill_n(acc, group * dim, 0.f);
+        continue;
+      }
       for (int64_t g = 0; g < group; ++g) {
         const float* qh = q.data_ptr<float>() + s * q.stride(0) + (kh * group + g) * q.stride(1);
         for (int64_t d = 0; d < dim; ++d) qs[g * dim + d] = qh[d] * fscale;
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.f;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const int64_t block = tp(s * table_width + pos / block_size);
-        const int64_t base = ((block * kv_heads + kh) * block_size + pos % block_size) * dim;
-        const float *key = kc + base, *value = vc + base;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qs.data() + g * dim;
-          float score = 0.f;
-          for (int64_t d = 0; d < dim; ++d) score += qg[d] * key[d];
-          float* a = acc.data() + g * dim;
-          if (score > m[g]) {  // rescale what has been summed so far to the new maximum
-            const float alpha = std::exp(m[g] - score);
-            l[g] *= alpha;
-            for (int64_t d = 0; d < dim; ++d) a[d] *= alpha;
-            m[g] = score;
-          }
-          const float p = std::exp(score - m[g]);
-          l[g] += p;
-          for (int64_t d = 0; d < dim; ++d) a[d] += p * value[d];
-        }
+      rows.resize(count);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t pos = first + i;
+        rows[i] = ((table(s * table_width + pos / block_size) * kv_heads + kh) * block_size + pos % block_size) * dim;
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* o = out.data_ptr<float>() + s * heads * dim + (kh * group + g) * dim;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;  // a padding row (length 0) gives zeros
-        for (int64_t d = 0; d < dim; ++d) o[d] = acc[g * dim + d] * inv;
+      scores.resize(group * count);
+      attend(qs.data(), rows.data(), kc, vc, group, dim, count, scores.data(), acc, m, l);
+    }
+  });
+  at::parallel_for(0, pairs * group, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // one query head: its parts merged
+      const int64_t pair = row / group, g = row % group;
+      const int64_t s = pair / kv_heads, kh = pair % kv_heads;
+      float* o = out.data_ptr<float>() + s * heads * dim + (kh * group + g) * dim;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < splits; ++k) mx = std::max(mx, part_m[(pair * splits + k) * group + g]);
+      std::fill_n(o, dim, 0.f);
+      if (mx == -std::numeric_limits<float>::infinity()) continue;  // a padding row gives zeros
+      float total = 0.f;
+      for (int64_t k = 0; k < splits; ++k) {
+        const int64_t part = (pair * splits + k) * group + g;
+        if (part_l[part] == 0.f) continue;
+        const float w = std::exp(part_m[part] - mx);
+        total += w * part_l[part];
+        const float* a = part_acc.data() + part * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * a[d];
       }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
     }
   });
   return out;

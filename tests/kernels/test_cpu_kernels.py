@@ -72,13 +72,20 @@ def test_rotary_write_kv_rotates_q_and_k_and_fills_the_cache(heads, kv_heads, di
     assert torch.equal(v, views(qkv)[2])
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim,lens", [(9, 3, 64, [1, 17, 40, 0]), (4, 4, 32, [5, 64]), (8, 2, 128, [33])])
+# AVX-512 registers where they fit; the portable loops for a head_dim that is not a multiple of 16
+# and for a group too large to hold in registers; contexts of 128+ tokens cut into parts (merged
+# from their maxima and sums), beside a short one and a padding row in the same batch.
+@pytest.mark.parametrize("heads,kv_heads,dim,lens", [(9, 3, 64, [1, 17, 40, 0]), (4, 4, 32, [5, 64]), (8, 2, 128, [33]),
+                                                     (2, 1, 24, [7, 30]), (16, 1, 64, [50, 3]),
+                                                     (9, 3, 64, [700]), (9, 3, 64, [300, 0, 129, 5]),
+                                                     (2, 1, 24, [400]), (2, 1, 64, [700, 2, 0])])
 def test_paged_decode_matches_the_gathering_reference(heads, kv_heads, dim, lens):
-    gen = torch.Generator().manual_seed(dim)
-    bs, num_blocks = 16, 20
+    gen = torch.Generator().manual_seed(dim + sum(lens))
+    bs = 16
+    max_blocks = max(-(-n // bs) for n in lens) or 1
+    num_blocks = len(lens) * max_blocks + 3
     k_cache = torch.randn(num_blocks, kv_heads, bs, dim, generator=gen)
     v_cache = torch.randn(num_blocks, kv_heads, bs, dim, generator=gen)
-    max_blocks = max(-(-n // bs) for n in lens) or 1
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks).int()
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=gen)
