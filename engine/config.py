@@ -20,7 +20,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     # auto: a GGUF's Q4_1/Q8_0 blocks run as they are on the CPU when that measures faster than
     # dequantised weights; gguf: always (CPU only); none: dequantise to `dtype`; fp8: projections
-    # in float8 e4m3 with a scale per output channel, activations scaled per token.
+    # in float8 e4m3 with a scale per output channel (decode batches on CUDA widen them in the
+    # skinny kernel; larger batches scale activations per token for torch._scaled_mm).
     quantization: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     tokenizer: str | None = None  # override: a tokenizer.json, a directory, or a .gguf
@@ -112,7 +113,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", choices=["auto", "none", "gguf", "fp8"], default="auto",
                    help="auto: run a GGUF's Q4_1/Q8_0 blocks as they are on the CPU where that measures faster; "
                         "gguf: always; none: dequantise to --dtype; fp8: the projections' weights in float8 e4m3 "
-                        "(a scale per output channel), activations scaled per token, through torch._scaled_mm")
+                        "(a scale per output channel): decode batches on CUDA read them through the skinny kernel, "
+                        "larger ones scale activations per token for torch._scaled_mm")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--tokenizer", default=None, help="tokenizer override: .gguf, tokenizer.json or a directory")
     g.add_argument("--seed", type=int, default=0)

@@ -40,8 +40,10 @@ class LinearLaunch:
 
 
 @triton.jit
-def _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
-                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+def _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
+                    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    if W_SCALED:  # float8 weights: each output channel's scale
+        acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -58,9 +60,10 @@ def _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
 # turning specialisation off cost the seed benchmark about 3% (same-call A/B, docs/BENCHMARKS.md).
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -92,6 +95,8 @@ def _linear_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
+            w = w.to(x_ptr.dtype.element_ty)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -102,7 +107,7 @@ def _linear_kernel(
 
     tile_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, HAS_BIAS, GELU)
+        _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, W_SCALED, HAS_BIAS, GELU)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         m_pad = tl.num_programs(1) * BLOCK_M
@@ -114,7 +119,7 @@ def _linear_kernel(
             for s in range(SPLIT_K):
                 acc += tl.load(ws_ptr + (s * m_pad + rm[:, None]) * N + rn[None, :], mask=tile_mask, other=0.0,
                                cache_modifier=".cg")
-            _epilogue_store(acc, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, HAS_BIAS, GELU)
+            _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, W_SCALED, HAS_BIAS, GELU)
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (graph replay)
 
 
@@ -158,11 +163,17 @@ def skinny_linear(
     launch: LinearLaunch = LinearLaunch(),
     workspace: SplitKWorkspace | None = None,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T + bias [N], then tanh-GELU if `gelu`; M is small (a decode batch)."""
+    """x [M, K] @ weight [N, K]^T + bias [N], then tanh-GELU if `gelu`; M is small (a decode batch).
+    A float8 e4m3 weight comes with `weight_scale` [N] fp32 (weight ~= q * scale per output row):
+    it is read at a byte a weight and widened to x's dtype in registers (no activation scaling)."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
     assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
-    assert x.dtype == weight.dtype and (bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous()))
+    scaled = weight.dtype == torch.float8_e4m3fn
+    assert (scaled and weight_scale is not None and weight_scale.shape == (weight.shape[0],)) or \
+        (not scaled and weight_scale is None and x.dtype == weight.dtype)
+    assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
     assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
     M, K = x.shape
     N = weight.shape[0]
@@ -179,12 +190,12 @@ def skinny_linear(
         partials = counters = out  # unused
     k_per_split = triton.cdiv(triton.cdiv(K, launch.block_k), launch.split_k) * launch.block_k
     _linear_kernel[grid](
-        x, weight, bias if bias is not None else out, out, partials, counters,
+        x, weight, weight_scale if scaled else out, bias if bias is not None else out, out, partials, counters,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, GELU=gelu,
+        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu,
         DOT_FP32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", IEEE=x.dtype == torch.float32,
-        PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * x.element_size(), 128)),
-        LINE_ELEMS=128 // x.element_size(),
+        PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),
+        LINE_ELEMS=128 // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(launch.pdl, x),
     )

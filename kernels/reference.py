@@ -99,10 +99,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+               weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T + bias in fp32, rounded to the input dtype; then tanh-GELU (fp32, rounded), as
-    torch does it for GPT-2's MLP."""
-    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    torch does it for GPT-2's MLP. A float8 weight is q * weight_scale per output row."""
+    w = weight.float() if weight_scale is None else weight.float() * weight_scale.float()[:, None]
+    y = F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     return F.gelu(y.float(), approximate="tanh").to(x.dtype) if gelu else y
 
 

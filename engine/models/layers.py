@@ -94,11 +94,17 @@ class ProjectionLaunches:
         self.kernel = None
         self.workspace = None
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-        rows = x.shape[0]
+    def launch_for(self, rows: int):
+        """The skinny kernel's launch for a batch of `rows`, or None (cuBLAS, or not configured)."""
         for max_rows, launch in self.launches:
             if rows <= max_rows:
-                return self.kernel(x, weight, bias, gelu, launch, self.workspace)
+                return launch
+        return None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+        launch = self.launch_for(x.shape[0])
+        if launch is not None:
+            return self.kernel(x, weight, bias, gelu, launch, self.workspace)
         y = F.linear(x, weight, bias)
         return F.gelu(y, approximate="tanh") if gelu else y
 
@@ -142,10 +148,12 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """A projection with float8 e4m3 weights (a scale per output channel) and activations
-    quantized per token at run time, multiplied by `torch._scaled_mm` (cuBLASLt's FP8 GEMM on
-    Hopper; torch's reference kernel on the CPU, so the CPU runs the same arithmetic). Decode reads
-    half the bytes of bf16 weights. Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
+    """A projection with float8 e4m3 weights (a scale per output channel). Batches the skinny
+    decode kernel serves (on CUDA, the batch buckets where `configure_decode_kernels` finds it the
+    choice for this shape) read the weights at a byte each and widen them in registers, with
+    activations as they are (W8A16). Larger batches, and the CPU, quantize the activations per
+    token and multiply with `torch._scaled_mm` (cuBLASLt's FP8 GEMM on Hopper; torch's reference
+    kernel on the CPU). Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
         super().__init__()
@@ -154,6 +162,7 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(scale.reshape(-1).float(), requires_grad=False)  # [N], per output row
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gelu = gelu
+        self.projection = ProjectionLaunches()
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gelu: bool = False) -> Fp8Linear:
@@ -161,6 +170,10 @@ class Fp8Linear(nn.Module):
         return cls(q, scale, None if linear.bias is None else linear.bias.detach(), gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        launch = self.projection.launch_for(x.shape[0])
+        if launch is not None:
+            return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
+                                          weight_scale=self.weight_scale)
         xq, x_scale = quantize_tokens_fp8(x)
         # Row-wise scaled FP8 GEMMs produce bf16 (what cuBLASLt supports for per-row scales).
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
@@ -240,7 +253,9 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     for module in model.modules():
         if hasattr(module, "pdl"):  # AddNorm, the Llama attention's RoPE, its MLP's SiLU
             module.pdl = pdl
-        elif isinstance(module, DecodeLinear):
+        elif isinstance(module, (DecodeLinear, Fp8Linear)):
+            # fp8 weights take the launches measured for the model dtype's shape: half the bytes
+            # through the same tiles (kernels/tune.py has not measured fp8 ones yet)
             configure(module.projection, module.out_features, module.in_features)
     lm_head = model.lm_head_weight()
     # The LM head keeps cuBLAS unless the table holds a measured launch for its shape.

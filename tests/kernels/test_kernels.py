@@ -383,6 +383,27 @@ LINEAR_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_skinny_linear_with_fp8_weights(device, dtype, case):
+    """W8A16 decode: float8 e4m3 weights with a scale per output row, widened in registers; the
+    scale, bias and GELU in the epilogue; split-K slices summed before the scale."""
+    rows, n, k, has_bias, gelu, launch = case
+    x = torch.randn(rows, k, device=device).to(dtype)
+    weight = quantize_kv_ref(torch.randn(n, k, device=device) * 100, 1.0)  # e4m3 values
+    scale = torch.rand(n, device=device) * 0.02 / k**0.5 + 1e-4
+    bias = torch.randn(n, device=device).to(dtype) if has_bias else None
+    ref = linear_ref(x, weight, bias, gelu, weight_scale=scale)
+    workspace = SplitKWorkspace()
+    for _ in range(2):
+        out = torch.full((rows, n), float("nan"), device=device, dtype=dtype)
+        got = skinny_linear(x, weight, bias, gelu, launch, workspace, out=out, weight_scale=scale)
+        assert got is out and rel_err(got, ref) < TOL[dtype]
+        if launch.split_k > 1:
+            assert int(workspace.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LINEAR_CASES)
 def test_skinny_linear_matches_reference(device, dtype, case):
