@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.fp8 import FP8_MAX
+
 
 @dataclass
 class AttentionMetadata:
@@ -70,7 +72,6 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-FP8_MAX = 448.0  # float8 e4m3's largest finite value: K/V past it are clamped (a cast would give NaN)
 
 
 def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,

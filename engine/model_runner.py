@@ -26,6 +26,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp_group import TensorParallelGroup, init_group, receive_step
+from kernels.fp8 import FP8_MAX
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 
 logger = logging.getLogger(__name__)
@@ -244,8 +245,6 @@ class ModelRunner:
         finite, and small ones keep e4m3's 3 mantissa bits: with unit scales 43% of SmolLM2's
         layer-0 values of V fell into its subnormals (perplexity +2.2% against +1.4% calibrated,
         docs/BENCHMARKS.md). Every tensor-parallel rank runs it (the forward's all-reduces)."""
-        from engine.attention import FP8_MAX
-
         layers = [m for m in self.model.modules() if hasattr(m, "kv_scales")]
         vocab = self.model_config.vocab_size
         ids = [i % vocab for i in self.loaded.tokenizer.encode(KV_CALIBRATION_TEXT)]

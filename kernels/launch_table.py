@@ -59,7 +59,12 @@ def decode_launch(dtype: str, head_dim: int, group: int, block_size: int, num_se
 
 
 def linear_key(dtype: str, n: int, k: int, bucket: int) -> str:
+    """`dtype` is the weights' (float8_e4m3fn for FP8 projections) or, for dense ones, the model's."""
     return f"linear/{dtype}/n{n}/k{k}/b{bucket}"
+
+
+def has_linear_entry(dtype: str, n: int, k: int, bucket: int, table_path: str = TABLE_PATH) -> bool:
+    return linear_key(dtype, n, k, bucket) in load_table(table_path)
 
 
 # Without a tuned entry, the skinny kernel serves batches up to this size (cuBLAS above): on the

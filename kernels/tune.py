@@ -32,6 +32,7 @@ from kernels.launch_table import (
     linear_key,
     load_table,
 )
+from kernels.fp8 import FP8, quantize_rows_fp8, scaled_mm_fp8
 from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from kernels.norm import add_norm
 from kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
@@ -204,17 +205,18 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int) -> list[LinearLau
     return out
 
 
-def _compile_linear(jobs: list[tuple[int, int, bool, str, int, dict]]) -> int:
+def _compile_linear(jobs: list[tuple[int, int, bool, str, bool, int, dict]]) -> int:
     """Compile launches into Triton's on-disk cache (a worker process: compilation is CPU work,
     and the measuring process then only loads the binaries)."""
     done = 0
-    for n, k, bias, dtype_name, rows, launch in jobs:
+    for n, k, bias, dtype_name, fp8, rows, launch in jobs:
         dtype = getattr(torch, dtype_name)
         x = torch.zeros(rows, k, device="cuda", dtype=dtype)
-        w = torch.zeros(n, k, device="cuda", dtype=dtype)
+        w = torch.zeros(n, k, device="cuda", dtype=FP8 if fp8 else dtype)
+        scale = torch.ones(n, device="cuda") if fp8 else None
         b = torch.zeros(n, device="cuda", dtype=dtype) if bias else None
         try:
-            skinny_linear(x, w, b, False, LinearLaunch(**launch), SplitKWorkspace())
+            skinny_linear(x, w, b, False, LinearLaunch(**launch), SplitKWorkspace(), weight_scale=scale)
             done += 1
         except Exception:  # out of shared memory etc.: the measuring pass skips it too
             pass
@@ -223,28 +225,40 @@ def _compile_linear(jobs: list[tuple[int, int, bool, str, int, dict]]) -> int:
 
 
 def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
-                buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True) -> dict:
+                buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True, fp8: bool = False) -> dict:
     """For each projection [n, k] (bias or not) and batch bucket, time cuBLAS and our skinny kernel's
     candidates in CUDA graphs over enough weight copies that L2 holds none, and record the fastest:
     a launch, or null for cuBLAS. Every bucket in BATCH_BUCKETS gets an entry (the nearest measured
-    bucket at or below it). Compilation runs in `workers` processes first."""
+    bucket at or below it). Compilation runs in `workers` processes first. `fp8`: float8 e4m3
+    weights with a scale per row (activations in `dtype`), against the per-token-scaled
+    `torch._scaled_mm` that FP8 projections use otherwise; the entries are keyed float8_e4m3fn."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype_name = str(dtype).removeprefix("torch.")
+    key_dtype = "float8_e4m3fn" if fp8 else dtype_name
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
     # One job per compiled variant: buckets with the same row tile share a binary (M is not specialised).
-    jobs = sorted({(n, k, bias, dtype_name, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
                    for (n, k, bias, b), cands in plan.items() for c in cands})
-    jobs = [(n, k, bias, d, b, dict(launch)) for n, k, bias, d, b, launch in jobs]
+    jobs = [(n, k, bias, d, f, b, dict(launch)) for n, k, bias, d, f, b, launch in jobs]
     _compile_in_workers(_compile_linear, jobs, workers)
 
     entries, measured = {}, {}
     workspace = SplitKWorkspace()
     for n, k, bias in shapes:
-        nbytes = n * k * dtype.itemsize
+        nbytes = n * k * (1 if fp8 else dtype.itemsize)
         copies = max(4, math.ceil(3 * 2**28 / nbytes))  # 768 MB of weights: far more than L2
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
+        scales = [None] * copies
+        if fp8:
+            weights, scales = map(list, zip(*(quantize_rows_fp8(w) for w in weights)))
         biases = [torch.randn(n, device="cuda", dtype=dtype) if bias else None for _ in range(copies)]
+
+        def baseline(x, w, s, b):  # what the projection runs when the skinny kernel does not
+            if not fp8:
+                return F.linear(x, w, b)
+            y = scaled_mm_fp8(x, w, s)
+            return y if b is None else y + b
         best_of: dict[int, tuple[float, LinearLaunch | None, float, LinearLaunch | None]] = {}
         for bucket in buckets:
             # In a step a projection follows a small kernel (a norm, attention, SiLU): time it there,
@@ -259,21 +273,25 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                 add_norm(src, residual, norm_weight, None, 1e-5, True, out=x, sum_out=summed, pdl=pdl)
 
             def chain_us(project) -> float:
-                return graph_us_per_call([lambda w=w, b=b: (norm(), project(w, b)) for w, b in zip(weights, biases)], 5, 10)
+                return graph_us_per_call([lambda w=w, s=s, b=b: (norm(), project(w, s, b))
+                                          for w, s, b in zip(weights, scales, biases)], 5, 10)
 
             norms_us = graph_us_per_call([norm] * copies, 5, 10)
-            cublas_us = chain_us(lambda w, b: F.linear(x, w, b)) - norms_us
+            cublas_us = chain_us(lambda w, s, b: baseline(x, w, s, b)) - norms_us
             norm()
-            ref = F.linear(x, weights[0], biases[0]).float()
+            w0 = weights[0] if not fp8 else (weights[0].float() * scales[0][:, None]).to(dtype)
+            ref = F.linear(x, w0, biases[0]).float()  # what the skinny kernel must give
             timed = []
             for cand in plan[(n, k, bias, bucket)]:
                 launch = dataclasses.replace(cand, pdl=pdl)
                 try:
-                    got = skinny_linear(x, weights[0], biases[0], False, launch, workspace, out=out).float()
+                    got = skinny_linear(x, weights[0], biases[0], False, launch, workspace, out=out,
+                                        weight_scale=scales[0]).float()
                     if not ((got - ref).norm() / ref.norm()).item() < 1e-2:
                         print(f"  {n}x{k} b{bucket} {launch}: wrong result", flush=True)
                         continue
-                    us = chain_us(lambda w, b, la=launch: skinny_linear(x, w, b, False, la, workspace, out=out)) - norms_us
+                    us = chain_us(lambda w, s, b, la=launch: skinny_linear(x, w, b, False, la, workspace, out=out,
+                                                                          weight_scale=s)) - norms_us
                 except Exception as exc:  # out of resources
                     print(f"  {n}x{k} b{bucket} {launch}: {type(exc).__name__}", flush=True)
                     continue
@@ -282,13 +300,13 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             ours_us, ours = timed[0] if timed else (math.inf, None)
             winner = ours if ours_us < cublas_us else None
             best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours)
-            print(f"linear {n}x{k}{'+bias' if bias else ''} b{bucket} ({nbytes / 1e6:.1f} MB, after a norm of {norms_us:.1f} us): "
-                  f"cuBLAS {cublas_us:.1f} us ({nbytes / cublas_us / 1e6:.2f} TB/s); ours {ours_us:.1f} us "
+            print(f"linear {key_dtype} {n}x{k}{'+bias' if bias else ''} b{bucket} ({nbytes / 1e6:.1f} MB, after a norm of "
+                  f"{norms_us:.1f} us): cuBLAS{'Lt fp8' if fp8 else ''} {cublas_us:.1f} us ({nbytes / cublas_us / 1e6:.2f} TB/s); ours {ours_us:.1f} us "
                   f"({nbytes / ours_us / 1e6:.2f} TB/s) {ours} -> {'ours' if winner else 'cuBLAS'}", flush=True)
         for bucket in BATCH_BUCKETS:
             measured_at = max((b for b in buckets if b <= bucket), default=min(buckets))
             us, winner, cublas_us, ours = best_of[measured_at]
-            key = linear_key(dtype_name, n, k, bucket)
+            key = linear_key(key_dtype, n, k, bucket)
             entries[key] = None if winner is None else {f: v for f, v in vars(winner).items() if f != "pdl"}
             if measured_at == bucket:
                 measured[key] = {"us": round(us, 2), "cublas_us": round(cublas_us, 2), "tb_s": round(nbytes / us / 1e6, 3),
@@ -376,7 +394,9 @@ def main() -> None:
     p.add_argument("--contexts", default="64,256,1024", help="context lengths the table is tuned over")
     p.add_argument("--shapes", default="", help="comma-separated names from SHAPES to tune (default: all)")
     p.add_argument("--linear", default="", help="projections to tune instead: NxK[+bias],... (e.g. 6144x4096)")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the --linear projections")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the --linear projections (their activations)")
+    p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
+                   help="fp8: float8 e4m3 weights with a scale per row (--quantization fp8), keyed float8_e4m3fn")
     p.add_argument("--workers", type=int, default=8, help="processes compiling --linear candidates")
     p.add_argument("--experiment", action="store_true")
     p.add_argument("--json", default=None)
@@ -389,7 +409,7 @@ def main() -> None:
             nk, _, bias = item.partition("+")
             n, k = map(int, nk.split("x"))
             shapes.append((n, k, bias == "bias"))
-        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers)
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8")
     else:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
              args.workers)

@@ -3,6 +3,7 @@ head) against cuBLAS at each batch bucket, and optionally the decode-attention l
 shapes. Writes kernels/tuned_launch.json (entries for other shapes are kept).
 
     python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
+    python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ def main() -> None:
     p.add_argument("--contexts", default="64,256,1024")
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--out", default="kernels/tuned_launch.json")
+    p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
+                   help="fp8: the float8 projections of --quantization fp8 (the LM head stays dense)")
     args = p.parse_args()
     shapes = []
     for name in filter(None, args.models.split(",")):
         named = named_architecture(name)
         if named is None:
             raise SystemExit(f"unknown architecture {name!r}")
-        shapes += [s for s in decode_projection_shapes(named[1]) if s not in shapes]
+        model_shapes = decode_projection_shapes(named[1])
+        if args.weights == "fp8":
+            model_shapes = model_shapes[:-1]  # the LM head (last) keeps the model dtype
+        shapes += [s for s in model_shapes if s not in shapes]
     if shapes:
-        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers)
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8")
     if args.attention:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
 

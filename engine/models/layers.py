@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.fp8 import quantize_rows_fp8, scaled_mm_fp8
+
 
 def padded_vocab_size(vocab_size: int, shards: int = 1) -> int:
     """Rows of the embedding / LM-head matrix: a multiple of 64 (of 64 per tensor-parallel shard),
@@ -129,24 +131,6 @@ class GGUFBlockLinear(nn.Module):
         return self.kernel(x, self.weight, self.out_features, self.in_features, self.scheme, self.bias)
 
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3 value
-
-
-def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> (float8 e4m3 [N, K], fp32 scale [N]): each output channel scaled so its largest
-    magnitude maps to e4m3's largest value; weight ~= q * scale[:, None]."""
-    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
-    q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale
-
-
-def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
 class Fp8Linear(nn.Module):
     """A projection with float8 e4m3 weights (a scale per output channel). Batches the skinny
     decode kernel serves (on CUDA, the batch buckets where `configure_decode_kernels` finds it the
@@ -174,11 +158,7 @@ class Fp8Linear(nn.Module):
         if launch is not None:
             return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
                                           weight_scale=self.weight_scale)
-        xq, x_scale = quantize_tokens_fp8(x)
-        # Row-wise scaled FP8 GEMMs produce bf16 (what cuBLASLt supports for per-row scales).
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
-                             out_dtype=torch.bfloat16)
-        y = y.to(x.dtype)
+        y = scaled_mm_fp8(x, self.weight, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return F.gelu(y, approximate="tanh") if self.gelu else y
@@ -226,7 +206,7 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     ends), and the launch of every projection, the LM head included (`model.lm_head_projection`
     over `model.lm_head_weight()`), for each batch bucket up to `max_rows`: the skinny kernel's
     from the launch table, or cuBLAS. Only for the CUDA path (the Triton attention backend)."""
-    from kernels.launch_table import BATCH_BUCKETS, batch_bucket, linear_launch
+    from kernels.launch_table import BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch
     from kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
     from kernels.pdl import pdl_supported
 
@@ -237,11 +217,14 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     dtype_name = str(dtype).removeprefix("torch.")
     buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(max_rows)]
 
-    def configure(projection: ProjectionLaunches, n: int, k: int, heuristic: bool = True) -> None:
+    def configure(projection: ProjectionLaunches, n: int, k: int, heuristic: bool = True, fp8: bool = False) -> None:
         nonlocal need
         projection.launches = []
         for bucket in buckets:
-            launch = linear_launch(dtype_name, n, k, bucket, heuristic=heuristic)
+            # fp8 weights: their own measured launches where kernels/tune.py --weights fp8 wrote some,
+            # else the model dtype's for the shape (half the bytes through the same tiles)
+            table_dtype = "float8_e4m3fn" if fp8 and has_linear_entry("float8_e4m3fn", n, k, bucket) else dtype_name
+            launch = linear_launch(table_dtype, n, k, bucket, heuristic=heuristic)
             if launch is None:
                 break  # cuBLAS from here up
             launch = dataclasses.replace(launch, pdl=pdl)
@@ -254,9 +237,7 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
         if hasattr(module, "pdl"):  # AddNorm, the Llama attention's RoPE, its MLP's SiLU
             module.pdl = pdl
         elif isinstance(module, (DecodeLinear, Fp8Linear)):
-            # fp8 weights take the launches measured for the model dtype's shape: half the bytes
-            # through the same tiles (kernels/tune.py has not measured fp8 ones yet)
-            configure(module.projection, module.out_features, module.in_features)
+            configure(module.projection, module.out_features, module.in_features, fp8=isinstance(module, Fp8Linear))
     lm_head = model.lm_head_weight()
     # The LM head keeps cuBLAS unless the table holds a measured launch for its shape.
     configure(model.lm_head_projection, lm_head.shape[0], lm_head.shape[1], heuristic=False)

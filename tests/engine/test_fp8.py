@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.models.layers import FP8, FP8_MAX, Fp8Linear, quantize_rows_fp8, quantize_tokens_fp8
+from engine.models.layers import Fp8Linear
+from kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8, quantize_tokens_fp8
 
 
 def test_quantize_rows_round_trip():

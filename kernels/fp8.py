@@ -1,0 +1,32 @@
+"""float8 e4m3 helpers shared by the FP8 projections (engine/models/layers.py) and the tuner: a
+scale per weight row, a scale per activation row, and the scaled GEMM (`torch._scaled_mm`:
+cuBLASLt's FP8 GEMM on Hopper, torch's reference kernel on the CPU). Plain torch, no Triton."""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value: past it a cast gives NaN, so everything is clamped
+
+
+def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (float8 e4m3 [N, K], fp32 scale [N]): each output channel scaled so its largest
+    magnitude maps to e4m3's largest value; weight ~= q * scale[:, None]."""
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
+    q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (quantized here per token) @ weight [N, K]^T (e4m3, scale [N] per row), in x's dtype.
+    Row-wise scaled FP8 GEMMs produce bf16: what cuBLASLt supports for per-row scales."""
+    xq, x_scale = quantize_tokens_fp8(x)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16)
+    return y.to(x.dtype)
