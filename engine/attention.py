@@ -72,8 +72,6 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-
-
 def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                    kv_scales: tuple[float, float] = KV_UNIT_SCALES) -> None:
     block_size = kv_cache.shape[3]

@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fp8
 from kernels.pdl import pdl_launch, wait_for_previous_kernel
 
-
-FP8_MAX = tl.constexpr(448.0)  # the largest finite float8 e4m3 (fn) value
+FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # a global the kernels may read
 
 
 @triton.jit
