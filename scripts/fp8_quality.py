@@ -121,7 +121,7 @@ def main() -> None:
         return top1, sum(runs) / len(runs)
 
     report = {"model": args.model, "perplexity": ppl, "pairs": {}}
-    print(f"perplexity of the fixed text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    print("perplexity of the fixed text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     for a, b in (("fp8", "bf16"), ("kv_fp8", "bf16"), ("fp8+kv_fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32")):
         cos = cosine(a, b)
         top1, run = agreement(a, b)

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
