@@ -13,7 +13,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceeded, InvalidRequest
-from engine.model_runner import ModelRunner, PendingTokens, SampledToken
+from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
@@ -148,7 +148,7 @@ class LLMEngine:
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
-        self._inflight: _DecodeRun | None = None
+        self._inflight: _DecodeRun | GrammarRun | None = None
         # Device time of the greedy multi-step runs read so far: against wall time it tells
         # whether decoding is bound by the GPU or by the host (roseinfer bench reports it).
         self.decode_run_gpu_s = 0.0
@@ -274,6 +274,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self._inflight is not None:
             run, self._inflight = self._inflight, None
+            if isinstance(run, GrammarRun):
+                return self._finish_grammar_run(run)
             return self._finish_decode_run(run)
         failed = self._admit_compiled()
         sched = self.scheduler.schedule()
@@ -293,10 +295,11 @@ class LLMEngine:
         return failed + outputs
 
     def _can_admit(self) -> bool:
-        """Someone waits and the batch has room: run single steps so they join at once. With the
-        batch full, waiting requests cannot join before a running one finishes anyway, and a
-        finish ends the multi-step run."""
-        return bool(self.scheduler.waiting) and len(self.scheduler.running) < self.config.max_num_seqs
+        """Someone waits (a constrained request whose grammar has compiled counts) and the batch has
+        room: run single steps so they join at once. With the batch full, waiting requests cannot
+        join before a running one finishes anyway, and a finish ends the multi-step run."""
+        waiting = bool(self.scheduler.waiting) or any(f.done() for f in self._compiling.values())
+        return waiting and len(self.scheduler.running) < self.config.max_num_seqs
 
     def _multi_step_count(self, sched) -> int:
         """How many decode steps may run back to back: only when every running sequence is
@@ -334,9 +337,8 @@ class LLMEngine:
         matchers = [self.requests[seq.request_id].matcher for seq in seqs]
         if any(m is not None for m in matchers):
             # Constrained rows: each step masked by its grammar, which sees each token before the next.
-            grammar = GrammarSteps(self.structured, matchers)
-            steps = self.runner.execute_decode_steps(seqs, num_steps, grammar)
-            return self._accept_decode_run(seqs, steps, num_steps, grammar.ends)
+            return self._finish_grammar_run(self.runner.launch_grammar_run(seqs, num_steps,
+                                                                           GrammarSteps(self.structured, matchers)))
         if self.runner.can_launch_greedy_run(seqs, num_steps):
             run = _DecodeRun(seqs, self.runner.launch_greedy_run(seqs, chained=False), num_steps)
             return self._finish_decode_run(run)
@@ -351,7 +353,16 @@ class LLMEngine:
         self.decode_run_gpu_s += run.pending.gpu_s
         return self._accept_decode_run(run.seqs, tokens, run.num_steps)
 
-    def _can_chain(self, run: _DecodeRun) -> bool:
+    def _finish_grammar_run(self, run: GrammarRun) -> list[RequestOutput]:
+        """Run a constrained run's steps and read its tokens; when the batch may go on unchanged,
+        its next run's first forward is queued before this one's outputs are processed."""
+        if all(seq.is_finished for seq in run.seqs):
+            return []  # a chained run whose requests all ended meanwhile: its queued forward is moot
+        tokens = run.finish(chain=self._can_chain(run))
+        self._inflight = run.next
+        return self._accept_decode_run(run.seqs, tokens, run.num_steps, run.grammar.ends)
+
+    def _can_chain(self, run: _DecodeRun | GrammarRun) -> bool:
         """The next run of `run.seqs` may start before `run` is read: nobody joined, left or could join,
         and no sequence can reach max_tokens or the context within both runs. A sequence that stops
         on EOS or a stop string inside `run` wastes its share of the next run; the batch then

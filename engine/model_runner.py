@@ -478,42 +478,28 @@ class ModelRunner:
         return self.graphs.launch_greedy_steps(seqs, chained)
 
     @torch.inference_mode()
-    def execute_decode_steps(self, seqs: list[Sequence], num_steps: int, grammar=None) -> list[list[int]]:
+    def execute_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
         """Run `num_steps` decode steps back to back on the device, feeding each step's
         tokens to the next without a host round trip; one sync at the end. Blocks for all the new
         tokens must already be allocated. Returns the tokens of each step, per step. (Batches that
-        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined.)
-
-        `grammar` (constrained rows, engine.structured_output.GrammarSteps): each step's sampling
-        is masked by `grammar.fill()`, and its tokens go back through `grammar.accept` before
-        the next mask. The host reads each step's tokens, but the next step's forward is already
-        queued on the device when it does, so the grammar's host work overlaps the forward."""
+        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined; batches
+        with constrained rows through `launch_grammar_run`.)"""
         assert self.graphs is not None and self.graphs.fits(len(seqs))
         batch = self.sampling_batch(seqs)
-        if grammar is None:
-            steps = []
-            tokens = None
-            for i in range(num_steps):
-                logits = self.graphs.run_decode(seqs, offset=i, device_input_ids=tokens, num_steps=num_steps)
-                tokens = sample(logits, batch).token_ids
-                steps.append(tokens)
-            return torch.stack(steps).tolist()
-        cuda = self.device.type == "cuda"
-        host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=cuda)
-        logits = self.graphs.run_decode(seqs, num_steps=num_steps)
+        steps = []
+        tokens = None
         for i in range(num_steps):
-            batch.allowed_token_bitmask = grammar.fill()  # while the device runs step i's forward
+            logits = self.graphs.run_decode(seqs, offset=i, device_input_ids=tokens, num_steps=num_steps)
             tokens = sample(logits, batch).token_ids
-            host[i].copy_(tokens, non_blocking=cuda)
-            sampled = torch.cuda.Event() if cuda else None
-            if sampled is not None:
-                sampled.record()
-            if i + 1 < num_steps:  # queued before the host waits for step i's tokens
-                logits = self.graphs.run_decode(seqs, offset=i + 1, device_input_ids=tokens, num_steps=num_steps)
-            if sampled is not None:
-                sampled.synchronize()
-            grammar.accept(host[i].tolist())
-        return host.tolist()
+            steps.append(tokens)
+        return torch.stack(steps).tolist()
+
+    @torch.inference_mode()
+    def launch_grammar_run(self, seqs: list[Sequence], num_steps: int, grammar) -> GrammarRun:
+        """Start a multi-step run of a batch with constrained rows (its first forward is queued on
+        return); `GrammarRun.finish` runs the steps. Blocks for all its tokens must be allocated."""
+        assert self.graphs is not None and self.graphs.fits(len(seqs))
+        return GrammarRun(self, seqs, num_steps, grammar)
 
     @staticmethod
     def _to_host(seqs: list[Sequence], out: SamplerOutput) -> list[SampledToken]:
@@ -547,6 +533,51 @@ class PendingTokens:
         """Block until the run and its copy finished; the tokens of each step, per step."""
         self.done.synchronize()
         self.gpu_s = self.started.elapsed_time(self.done) / 1e3
+        return self.host.tolist()
+
+
+class GrammarRun:
+    """A multi-step decode run whose batch has constrained rows (engine.structured_output.
+    GrammarSteps): the host masks each step's sampling with the grammar's bitmask and feeds each
+    step's tokens back to the matchers, while the device already runs the next step's forward.
+
+    `finish(chain=...)` can also start the next run of the same batch before it returns: that
+    run's first forward goes on the device, on this run's last tokens, while the host processes
+    this run's outputs (as chained greedy runs do). `ahead`: tokens the host has not yet appended
+    to the sequences when the run starts (a chained run's: its predecessor's)."""
+
+    def __init__(self, runner: ModelRunner, seqs: list[Sequence], num_steps: int, grammar,
+                 ahead: int = 0, first_ids: torch.Tensor | None = None) -> None:
+        self.runner, self.seqs, self.num_steps, self.grammar = runner, seqs, num_steps, grammar
+        self.batch = runner.sampling_batch(seqs)
+        self.cuda = runner.device.type == "cuda"
+        self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
+        self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
+        self.next: GrammarRun | None = None
+
+    @torch.inference_mode()
+    def finish(self, chain: bool = False) -> list[list[int]]:
+        """Every step of the run; its tokens, per step."""
+        graphs = self.runner.graphs
+        for i in range(self.num_steps):
+            self.batch.allowed_token_bitmask = self.grammar.fill()  # while the device runs step i's forward
+            tokens = sample(self.logits, self.batch).token_ids
+            self.host[i].copy_(tokens, non_blocking=self.cuda)
+            sampled = torch.cuda.Event() if self.cuda else None
+            if sampled is not None:
+                sampled.record()
+            if i + 1 < self.num_steps:  # queued before the host waits for step i's tokens
+                self.logits = graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=tokens, num_steps=self.num_steps)
+            if sampled is not None:
+                sampled.synchronize()
+            if i + 1 == self.num_steps and chain:
+                # The next run's first forward, on these last tokens, which the host has not appended
+                # yet (it has every earlier run's). Only now: its inputs are staged in the pinned
+                # buffers this run's uploads read, which the sync above has drained.
+                self.next = GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, tokens)
+            self.grammar.accept(self.host[i].tolist())
+        if self.next is not None:
+            self.next.grammar = self.grammar.continued()
         return self.host.tolist()
 
 
@@ -687,15 +718,16 @@ class CudaGraphDecoder:
         done.record()
         return PendingTokens(host, started, done)
 
-    def _stage_run(self, seqs: list[Sequence], bs: int, num_steps: int) -> None:
+    def _stage_run(self, seqs: list[Sequence], bs: int, num_steps: int, ahead: int = 0) -> None:
         """Host staging of all `num_steps` steps of a decode run (ids of the first step; positions,
         cache slots and lengths of each), in one numpy pass over the batch: later steps of the run
-        then only upload and replay, so the device does not wait on Python between them."""
+        then only upload and replay, so the device does not wait on Python between them. `ahead`:
+        the run starts that many tokens past what the sequences hold (a chained run)."""
         n = len(seqs)
         block = self.runner.block_size
         rows = self.runner.block_rows
         row_ids = np.fromiter((rows.row_of(s) for s in seqs), np.int64, n)
-        positions = np.fromiter((s.num_tokens - 1 for s in seqs), np.int64, n) + np.arange(num_steps)[:, None]
+        positions = np.fromiter((s.num_tokens - 1 + ahead for s in seqs), np.int64, n) + np.arange(num_steps)[:, None]
         staging = self.staging_np[:num_steps, :, :bs]
         staging[:, :, n:] = 0  # padding rows: token 0 at position 0, no cache write (slot -1), length 0
         staging[:, 2, n:] = -1
@@ -706,17 +738,19 @@ class CudaGraphDecoder:
         staging[:, 3, :n] = positions + 1
 
     def run_decode(self, seqs: list[Sequence], offset: int = 0, device_input_ids: torch.Tensor | None = None,
-                   num_steps: int = 1) -> torch.Tensor:
+                   num_steps: int = 1, ahead: int = 0) -> torch.Tensor:
         """Logits [len(seqs), vocab] for each sequence's next token.
 
         offset > 0 runs the step `offset` tokens ahead of what the host knows
         (multi-step decode): token ids then come from `device_input_ids`, and
         the inputs and block tables staged at offset 0 already cover all `num_steps`.
+        `ahead` > 0 (at offset 0): the run starts that many tokens past the host's sequences, on
+        `device_input_ids` (a run chained onto one whose tokens the host has not read).
         """
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
         if offset == 0:
-            self._stage_run(seqs, bs, num_steps)
+            self._stage_run(seqs, bs, num_steps, ahead)
         dev_staging = self.staging[offset, :, :bs].to(self.runner.device, non_blocking=True)
         if device_input_ids is None:
             self.input_ids[:bs].copy_(dev_staging[0])

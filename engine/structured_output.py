@@ -180,6 +180,11 @@ class GrammarSteps:
     def fill(self) -> torch.Tensor:
         return self._outputs.fill_bitmask(self._matchers)
 
+    def continued(self) -> GrammarSteps:
+        """The grammar side of the next run of the same batch: rows whose grammar ended stay
+        unconstrained there (their requests end when this run's outputs are processed)."""
+        return GrammarSteps(self._outputs, self._matchers)
+
     def accept(self, tokens: list[int]) -> None:
         import xgrammar as xgr
 

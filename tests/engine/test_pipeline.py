@@ -45,18 +45,22 @@ class EagerGraphDecoder:
         self.last_first_pos: list[int] = []
         self.launches = {"fresh": 0, "chained": 0}
         self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
+        self.chained_runs = 0  # runs started on a previous run's unread tokens (constrained runs)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]
 
-    def _decode(self, seqs, ids: list[int], positions: list[int]) -> torch.Tensor:
+    def _decode(self, seqs, ids: list[int], positions: list[int], tables: list[list[int]] | None = None) -> torch.Tensor:
+        """One decode step; `tables` (default: the sequences' own) as they were when a run started."""
         bs = self.runner.block_size
+        tables = [list(s.block_table) for s in seqs] if tables is None else tables
         max_blocks = max(p // bs for p in positions) + 1
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]),
+            slot_mapping=torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]),
             query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32),
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
-            block_tables=self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks),
+            block_tables=torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables],
+                                      dtype=torch.int32),
             max_query_len=1, max_seq_len=max(positions) + 1,
             query_start_loc_host=list(range(len(seqs) + 1)), seq_lens_host=[p + 1 for p in positions],
         )
@@ -64,11 +68,17 @@ class EagerGraphDecoder:
         with torch.inference_mode():
             return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), self.runner.kv_caches, meta))
 
-    def run_decode(self, seqs, offset: int = 0, device_input_ids=None, num_steps: int = 1) -> torch.Tensor:
-        """`offset` steps ahead of the host, inputs from the previous step (a short multi-step run)."""
+    def run_decode(self, seqs, offset: int = 0, device_input_ids=None, num_steps: int = 1, ahead: int = 0) -> torch.Tensor:
+        """`offset` steps into a run whose positions and block tables were fixed at its first step
+        (as the CUDA decoder stages them); `ahead`: the run starts that many tokens past the host's
+        sequences, on `device_input_ids` (a chained run)."""
+        if offset == 0:
+            self.run_first_pos = [s.num_tokens - 1 + ahead for s in seqs]
+            self.run_tables = [list(s.block_table) for s in seqs]
         ids = [s.token_ids[-1] for s in seqs] if device_input_ids is None else device_input_ids[: len(seqs)].tolist()
         self.steps_ahead += offset > 0
-        return self._decode(seqs, ids, [s.num_tokens - 1 + offset for s in seqs])
+        self.chained_runs += offset == 0 and ahead > 0
+        return self._decode(seqs, ids, [p + offset for p in self.run_first_pos], self.run_tables)
 
     def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
         self.launches["chained" if chained else "fresh"] += 1
@@ -211,6 +221,8 @@ def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_
     for out in got[:2]:
         jsonschema.validate(json.loads(out.text), schema)
     assert llm.engine.runner.graphs.steps_ahead > 0  # the constrained batch ran in multi-step runs
+    assert llm.engine.runner.graphs.chained_runs > 0  # ... and chained them while outputs were processed
+    llm.engine.step()  # a chained run may still be in flight: read it
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
@@ -244,3 +256,54 @@ def test_a_decode_runs_inputs_are_staged_for_every_step_at_once(tiny_llama_dir):
     assert (staging[1:, 0, :] == 0).all()  # later steps' ids come from the device
     padding = staging[:, :, len(seqs):]
     assert (padding[:, 2] == -1).all() and (padding[:, [0, 1, 3]] == 0).all()
+
+
+def test_abort_while_a_constrained_run_is_chained(tiny_llama_dir, reference):
+    """A constrained run chained onto the previous one (its first forward already queued) when a
+    request of its batch is aborted: the others keep the single-step tokens; every block returns."""
+    spec = StructuredOutputSpec("regex", r"[a-z ]{20,80}\.")
+    params = SamplingParams(max_tokens=50, temperature=0.0, structured_output=spec)
+    want = reference.generate(PROMPTS, params)
+    llm = pipelined_llm(tiny_llama_dir)
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"c{i}", prompt, params)
+    got: dict[str, list[int]] = {}
+    aborted = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if not aborted and engine._inflight is not None and len(got.get("c2", [])) >= 9:
+            aborted = engine.abort_request("c2")  # its share of the chained run is already queued
+    assert aborted and len(got["c2"]) < len(want[2].token_ids)
+    assert got["c2"] == want[2].token_ids[: len(got["c2"])]
+    for i in (0, 1, 3):
+        assert got[f"c{i}"] == want[i].token_ids
+    engine.step()
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.requests
+
+
+def test_a_compiled_grammar_ends_the_chain_so_its_request_joins(tiny_llama_dir):
+    """A constrained request waits for its grammar outside the scheduler. Once it has compiled, the
+    pipelined runs must not chain on (they would until a running request neared its end): the
+    request joins the batch and has its first token long before the others finish."""
+    plain = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    llm = pipelined_llm(tiny_llama_dir)
+    engine = llm.engine
+    engine.add_request("long", PROMPTS[0], plain)
+    while engine._inflight is None:
+        engine.step()
+    engine.add_request("json", PROMPTS[1], SamplingParams(max_tokens=20, temperature=0.0,
+                                                          structured_output=StructuredOutputSpec("json_object")))
+    engine._compiling["json"].result()  # compiled: it can join now
+    long_tokens, json_first = 0, None
+    while engine.has_unfinished() and json_first is None:
+        for out in engine.step():
+            if out.request_id == "long":
+                long_tokens += len(out.new_token_ids)
+            elif out.new_token_ids:
+                json_first = long_tokens
+    assert json_first is not None and json_first <= 2 * 4 + 1  # within the run in flight and the next
+    while engine.has_unfinished():
+        engine.step()
