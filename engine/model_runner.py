@@ -541,10 +541,11 @@ class GrammarRun:
     GrammarSteps): the host masks each step's sampling with the grammar's bitmask and feeds each
     step's tokens back to the matchers, while the device already runs the next step's forward.
 
-    `finish(chain=...)` can also start the next run of the same batch before it returns: that
-    run's first forward goes on the device, on this run's last tokens, while the host processes
-    this run's outputs (as chained greedy runs do). `ahead`: tokens the host has not yet appended
-    to the sequences when the run starts (a chained run's: its predecessor's)."""
+    `finish(chain=True)` also starts the next run of the same batch before it returns: that run's
+    first forward on this run's last tokens, then (once the matchers have taken them) its first
+    masked sample and its second forward, so the device has about two steps of work while the
+    host processes this run's outputs (as chained greedy runs do). `ahead`: tokens the host has
+    not yet appended to the sequences when the run starts (a chained run's: its predecessor's)."""
 
     def __init__(self, runner: ModelRunner, seqs: list[Sequence], num_steps: int, grammar,
                  ahead: int = 0, first_ids: torch.Tensor | None = None) -> None:
@@ -553,31 +554,42 @@ class GrammarRun:
         self.cuda = runner.device.type == "cuda"
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
         self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
+        self.launched = 0  # steps whose sampling is on the device
+        self.sampled: list[torch.cuda.Event | None] = []
+        self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
         self.next: GrammarRun | None = None
+
+    def _launch(self, i: int) -> None:
+        """Step i's masked sampling (its forward is queued), then step i + 1's forward."""
+        self.batch.allowed_token_bitmask = self.grammar.fill()  # while the device runs step i's forward
+        self.tokens = sample(self.logits, self.batch).token_ids
+        self.host[i].copy_(self.tokens, non_blocking=self.cuda)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        self.sampled.append(event)
+        if i + 1 < self.num_steps:  # queued before the host waits for step i's tokens
+            self.logits = self.runner.graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=self.tokens,
+                                                        num_steps=self.num_steps)
+        self.launched = i + 1
 
     @torch.inference_mode()
     def finish(self, chain: bool = False) -> list[list[int]]:
         """Every step of the run; its tokens, per step."""
-        graphs = self.runner.graphs
         for i in range(self.num_steps):
-            self.batch.allowed_token_bitmask = self.grammar.fill()  # while the device runs step i's forward
-            tokens = sample(self.logits, self.batch).token_ids
-            self.host[i].copy_(tokens, non_blocking=self.cuda)
-            sampled = torch.cuda.Event() if self.cuda else None
-            if sampled is not None:
-                sampled.record()
-            if i + 1 < self.num_steps:  # queued before the host waits for step i's tokens
-                self.logits = graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=tokens, num_steps=self.num_steps)
-            if sampled is not None:
-                sampled.synchronize()
+            if i >= self.launched:
+                self._launch(i)
+            if self.sampled[i] is not None:
+                self.sampled[i].synchronize()
             if i + 1 == self.num_steps and chain:
                 # The next run's first forward, on these last tokens, which the host has not appended
                 # yet (it has every earlier run's). Only now: its inputs are staged in the pinned
                 # buffers this run's uploads read, which the sync above has drained.
-                self.next = GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, tokens)
+                self.next = GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens)
             self.grammar.accept(self.host[i].tolist())
         if self.next is not None:
             self.next.grammar = self.grammar.continued()
+            self.next._launch(0)  # its first masked sample and second forward, before our outputs are read
         return self.host.tolist()
 
 
