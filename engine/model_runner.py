@@ -248,6 +248,7 @@ class ModelRunner:
         layers = [m for m in self.model.modules() if hasattr(m, "kv_scales")]
         vocab = self.model_config.vocab_size
         ids = [i % vocab for i in self.loaded.tokenizer.encode(KV_CALIBRATION_TEXT)]
+        ids = ids[: max(16, len(ids) // 16 * 16)]  # a row count the kernels are compiled for anyway
         n, dev = len(ids), self.device
         blocks = -(-n // self.block_size)
         caches = [torch.zeros(2, blocks, self.kv_heads, self.block_size, self.model_config.head_dim, dtype=self.dtype,
