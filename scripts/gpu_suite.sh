@@ -28,7 +28,10 @@ smol_tok=.gpu_assets/smollm2
 run_tests() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
   python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' | tee -a "$out/device.txt"
-  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+  # GPU_TESTS: test paths to run (default: all of them; split them across calls if they outgrow one)
+  # shellcheck disable=SC2086
+  timeout "${GPU_TESTS_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 ${GPU_TESTS:-} 2>&1 \
+    | tee "$out/pytest_gpu.log" | tail -40
 }
 
 run_kernels() {
