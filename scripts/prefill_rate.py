@@ -62,7 +62,7 @@ def main() -> None:
     for n, k, _ in shapes[:-1]:
         x = torch.randn(total, k, dtype=torch.bfloat16, device="cuda")
         w = torch.randn(k, n, dtype=torch.bfloat16, device="cuda")
-        matmul_s += timed(lambda: torch.matmul(x, w), args.repeats) * mc.num_layers
+        matmul_s += timed(lambda x=x, w=w: torch.matmul(x, w), args.repeats) * mc.num_layers
         del x, w
     peak = layer_flops / matmul_s
     print(f"prefill {args.prompts} x {args.tokens} tokens: {prefill_s * 1e3:.1f} ms, {ours / 1e12:.0f} TFLOPS "
