@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test generate clean
 
-$(STAMP): pyproject.toml Makefile $(wildcard kernels/cpu/*.cpp)
+$(STAMP): pyproject.toml Makefile $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test,loadtest]'

@@ -28,7 +28,8 @@ import time
 logger = logging.getLogger(__name__)
 
 NAME = "roseinfer_cpu_kernels"
-SOURCES = ("module.cpp", "gguf_gemm.cpp", "decode_attention.cpp", "elementwise.cpp")
+SOURCES = ("module.cpp", "gguf_gemm.cpp", "decode_attention.cpp", "elementwise.cpp", "decode_layers.cpp")
+HEADERS = ("kernels.h",)
 CFLAGS = ("-O3", "-march=native")
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
 
@@ -47,7 +48,7 @@ def build_directory() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(os.path.join(SOURCE_DIR, source), "rb") as f:
             digest.update(source.encode() + b"\0" + f.read())
     digest.update(repr((CFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_flags())).encode())

@@ -204,10 +204,42 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if meta.is_decode_only and self._cpu_decode_layers(kv_caches) is not None:
+            x, residual = self._cpu_decode_layers(kv_caches)(x, positions, meta)
+            return self.model.norm(x, residual)[0]
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, positions, kv_cache, meta)
         return self.model.norm(x, residual)[0]
+
+    def _cpu_decode_layers(self, kv_caches: list[torch.Tensor]):
+        """On the CPU default path (C++ attention and norms, every projection in GGUF blocks, one
+        rank), a decode step's layers as one C++ call (kernels/cpu_layers.py): a function of (x,
+        positions, meta), built on first use; else None."""
+        cached = self.__dict__.get("_decode_layers_call")
+        if cached is not None and cached[0] is kv_caches:
+            return cached[1]
+        call = None
+        layers = list(self.model.layers)
+        attn = layers[0].self_attn
+        projections = [(l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj) for l in layers]
+        if (self.tp.size == 1 and attn.attention.name == "cpu" and not self.config.attention_bias
+                and all(isinstance(p, GGUFBlockLinear) and p.bias is None for ps in projections for p in ps)
+                and len({tuple(p.scheme for p in ps) for ps in projections}) == 1
+                and all(l.input_layernorm.cpu_kernel is not None for l in layers)):
+            from kernels.cpu_layers import decode_layers
+
+            tensors = [[l.input_layernorm.weight, ps[0].weight, ps[1].weight, l.post_attention_layernorm.weight,
+                        ps[2].weight, ps[3].weight, kv] for l, ps, kv in zip(layers, projections, kv_caches)]
+            q4_1 = [p.scheme == "q4_1" for p in projections[0]]
+            rotary, eps, mlp = self.model.rotary, layers[0].input_layernorm.eps, layers[0].mlp
+
+            def call(x, positions, meta):
+                return decode_layers(x, tensors, q4_1, meta.slot_mapping, positions, rotary.cos_half, rotary.sin_half,
+                                     meta.block_tables, meta.seq_lens, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                     mlp.intermediate_size, eps, attn.scale)
+        self.__dict__["_decode_layers_call"] = (kv_caches, call)
+        return call
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

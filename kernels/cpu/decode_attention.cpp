@@ -7,6 +7,8 @@
 //                    heads), no gather of the context.
 // fp32 tensors; the cache is [blocks, kv_heads, block_size, head_dim] per half, as on CUDA.
 #include <torch/extension.h>
+
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace roseinfer_cpu {
 
 // Reads int32 or int64 index tensors alike (the runner keeps slots int64, block tables int32),
 // without a converting copy per call.
@@ -282,9 +284,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
-}  // namespace
+}  // namespace roseinfer_cpu
 
 void register_decode_attention(pybind11::module& m) {
-  m.def("rotary_write_kv", &rotary_write_kv, "RoPE on q and k in place, then k and v into the paged cache");
-  m.def("paged_decode", &paged_decode, "one query token per sequence over the paged cache (fp32)");
+  m.def("rotary_write_kv", &roseinfer_cpu::rotary_write_kv, "RoPE on q and k in place, then k and v into the paged cache");
+  m.def("paged_decode", &roseinfer_cpu::paged_decode, "one query token per sequence over the paged cache (fp32)");
 }

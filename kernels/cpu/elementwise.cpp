@@ -4,12 +4,14 @@
 //                 Llama RMSNorm, whose rounding to the model dtype is a no-op in fp32);
 //   silu_mul:     silu(gate) * up over [gate | up] rows.
 #include <torch/extension.h>
+
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <tuple>
 
-namespace {
+namespace roseinfer_cpu {
 
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
                                                       torch::Tensor weight, double eps) {
@@ -60,9 +62,9 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace roseinfer_cpu
 
 void register_elementwise(pybind11::module& m) {
-  m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (fp32): (normed, sum)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up over [gate | up] rows (fp32)");
+  m.def("add_rms_norm", &roseinfer_cpu::add_rms_norm, "residual add + RMSNorm (fp32): (normed, sum)");
+  m.def("silu_mul", &roseinfer_cpu::silu_mul, "silu(gate) * up over [gate | up] rows (fp32)");
 }

@@ -7,6 +7,8 @@
 // x are processed together (up to kMaxRows), sharing each block's decoded weights. Work is split
 // over output rows with torch's intra-op thread pool.
 #include <torch/extension.h>
+
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -16,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace roseinfer_cpu {
 
 constexpr int kBlock = 32;
 constexpr int kQ41Bytes = 20;  // fp16 d, fp16 m, 16 bytes of nibbles
@@ -162,9 +164,9 @@ torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t k, bool q4_1) {
   return out;
 }
 
-}  // namespace
+}  // namespace roseinfer_cpu
 
 void register_gguf_gemm(pybind11::module& m) {
-  m.def("gguf_linear", &gguf_linear, "x @ W^T with W in Q4_1 or Q8_0 blocks (fp32 x)");
-  m.def("gguf_dequantize", &gguf_dequantize, "Q4_1 or Q8_0 blocks to fp32");
+  m.def("gguf_linear", &roseinfer_cpu::gguf_linear, "x @ W^T with W in Q4_1 or Q8_0 blocks (fp32 x)");
+  m.def("gguf_dequantize", &roseinfer_cpu::gguf_dequantize, "Q4_1 or Q8_0 blocks to fp32");
 }

@@ -112,6 +112,21 @@ def test_smollm2_gguf_blocks_give_the_dequantised_models_tokens(smollm2_gguf):
     assert [o.token_ids for o in blocks.generate(PROMPTS, params)] == [o.token_ids for o in dense.generate(PROMPTS, params)]
 
 
+def test_smollm2_decode_layers_in_one_call_match_the_layer_loop(smollm2_gguf):
+    """The CPU default's decode steps run every layer in one C++ call (kernels/cpu_layers.py);
+    the Python loop over the same kernels gives the same tokens and the same log-probabilities."""
+    llm = LLM("smollm2-135m-instruct", num_kv_blocks=64)
+    model = llm.engine.runner.model
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
+    fused = llm.generate(PROMPTS, params)
+    assert model.__dict__["_decode_layers_call"][1] is not None  # the one-call path ran
+    model.__dict__["_decode_layers_call"] = (llm.engine.runner.kv_caches, None)  # the layer loop from here on
+    looped = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in looped]
+    for a, b in zip(fused, looped):
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
 def test_cpu_attention_backend_matches_torch(tiny_llama_dir):
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     cpu = LLM(tiny_llama_dir, attention_backend="cpu", num_kv_blocks=64)
