@@ -32,15 +32,12 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """Launch parameters of the decode kernel: tokens per iteration, split count, warps, stages, and
-    (one query head per KV head only) whether QK^T and PV run on the tensor cores, with the head
-    padded to 16 rows, or as CUDA-core dot products over the one row (`_paged_decode_mha_kernel`)."""
+    """Launch parameters of the decode kernel: tokens per iteration, split count, warps, stages."""
 
     tokens: int = 64
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    tensor_cores: bool = True
 
 
 @triton.jit
@@ -126,66 +123,6 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _paged_decode_mha_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    scale_log2, v_scale,
-    stride_q_tok, stride_q_head,
-    stride_c_block, stride_c_tok, stride_c_head,
-    stride_bt,
-    stride_o_tok, stride_o_head,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """`_paged_decode_kernel` for one query head per KV head (GPT-2, multi-head attention): the
-    head's row against a [HEAD_DIM, TOKENS] tile of keys as CUDA-core products and sums, in fp32,
-    instead of a tensor-core tile padded from 1 row to 16. Same online softmax, splits, outputs."""
-    wait_for_previous_kernel(USE_PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    chunks_per_split = tl.cdiv(tl.cdiv(seq_len, TOKENS), NUM_SPLITS)
-    start = split * chunks_per_split * TOKENS
-    end = tl.minimum(seq_len, start + chunks_per_split * TOKENS)
-
-    d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, TOKENS)
-    q = tl.load(q_ptr + seq * stride_q_tok + head * stride_q_head + d).to(tl.float32) * scale_log2
-    m = tl.full([1], float("-inf"), tl.float32)
-    l = tl.zeros([1], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    bt_row = block_tables_ptr + seq * stride_bt
-    head_base = head * stride_c_head
-    for pos in range(start, end, TOKENS):
-        tok = pos + t
-        valid = tok < end
-        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        off = block * stride_c_block + head_base + (tok % BLOCK_SIZE) * stride_c_tok
-        k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None] * k, axis=0)  # [TOKENS], already in the log2 domain
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
-        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-
-    if FP8_CACHE:
-        acc = acc * v_scale
-    if NUM_SPLITS == 1:
-        l_safe = tl.where(l == 0.0, 1.0, l)  # an empty (padding) sequence yields zeros, not NaN
-        tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + d, (acc / l_safe).to(out_ptr.dtype.element_ty))
-    else:
-        row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + split
-        tl.store(part_acc_ptr + row * HEAD_DIM + d, acc)
-        one = tl.arange(0, 1)
-        tl.store(part_ml_ptr + row * 2 + one, m)
-        tl.store(part_ml_ptr + row * 2 + 1 + one, l)
-
-
-@triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, stride_o_tok, stride_o_head,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -244,26 +181,18 @@ def paged_decode(
         part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    common = (q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
-              scale * LOG2E * k_scale, v_scale,
-              q.stride(0), q.stride(1),
-              k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-              block_tables.stride(0),
-              out.stride(0), out.stride(1))
-    if not launch.tensor_cores:
-        assert group == 1, "the CUDA-core decode kernel takes one query head per KV head"
-        _paged_decode_mha_kernel[(num_seqs, kv_heads, splits)](
-            *common, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TOKENS=launch.tokens, NUM_SPLITS=splits,
-            FP8_CACHE=fp8, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl, q),
-        )
-    else:
-        _paged_decode_kernel[(num_seqs, kv_heads, splits)](
-            *common,
-            GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            TOKENS=launch.tokens, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-            DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", FP8_CACHE=fp8,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl, q),
-        )
+    _paged_decode_kernel[(num_seqs, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
+        scale * LOG2E * k_scale, v_scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TOKENS=launch.tokens, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
+        DOT_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", FP8_CACHE=fp8,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl, q),
+    )
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1),

@@ -59,16 +59,12 @@ def make_inputs(num_seqs: int, context: int, heads: int, kv_heads: int, dim: int
     return q, k, v, tables, seq_lens
 
 
-def candidates(num_seqs: int, kv_heads: int, head_dim: int, num_sms: int, group: int):
-    """Launches worth measuring; with one query head per KV head (group 1) also the CUDA-core kernel,
-    which skips the tensor cores' 16-row padding."""
+def candidates(num_seqs: int, kv_heads: int, head_dim: int, num_sms: int):
     programs = num_seqs * kv_heads
     split_options = [1] if programs >= 4 * num_sms else [1, 2, 4, 8]
     warp_options = (2, 4, 8) if head_dim <= 64 else (4, 8)
-    core_options = (True, False) if group == 1 else (True,)
-    for tokens, warps, stages, splits, cores in itertools.product((32, 64, 128), warp_options, (2, 3, 4), split_options,
-                                                                  core_options):
-        yield DecodeLaunch(tokens=tokens, num_splits=splits, num_warps=warps, num_stages=stages, tensor_cores=cores)
+    for tokens, warps, stages, splits in itertools.product((32, 64, 128), warp_options, (2, 3, 4), split_options):
+        yield DecodeLaunch(tokens=tokens, num_splits=splits, num_warps=warps, num_stages=stages)
 
 
 def _compile_decode(jobs: list[tuple[int, int, int, str, dict, bool]]) -> int:
@@ -107,12 +103,12 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (),
     selected = [s for s in SHAPES if not shapes or s[0] in shapes]
     jobs = sorted({(heads, kv_heads, dim, str(dtype).removeprefix("torch."), tuple(sorted(vars(c).items())), pdl)
                    for _, heads, kv_heads, dim, dtype in selected for bucket in TUNED_BUCKETS
-                   for c in candidates(bucket, kv_heads, dim, num_sms, heads // kv_heads)})
+                   for c in candidates(bucket, kv_heads, dim, num_sms)})
     _compile_in_workers(_compile_decode, [(h, kh, d, dt, dict(c), p) for h, kh, d, dt, c, p in jobs], workers)
     entries: dict[str, dict] = {}
     for name, heads, kv_heads, dim, dtype in selected:
         for bucket in TUNED_BUCKETS:
-            launches = list(candidates(bucket, kv_heads, dim, num_sms, heads // kv_heads))
+            launches = list(candidates(bucket, kv_heads, dim, num_sms))
             times: dict[DecodeLaunch, list[float]] = {c: [] for c in launches}
             for context in contexts:
                 # As in a decode step: back to back in a CUDA graph, over enough layers of K/V that
