@@ -10,6 +10,21 @@ from engine.models.layers import Fp8Linear
 from kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8, quantize_tokens_fp8
 
 
+def decode_steps_close(want, got, tolerance: float = 0.15) -> int:
+    """Each pair of outputs (greedy, logprobs=0): the same first token, and every step up to the
+    first differing token within `tolerance` in log-probability. Returns the decode steps (past
+    the first token) compared."""
+    compared = 0
+    for a, b in zip(want, got):
+        assert a.token_ids[0] == b.token_ids[0]
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                break
+            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < tolerance
+            compared += i > 0
+    return compared
+
+
 def test_quantize_rows_round_trip():
     torch.manual_seed(0)
     w = torch.randn(64, 256) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different scales
@@ -74,15 +89,7 @@ def test_fp8_kv_cache_holds_twice_the_tokens_and_decodes_close(tiny_llama_dir):
     assert len(scales) == 2 and len(set(scales)) == 2 and all(0 < x < 1 for pair in scales for x in pair)
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = ["Hello world, my name is", "The capital of France is", "def fibonacci(n):"]
-    decode_steps_compared = 0
-    for a, b in zip(bf16.generate(prompts, params), fp8.generate(prompts, params)):
-        assert a.token_ids[0] == b.token_ids[0]
-        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
-            if x != y:
-                break
-            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.15
-            decode_steps_compared += i > 0
-    assert decode_steps_compared >= 6
+    assert decode_steps_close(bf16.generate(prompts, params), fp8.generate(prompts, params)) >= 6
     bm = fp8.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     with pytest.raises(ValueError, match="fp8 KV cache"):
@@ -208,12 +215,7 @@ def test_fp8_kv_cache_through_the_triton_kernels_under_interpreter(tiny_llama_di
     prompts = ["Hello world, my name is",
                "Once upon a time, in a land far, far away, there lived a young girl who"]  # prefilled in chunks
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
-    for a, b in zip(full.generate(prompts, params), fp8.generate(prompts, params)):
-        assert a.token_ids[0] == b.token_ids[0]
-        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
-            if x != y:
-                break
-            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.15
+    decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params))
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -229,12 +231,4 @@ def test_fp8_weights_through_the_skinny_kernel_under_interpreter(tiny_llama_dir)
     assert layers and all(m.projection.launch_for(1) is not None for m in layers)  # decode: the skinny kernel
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = ["Hello world, my name is", "The capital of France is"]
-    compared = 0
-    for a, b in zip(full.generate(prompts, params), fp8.generate(prompts, params)):
-        assert a.token_ids[0] == b.token_ids[0]
-        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
-            if x != y:
-                break
-            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.15
-            compared += i > 0
-    assert compared >= 2
+    assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
