@@ -94,6 +94,24 @@ class EagerGraphDecoder:
         return _Ready(steps)
 
 
+def run_aborting_in_flight(engine, prefix: str, params: SamplingParams, victim: str, after: int
+                           ) -> tuple[dict[str, list[int]], bool]:
+    """PROMPTS as requests `prefix`0..3, stepped to the end; `victim` is aborted once it has `after`
+    tokens while a run is in flight (its share of the next run already on the device). Returns the
+    tokens each request got, and whether the abort happened."""
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"{prefix}{i}", prompt, params)
+    got: dict[str, list[int]] = {}
+    aborted = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if not aborted and engine._inflight is not None and victim in engine.requests \
+                and len(got.get(victim, [])) >= after:
+            aborted = engine.abort_request(victim)
+    return got, aborted
+
+
 def pipelined_llm(path: str, steps: int = 4) -> LLM:
     llm = LLM(path, num_kv_blocks=128, max_num_seqs=8, num_scheduler_steps=steps)
     llm.engine.runner.graphs = EagerGraphDecoder(llm.engine.runner, steps)
@@ -130,15 +148,7 @@ def test_abort_while_a_run_is_in_flight(tiny_llama_dir, reference):
     want = reference.generate(PROMPTS, plain)
     llm = pipelined_llm(tiny_llama_dir)
     engine = llm.engine
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"a{i}", prompt, plain)
-    got: dict[str, list[int]] = {}
-    aborted_in_flight = False
-    while engine.has_unfinished():
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if engine._inflight is not None and "a3" in engine.requests and len(got.get("a3", [])) >= 12:
-            aborted_in_flight = engine.abort_request("a3")  # its next run was already launched
+    got, aborted_in_flight = run_aborting_in_flight(engine, "a", plain, victim="a3", after=12)  # next run launched
     assert aborted_in_flight
     assert 12 <= len(got["a3"]) < 60 and got["a3"] == want[3].token_ids[: len(got["a3"])]
     for i in range(3):
@@ -266,15 +276,7 @@ def test_abort_while_a_constrained_run_is_chained(tiny_llama_dir, reference):
     want = reference.generate(PROMPTS, params)
     llm = pipelined_llm(tiny_llama_dir)
     engine = llm.engine
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"c{i}", prompt, params)
-    got: dict[str, list[int]] = {}
-    aborted = False
-    while engine.has_unfinished():
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if not aborted and engine._inflight is not None and len(got.get("c2", [])) >= 9:
-            aborted = engine.abort_request("c2")  # its share of the chained run is already queued
+    got, aborted = run_aborting_in_flight(engine, "c", params, victim="c2", after=9)  # its share already queued
     assert aborted and len(got["c2"]) < len(want[2].token_ids)
     assert got["c2"] == want[2].token_ids[: len(got["c2"])]
     for i in (0, 1, 3):
