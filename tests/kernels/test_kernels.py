@@ -92,6 +92,19 @@ def test_paged_decode_matches_reference(device, case):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def prefill_queries(spans, heads: int, dim: int, dtype, device):
+    """Random queries for sequences of (q_len, seq_len) packed one after another: (q, query_start_loc,
+    seq_lens, the 16-row tile list)."""
+    starts = [0]
+    for q_len, _ in spans:
+        starts.append(starts[-1] + q_len)
+    q = torch.randn(starts[-1], heads, dim, device=device).to(dtype)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=device)
+    seq_lens = torch.tensor([s for _, s in spans], dtype=torch.int32, device=device)
+    tiles = torch.from_numpy(prefill_tiles([ql for ql, _ in spans], 16)).to(device)
+    return q, qsl, seq_lens, tiles
+
+
 PREFILL_CASES = [
     # (num_heads, kv_heads, head_dim, block_size, [(q_len, seq_len)], dtype)
     (4, 4, 64, 16, [(20, 20), (5, 5)], torch.float32),
@@ -109,15 +122,9 @@ def test_paged_prefill_matches_reference(device, case):
     num_blocks = sum(-(-n // bs) for n in lens) + 2
     k_cache, v_cache = make_cache(num_blocks, bs, kv_heads, dim, dtype, device)
     tables = random_tables(lens, bs, num_blocks, device, gen)
-    starts = [0]
-    for q_len, _ in spans:
-        starts.append(starts[-1] + q_len)
-    q = torch.randn(starts[-1], heads, dim, device=device).to(dtype)
-    qsl = torch.tensor(starts, dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q, qsl, seq_lens, tiles = prefill_queries(spans, heads, dim, dtype, device)
     out = torch.full_like(q, float("nan"))
     scale = dim**-0.5
-    tiles = torch.from_numpy(prefill_tiles([ql for ql, _ in spans], 16)).to(device)
     paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, scale, tiles, PrefillLaunch(block_m=16, block_n=16), out=out)
     ref = paged_prefill_ref(q, k_cache, v_cache, tables.clamp(min=0), qsl, seq_lens, scale)
     assert rel_err(out, ref) < TOL[dtype]
@@ -270,14 +277,8 @@ def test_paged_prefill_reads_an_fp8_cache(device, dtype):
     k_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
     v_cache = quantize_kv_ref(torch.randn(num_blocks, kv_heads, bs, dim, device=device) * 4, 1.0)
     tables = random_tables(lens, bs, num_blocks, device, gen)
-    starts = [0]
-    for q_len, _ in spans:
-        starts.append(starts[-1] + q_len)
-    q = torch.randn(starts[-1], heads, dim, device=device).to(dtype)
-    qsl = torch.tensor(starts, dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q, qsl, seq_lens, tiles = prefill_queries(spans, heads, dim, dtype, device)
     out = torch.full_like(q, float("nan"))
-    tiles = torch.from_numpy(prefill_tiles([ql for ql, _ in spans], 16)).to(device)
     paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, dim**-0.5, tiles, PrefillLaunch(block_m=16, block_n=16),
                   out=out, k_scale=K_SCALE, v_scale=V_SCALE)
     ref = paged_prefill_ref(q, k_cache.float() * K_SCALE, v_cache.float() * V_SCALE, tables.clamp(min=0), qsl, seq_lens,
