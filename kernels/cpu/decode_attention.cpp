@@ -162,6 +162,15 @@ inline float exp_against_max(float* x, int64_t n, float* sum_out) {
 constexpr int64_t kMaxVectors = 32;  // group x head_dim / 16: the queries and accumulators held in registers
 constexpr int64_t kPrefetch = 8;     // rows ahead: the cache is streamed from memory, a row per token
 
+// Token `pos`'s row of a cache (nv vectors of 16) into xv, and the row kPrefetch tokens on asked for.
+inline void load_row(const float* cache, const int64_t* rows, int64_t pos, int64_t len, int64_t nv, __m512* xv) {
+  if (pos + kPrefetch < len)
+    for (int64_t b = 0; b < nv * 64; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(cache + rows[pos + kPrefetch]) + b, _MM_HINT_T0);
+  const float* row = cache + rows[pos];
+  for (int64_t v = 0; v < nv; ++v) xv[v] = _mm512_loadu_ps(row + v * 16);
+}
+
 // attend_portable's arithmetic in AVX-512 registers: head_dim a multiple of 16, a group of at
 // most kMaxVectors * 16 / head_dim query heads (SmolLM2's 3 x 64, Llama-3's 4 x 128).
 void attend_avx512(const float* qs, const int64_t* rows, const float* kc, const float* vc, int64_t group,
@@ -170,11 +179,7 @@ void attend_avx512(const float* qs, const int64_t* rows, const float* kc, const 
   __m512 qv[kMaxVectors], xv[kMaxVectors], av[kMaxVectors];
   for (int64_t i = 0; i < group * nv; ++i) qv[i] = _mm512_loadu_ps(qs + i * 16);
   for (int64_t pos = 0; pos < len; ++pos) {
-    if (pos + kPrefetch < len)
-      for (int64_t b = 0; b < dim * 4; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(kc + rows[pos + kPrefetch]) + b, _MM_HINT_T0);
-    const float* key = kc + rows[pos];
-    for (int64_t v = 0; v < nv; ++v) xv[v] = _mm512_loadu_ps(key + v * 16);
+    load_row(kc, rows, pos, len, nv, xv);
     for (int64_t g = 0; g < group; ++g) {
       __m512 sum = _mm512_mul_ps(qv[g * nv], xv[0]);
       for (int64_t v = 1; v < nv; ++v) sum = _mm512_fmadd_ps(qv[g * nv + v], xv[v], sum);
@@ -184,11 +189,7 @@ void attend_avx512(const float* qs, const int64_t* rows, const float* kc, const 
   for (int64_t g = 0; g < group; ++g) m[g] = exp_against_max(scores + g * len, len, l + g);
   for (int64_t i = 0; i < group * nv; ++i) av[i] = _mm512_setzero_ps();
   for (int64_t pos = 0; pos < len; ++pos) {
-    if (pos + kPrefetch < len)
-      for (int64_t b = 0; b < dim * 4; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(vc + rows[pos + kPrefetch]) + b, _MM_HINT_T0);
-    const float* value = vc + rows[pos];
-    for (int64_t v = 0; v < nv; ++v) xv[v] = _mm512_loadu_ps(value + v * 16);
+    load_row(vc, rows, pos, len, nv, xv);
     for (int64_t g = 0; g < group; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * len + pos]);
       for (int64_t v = 0; v < nv; ++v) av[g * nv + v] = _mm512_fmadd_ps(p, xv[v], av[g * nv + v]);
