@@ -237,6 +237,22 @@ class ModelRunner:
             self.max_model_len, self.attention.name, self.dtype, self.device, "on" if self.graphs else "off",
         )
 
+    def one_sequence_meta(self, start: int, end: int) -> AttentionMetadata:
+        """A step of tokens start..end-1 of one sequence whose K/V fill the cache's first blocks in
+        order, without the scheduler (the fp8 calibration, scripts/fp8_quality.py)."""
+        dev = self.device
+        blocks = -(-end // self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(start, end, device=dev),
+            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([end], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None], max_query_len=end - start,
+            max_seq_len=end, query_start_loc_host=[0, end - start], seq_lens_host=[end],
+        )
+        if self.prefill_block_m:  # the Triton prefill kernel's tile list
+            meta.prefill_tiles = torch.from_numpy(prefill_tiles(np.array([end - start]), self.prefill_block_m)).to(dev)
+        return meta
+
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
         """An fp8 cache's scales, a (k_scale, v_scale) per layer, from one prefill of a fixed text
@@ -253,15 +269,7 @@ class ModelRunner:
         blocks = -(-n // self.block_size)
         caches = [torch.zeros(2, blocks, self.kv_heads, self.block_size, self.model_config.head_dim, dtype=self.dtype,
                               device=dev) for _ in layers]
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=dev), query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None], max_query_len=n, max_seq_len=n,
-            query_start_loc_host=[0, n], seq_lens_host=[n],
-        )
-        if self.prefill_block_m:
-            meta.prefill_tiles = torch.from_numpy(prefill_tiles(np.array([n]), self.prefill_block_m)).to(dev)
-        self.model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), caches, meta)
+        self.model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), caches, self.one_sequence_meta(0, n))
         for layer, cache in zip(layers, caches):
             amax = cache.flatten(1).abs().amax(dim=1).float().clamp(min=1e-6)
             layer.kv_scales = tuple((amax / (FP8_MAX / 2)).tolist())

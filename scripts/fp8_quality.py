@@ -14,13 +14,10 @@ import argparse
 import json
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.attention import AttentionMetadata
-from kernels.prefill_tiles import prefill_tiles
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
@@ -51,22 +48,12 @@ def all_logits(llm: LLM, ids: list[int], chunk: int | None = None) -> torch.Tens
     runner = llm.engine.runner
     dev = runner.device
     n = len(ids)
-    blocks = -(-n // runner.block_size)
-    table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
     bounds = [0, n] if chunk is None else [0, *range(1, n, chunk), n]
     out = []
     with torch.inference_mode():
         for start, end in zip(bounds, bounds[1:]):
-            meta = AttentionMetadata(
-                slot_mapping=torch.arange(start, end, device=dev),
-                query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor([end], dtype=torch.int32, device=dev), block_tables=table,
-                max_query_len=end - start, max_seq_len=end, query_start_loc_host=[0, end - start], seq_lens_host=[end],
-            )
-            if runner.prefill_block_m:  # the Triton prefill kernel's tile list
-                meta.prefill_tiles = torch.from_numpy(prefill_tiles(np.array([end - start]), runner.prefill_block_m)).to(dev)
             hidden = runner.model(torch.tensor(ids[start:end], device=dev), torch.arange(start, end, device=dev),
-                                  runner.kv_caches, meta)
+                                  runner.kv_caches, runner.one_sequence_meta(start, end))
             out.append(runner.model.compute_logits(hidden).float().cpu())
     return torch.cat(out)
 

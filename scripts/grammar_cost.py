@@ -33,11 +33,11 @@ WORKLOADS = {
 }
 
 
-def measure(outputs: StructuredOutputs, schema: dict, text: str, rows: int, threads: int, steps: int) -> dict:
+def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows: int, threads: int, steps: int) -> dict:
     import xgrammar as xgr
 
     compiled = outputs.compile_async(StructuredOutputSpec.json_schema(schema)).result()
-    token_ids = gpt2_tokenizer().encode(text, add_special_tokens=False)[:steps]
+    token_ids = tokenizer.encode(text, add_special_tokens=False)[:steps]
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
     bitmask = torch.empty(rows, (outputs.vocab_size + 31) // 32, dtype=torch.int32)
     batch = xgr.BatchGrammarMatcher(threads)
@@ -49,7 +49,7 @@ def measure(outputs: StructuredOutputs, schema: dict, text: str, rows: int, thre
         ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, [token] * rows)
         accept += time.perf_counter() - mid
         fill += mid - start
-        assert all(ok), f"token {token} ({gpt2_tokenizer().decode([token])!r}) rejected: fix the workload's text"
+        assert all(ok), f"token {token} ({tokenizer.decode([token])!r}) rejected: fix the workload's text"
     n = len(token_ids) * rows
     return {"fill_us_per_row": fill / n * 1e6, "accept_us_per_row": accept / n * 1e6,
             "step_us": (fill + accept) / len(token_ids) * 1e6, "steps": len(token_ids)}
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"{'workload':10} {'threads':>7} {'fill us/row':>12} {'accept us/row':>14} {'step us':>9}")
     for name, (schema, text) in WORKLOADS.items():
         for threads in (int(t) for t in args.threads.split(",")):
-            r = measure(outputs, schema, text, args.rows, threads, args.steps)
+            r = measure(outputs, tokenizer, schema, text, args.rows, threads, args.steps)
             results[f"{name}/{threads}"] = r
             print(f"{name:10} {threads:>7} {r['fill_us_per_row']:>12.1f} {r['accept_us_per_row']:>14.2f} {r['step_us']:>9.0f}")
     if args.json:
