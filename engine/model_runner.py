@@ -259,7 +259,7 @@ class ModelRunner:
         into a temporary cache in the model's dtype: each layer's largest |K| (after RoPE, as
         stored) and |V| map to half of e4m3's 448. Values up to twice the calibration's stay
         finite, and small ones keep e4m3's 3 mantissa bits: with unit scales 43% of SmolLM2's
-        layer-0 values of V fell into its subnormals (perplexity +2.2% against +1.4% calibrated,
+        layer-0 values of V fell into its subnormals (perplexity +2.2% against +1.3% calibrated,
         docs/BENCHMARKS.md). Every tensor-parallel rank runs it (the forward's all-reduces)."""
         layers = [m for m in self.model.modules() if hasattr(m, "kv_scales")]
         vocab = self.model_config.vocab_size
