@@ -204,8 +204,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        if meta.is_decode_only and self._cpu_decode_layers(kv_caches) is not None:
-            x, residual = self._cpu_decode_layers(kv_caches)(x, positions, meta)
+        decode_layers = self._cpu_decode_layers(kv_caches) if meta.is_decode_only else None
+        if decode_layers is not None:
+            x, residual = decode_layers(x, positions, meta)
             return self.model.norm(x, residual)[0]
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
