@@ -11,14 +11,19 @@ from kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8, quantize_tokens_fp8
 
 
 def decode_steps_close(want, got, tolerance: float = 0.15) -> int:
-    """Each pair of outputs (greedy, logprobs=0): the same first token, and every step up to the
-    first differing token within `tolerance` in log-probability. Returns the decode steps (past
-    the first token) compared."""
+    """Each pair of outputs (greedy, logprobs=0 or more): the same first token, and every step up
+    to the first differing token within `tolerance` in log-probability. Where `want` carries top
+    log-probabilities, the first differing token must be a near tie there: among `want`'s top
+    tokens, within `tolerance` of its choice. Returns the decode steps (past the first token)
+    compared."""
     compared = 0
     for a, b in zip(want, got):
         assert a.token_ids[0] == b.token_ids[0]
         for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
             if x != y:
+                if a.logprobs[i].top:
+                    top = dict(a.logprobs[i].top)
+                    assert y in top and a.logprobs[i].logprob - top[y] < tolerance, (i, x, y, top)
                 break
             assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < tolerance
             compared += i > 0
@@ -188,15 +193,17 @@ def test_an_fp8_checkpoint_with_one_scale_per_tensor(tiny_llama_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp8_kv_cache_on_cuda_with_graphs(tiny_llama_dir):
     """The Triton kernels write and read the e4m3 cache inside the decode graphs, the multi-step
-    runs and the mixed-step graphs (a long prompt's chunks): the first tokens agree with bf16's."""
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    runs and the mixed-step graphs (a long prompt's chunks): the tokens agree with bf16's up to a near tie."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5, ignore_eos=True)
     prompts = ["Hello world, my name is", "The capital of France is " * 20]
     kw = dict(device="cuda", dtype="bfloat16", kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=64)
     bf16 = LLM(tiny_llama_dir, **kw)
     fp8 = LLM(tiny_llama_dir, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.cuda_graphs_enabled and fp8.engine.runner.num_blocks == 2 * bf16.engine.runner.num_blocks
-    for a, b in zip(bf16.generate(prompts, params), fp8.generate(prompts, params)):
-        assert a.token_ids[:2] == b.token_ids[:2] and len(b.token_ids) == 24
+    want, got = bf16.generate(prompts, params), fp8.generate(prompts, params)
+    assert all(len(b.token_ids) == 24 for b in got)
+    # random weights leave near ties that e4m3's rounding may flip: a flip must be one
+    assert decode_steps_close(want, got) >= 1
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
