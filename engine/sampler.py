@@ -7,7 +7,8 @@ the exponential race (argmax of p / Exp(1)), which equals a categorical draw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -27,10 +28,32 @@ class SamplingBatch:
     # Constrained rows (engine/structured_output.py): one bit per token, 1 = allowed; rows of
     # the batch without a constraint are all ones. [rows, ceil(vocab / 32)] int32 on the host.
     allowed_token_bitmask: torch.Tensor | None = None
+    # Per-row values already on the device (row_values), kept for the batch's later steps: a
+    # multi-step run samples the same batch every step.
+    _on_device: dict = field(default_factory=dict, repr=False)
 
-    @property
+    # What the rows ask for, worked out once per batch (a multi-step run samples it every step).
+    @cached_property
     def all_greedy(self) -> bool:
         return all(p.greedy for p in self.params)
+
+    @cached_property
+    def max_logprobs(self) -> int | None:
+        return max((p.logprobs for p in self.params if p.logprobs is not None), default=None)
+
+    @cached_property
+    def needs_processing(self) -> bool:
+        """Penalties, logit biases or min_tokens on some row."""
+        return any(p.logit_bias or p.uses_penalties or p.min_tokens for p in self.params)
+
+    def row_values(self, name: str, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`values` (one per row) as a device tensor, uploaded once per batch. From pinned memory
+        without blocking: `torch.tensor(list, device=cuda)` would wait for the queued forward."""
+        tensor = self._on_device.get(name)
+        if tensor is None:
+            host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+            tensor = self._on_device[name] = host.to(device, non_blocking=True)
+        return tensor
 
 
 @dataclass
@@ -102,9 +125,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Pick one token per row. `logits` is [num_rows, vocab] float32 on the device; a
     constrained batch masks it in place (unless log-probabilities, taken before, need it)."""
     raw_logits = logits
-    max_logprobs = max((p.logprobs for p in batch.params if p.logprobs is not None), default=None)
-    needs_processing = any(p.logit_bias or p.uses_penalties or p.min_tokens for p in batch.params)
-    if needs_processing:
+    max_logprobs = batch.max_logprobs
+    if batch.needs_processing:
         logits = apply_penalties_and_biases(logits.clone(), batch)
     if batch.allowed_token_bitmask is not None:
         if logits is raw_logits and max_logprobs is not None:
@@ -128,32 +150,37 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     params = batch.params
     device = logits.device
     num_rows, vocab = logits.shape
-    greedy_rows = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    greedy_rows = batch.row_values("greedy", [p.greedy for p in params], torch.bool, device)
+    temperature = batch.row_values("temperature", [p.temperature if not p.greedy else 1.0 for p in params],
+                                   torch.float32, device)
     logits = logits / temperature[:, None]
 
     if any(0 < p.top_k < vocab for p in params):
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+        top_k = batch.row_values("top_k", [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        top_p = batch.row_values("top_p", [p.top_p for p in params], torch.float32, device)[:, None]
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        min_p = batch.row_values("min_p", [p.min_p for p in params], torch.float32, device)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
 
-    noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(batch.generators) if g is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
-    for i, g in enumerate(batch.generators):
-        if g is not None:
-            noise[i].exponential_(generator=g)
+    if len(unseeded) == num_rows:
+        noise = torch.empty_like(probs).exponential_()
+    else:
+        noise = torch.empty_like(probs)
+        if unseeded:
+            rows = batch.row_values("unseeded", unseeded, torch.int64, device)
+            noise[rows] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for i, g in enumerate(batch.generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)

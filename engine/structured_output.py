@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -49,9 +50,9 @@ class StructuredOutputs:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
         self._pin_bitmask = pin_bitmask
         self._bitmask: torch.Tensor | None = None
-        self._batch_matcher = None
-        # Bitmask rows are filled in parallel: half the cores (the engine loop keeps one), up to 8.
-        self._fill_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        # Bitmask rows are filled on one thread or in parallel (half the cores, up to 8), whichever
+        # the step's grammar states make cheaper: see FillThreads.
+        self._fill = FillThreads(max(1, min(8, (os.cpu_count() or 2) // 2)))
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
@@ -151,19 +152,54 @@ class StructuredOutputs:
         a bounded integer inside a long repetition: scripts/grammar_cost.py), rows without a
         matcher all ones. One buffer, reused (pinned when uploads are to a GPU): the caller uses
         it before the next call."""
-        import xgrammar as xgr
-
         rows = len(matchers)
         if self._bitmask is None or self._bitmask.shape[0] < rows:
             self._bitmask = torch.empty(max(rows, 64), (self.vocab_size + 31) // 32, dtype=torch.int32,
                                         pin_memory=self._pin_bitmask)
-            self._batch_matcher = xgr.BatchGrammarMatcher(self._fill_threads)
         bitmask = self._bitmask[:rows]
         indices = [i for i, m in enumerate(matchers) if m is not None]
         if len(indices) < rows:  # xgrammar writes whole rows: only the unconstrained ones need ones
             bitmask[[i for i, m in enumerate(matchers) if m is None]] = -1
-        self._batch_matcher.batch_fill_next_token_bitmask([matchers[i] for i in indices], bitmask, indices)
+        self._fill([matchers[i] for i in indices], bitmask, indices)
         return bitmask
+
+
+class FillThreads:
+    """xgrammar's batch bitmask fill on one thread or on `threads`, whichever has been cheaper.
+
+    Threads pay a fixed cost per call (about 0.2 ms on the 16-core GPU host): an extraction
+    schema's rows (~2-9 us each) fill faster on one thread, a bounded integer inside a long
+    repetition (~120-250 us a row) several times faster on eight (scripts/grammar_cost.py). Which
+    one a step needs depends on where its rows are in their grammars, so each is timed as it runs
+    (a moving average per call) and every `probe_every`th fill runs on the other to keep its
+    figure current. Either fills the same bits."""
+
+    def __init__(self, threads: int, probe_every: int = 32) -> None:
+        self.choices = sorted({1, threads})
+        self.probe_every = probe_every
+        self.seconds: dict[int, float] = {}  # moving average of a fill's time, per choice
+        self.calls = 0
+        self._matchers: dict = {}
+
+    def pick(self) -> int:
+        self.calls += 1
+        unmeasured = [c for c in self.choices if c not in self.seconds]
+        if unmeasured:
+            return unmeasured[0]
+        ranked = sorted(self.choices, key=self.seconds.__getitem__)
+        return ranked[-1] if self.calls % self.probe_every == 0 else ranked[0]
+
+    def __call__(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
+        import xgrammar as xgr
+
+        threads = self.pick()
+        if threads not in self._matchers:
+            self._matchers[threads] = xgr.BatchGrammarMatcher(threads)
+        start = time.perf_counter()
+        self._matchers[threads].batch_fill_next_token_bitmask(matchers, bitmask, indices)
+        took = time.perf_counter() - start
+        last = self.seconds.get(threads)
+        self.seconds[threads] = took if last is None else 0.75 * last + 0.25 * took
 
 
 class GrammarSteps:

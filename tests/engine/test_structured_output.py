@@ -13,7 +13,7 @@ import pytest
 from engine import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
-from engine.structured_output import StructuredOutputs
+from engine.structured_output import FillThreads, StructuredOutputs
 from engine import tool_calls
 
 SCHEMAS = [
@@ -128,6 +128,38 @@ def test_grammar_cache_is_bounded_and_keeps_the_recently_used(tiny_llm):
     with pytest.raises(InvalidRequest):  # a bad spec fails and is not kept
         outputs.validate(StructuredOutputSpec("regex", "(unclosed"))
     assert list(outputs._cache) == [specs[4], specs[0], specs[1]]
+
+
+def test_fill_threads_takes_the_cheaper_and_probes_the_other(tiny_llm):
+    """One thread and several fill the same bits; after measuring both, the cheaper one runs, and
+    every probe_every-th fill the other, so a change in the rows' cost is noticed."""
+    import torch
+    import xgrammar as xgr
+
+    engine = tiny_llm.engine
+    outputs = StructuredOutputs.for_tokenizer(engine.tokenizer, engine.model_config.vocab_size, (50256,))
+    compiled = outputs.compile_async(StructuredOutputSpec.json_schema(SCHEMAS[0])).result()
+    matchers = [outputs.matcher(compiled) for _ in range(4)]
+    for m, text in zip(matchers, ['{"name": "', '{"na', '', '{"name": "ab", "age": 1']):
+        assert m.accept_string(text)
+    fill = FillThreads(2, probe_every=4)
+    words = (engine.model_config.vocab_size + 31) // 32
+    masks = []
+    for _ in range(2):  # each choice runs once first
+        mask = torch.zeros(4, words, dtype=torch.int32)
+        fill(matchers, mask, [0, 1, 2, 3])
+        masks.append(mask)
+    assert sorted(fill.seconds) == [1, 2] and torch.equal(masks[0], masks[1])
+    one_by_one = torch.zeros(4, words, dtype=torch.int32)
+    for i, m in enumerate(matchers):
+        m.fill_next_token_bitmask(one_by_one, i)
+    assert torch.equal(masks[0], one_by_one)
+    assert isinstance(fill._matchers[2], xgr.BatchGrammarMatcher)
+    fill.seconds = {1: 1e-3, 2: 5e-3}
+    fill.calls = 0
+    assert [fill.pick() for _ in range(8)] == [1, 1, 1, 2, 1, 1, 1, 2]
+    fill.seconds = {1: 9e-3, 2: 5e-3}
+    assert fill.pick() == 2
 
 
 def test_seeded_constrained_sampling_is_reproducible(tiny_llm):
