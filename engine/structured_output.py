@@ -165,21 +165,25 @@ class StructuredOutputs:
 
 
 class FillThreads:
-    """xgrammar's batch bitmask fill on one thread or on `threads`, whichever has been cheaper.
+    """xgrammar's bitmask fill on the calling thread, or split across `threads` (the caller and a
+    pool, each filling a contiguous slice of the rows; xgrammar drops the GIL while it fills),
+    whichever has been cheaper.
 
-    Threads pay a fixed cost per call (about 0.2 ms on the 16-core GPU host): an extraction
-    schema's rows (~2-9 us each) fill faster on one thread, a bounded integer inside a long
-    repetition (~120-250 us a row) several times faster on eight (scripts/grammar_cost.py). Which
-    one a step needs depends on where its rows are in their grammars, so each is timed as it runs
-    (a moving average per call) and every `probe_every`th fill runs on the other to keep its
-    figure current. Either fills the same bits."""
+    Splitting pays a fixed cost per call (handing slices to the pool and joining them): an
+    extraction schema's rows (~2-9 us each) may fill as fast on one thread, a bounded integer
+    inside a long repetition (~120-250 us a row) several times faster on eight
+    (scripts/grammar_cost.py). Which one a step needs depends on where its rows are in their
+    grammars, so each is timed as it runs (a moving average per call) and every `probe_every`th
+    fill runs on the other to keep its figure current. Either fills the same bits. (xgrammar's own
+    threaded batch fill starts its threads on every call: ~0.2 ms, more than 64 such rows cost.)"""
 
     def __init__(self, threads: int, probe_every: int = 32) -> None:
         self.choices = sorted({1, threads})
         self.probe_every = probe_every
         self.seconds: dict[int, float] = {}  # moving average of a fill's time, per choice
         self.calls = 0
-        self._matchers: dict = {}
+        self._slices: list = []  # one single-threaded batch matcher per slice
+        self._pool: ThreadPoolExecutor | None = None
 
     def pick(self) -> int:
         self.calls += 1
@@ -193,10 +197,18 @@ class FillThreads:
         import xgrammar as xgr
 
         threads = self.pick()
-        if threads not in self._matchers:
-            self._matchers[threads] = xgr.BatchGrammarMatcher(threads)
+        parts = max(1, min(threads, len(matchers)))
+        while len(self._slices) < parts:
+            self._slices.append(xgr.BatchGrammarMatcher(1))
+        if parts > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(max(self.choices) - 1, thread_name_prefix="roseinfer-bitmask")
         start = time.perf_counter()
-        self._matchers[threads].batch_fill_next_token_bitmask(matchers, bitmask, indices)
+        bounds = [len(matchers) * j // parts for j in range(parts + 1)]
+        pending = [self._pool.submit(self._slices[j].batch_fill_next_token_bitmask, matchers[bounds[j]:bounds[j + 1]],
+                                     bitmask, indices[bounds[j]:bounds[j + 1]]) for j in range(1, parts)]
+        self._slices[0].batch_fill_next_token_bitmask(matchers[:bounds[1]], bitmask, indices[:bounds[1]])
+        for future in pending:
+            future.result()
         took = time.perf_counter() - start
         last = self.seconds.get(threads)
         self.seconds[threads] = took if last is None else 0.75 * last + 0.25 * took
