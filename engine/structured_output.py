@@ -194,24 +194,28 @@ class FillThreads:
         return ranked[-1] if self.calls % self.probe_every == 0 else ranked[0]
 
     def __call__(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
+        threads = self.pick()
+        start = time.perf_counter()
+        self.fill_split(threads, matchers, bitmask, indices)
+        took = time.perf_counter() - start
+        last = self.seconds.get(threads)
+        self.seconds[threads] = took if last is None else 0.75 * last + 0.25 * took
+
+    def fill_split(self, threads: int, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
+        """Fill on `threads` (one of `choices`): the caller's slice here, the others on the pool."""
         import xgrammar as xgr
 
-        threads = self.pick()
         parts = max(1, min(threads, len(matchers)))
         while len(self._slices) < parts:
             self._slices.append(xgr.BatchGrammarMatcher(1))
         if parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max(self.choices) - 1, thread_name_prefix="roseinfer-bitmask")
-        start = time.perf_counter()
         bounds = [len(matchers) * j // parts for j in range(parts + 1)]
         pending = [self._pool.submit(self._slices[j].batch_fill_next_token_bitmask, matchers[bounds[j]:bounds[j + 1]],
                                      bitmask, indices[bounds[j]:bounds[j + 1]]) for j in range(1, parts)]
         self._slices[0].batch_fill_next_token_bitmask(matchers[:bounds[1]], bitmask, indices[:bounds[1]])
         for future in pending:
             future.result()
-        took = time.perf_counter() - start
-        last = self.seconds.get(threads)
-        self.seconds[threads] = took if last is None else 0.75 * last + 0.25 * took
 
 
 class GrammarSteps:

@@ -1,6 +1,7 @@
 """What a constrained decode step costs the host: xgrammar's bitmask fill and token accept, per
 row, over GPT-2's vocabulary, for the schemas `scripts/gpu_suite.sh structured` benchmarks. Every
-row follows the same valid text (token by token), so the figures repeat from run to run.
+row follows the same valid text (token by token), so the figures repeat from run to run. The fill
+is the engine's (engine.structured_output.FillThreads), held to each --threads count.
 
 A constrained multi-step run does this work for each step while the device runs that step's
 forward (engine.structured_output.GrammarSteps): it stays hidden while rows x (fill + accept) is
@@ -18,7 +19,7 @@ import time
 import torch
 
 from engine.sampling_params import StructuredOutputSpec
-from engine.structured_output import StructuredOutputs
+from engine.structured_output import FillThreads, StructuredOutputs
 from engine.tokenizer import gpt2_tokenizer
 
 RECORD = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email"],
@@ -40,11 +41,11 @@ def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows
     token_ids = tokenizer.encode(text, add_special_tokens=False)[:steps]
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
     bitmask = torch.empty(rows, (outputs.vocab_size + 31) // 32, dtype=torch.int32)
-    batch = xgr.BatchGrammarMatcher(threads)
+    split = FillThreads(threads)  # the engine's fill, held to `threads`
     fill = accept = 0.0
     for token in token_ids:
         start = time.perf_counter()
-        batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        split.fill_split(threads, matchers, bitmask, list(range(rows)))
         mid = time.perf_counter()
         ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, [token] * rows)
         accept += time.perf_counter() - mid
