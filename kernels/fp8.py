@@ -5,6 +5,7 @@ cuBLASLt's FP8 GEMM on Hopper, torch's reference kernel on the CPU). Plain torch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value: past it a cast gives NaN, so everything is clamped
@@ -22,6 +23,18 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fake_quantize_slices_fp8(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """[M, K] activations as the skinny kernel's W8A8 launches see them (`LinearLaunch.act_fp8`),
+    in fp32: each row's slices of `block_k` columns (from column 0) scaled so that their largest
+    magnitude maps to e4m3's largest value, rounded to e4m3 and scaled back."""
+    m, k = x.shape
+    pad = -k % block_k
+    slices = F.pad(x.float(), (0, pad)).view(m, -1, block_k)
+    scale = slices.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    q = (slices / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (q.float() * scale).view(m, -1)[:, :k]
 
 
 def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ class LinearLaunch:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False
+    # float8 weights only: quantise each BLOCK_K slice of the activations to e4m3 (a scale per row
+    # and slice) and multiply fp8 x fp8 on the tensor cores (W8A8), instead of widening the weights
+    # to the activations' dtype in registers (W8A16), which bounds how fast the weights stream.
+    act_fp8: bool = False
 
 
 @triton.jit
@@ -63,7 +67,7 @@ def _linear_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ACT_FP8: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -95,15 +99,25 @@ def _linear_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
-            w = w.to(x_ptr.dtype.element_ty)
-        if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:  # fp32 inputs: full precision, not TF32
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (kernels.fp8.quantize_slices_fp8)
+            xf = x.to(tl.float32)
+            x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
+            xq = tl.clamp(xf / x_scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            if DOT_FP32:  # the interpreter: e4m3 products are exact in fp32
+                part = tl.dot(xq.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(xq, tl.trans(w))
+            acc += part * x_scale[:, None]
         else:
-            acc += tl.dot(x, tl.trans(w))
+            if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
+                w = w.to(x_ptr.dtype.element_ty)
+            if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:  # fp32 inputs: full precision, not TF32
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
 
     tile_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -167,7 +181,8 @@ def skinny_linear(
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N], then tanh-GELU if `gelu`; M is small (a decode batch).
     A float8 e4m3 weight comes with `weight_scale` [N] fp32 (weight ~= q * scale per output row):
-    it is read at a byte a weight and widened to x's dtype in registers (no activation scaling)."""
+    it is read at a byte a weight and widened to x's dtype in registers (no activation scaling), or,
+    with `launch.act_fp8`, multiplied with x quantised to e4m3 a BLOCK_K slice at a time."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
     assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
     scaled = weight.dtype == torch.float8_e4m3fn
@@ -175,6 +190,7 @@ def skinny_linear(
         (not scaled and weight_scale is None and x.dtype == weight.dtype)
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
     assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
+    assert scaled or not launch.act_fp8, "act_fp8 is for float8 weights"
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
@@ -192,8 +208,9 @@ def skinny_linear(
     _linear_kernel[grid](
         x, weight, weight_scale if scaled else out, bias if bias is not None else out, out, partials, counters,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu,
-        DOT_FP32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", IEEE=x.dtype == torch.float32,
+        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
+        DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8) and os.environ.get("TRITON_INTERPRET") == "1",
+        IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),
         LINE_ELEMS=128 // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,

@@ -16,6 +16,7 @@ import torch
 from kernels.activation import silu_and_mul
 from kernels.decode_step import decode_step_inputs
 from kernels.embedding import embed_add
+from kernels.fp8 import fake_quantize_slices_fp8
 from kernels.kv_cache import write_kv
 from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from kernels.norm import add_norm
@@ -400,6 +401,42 @@ def test_skinny_linear_with_fp8_weights(device, dtype, case):
         out = torch.full((rows, n), float("nan"), device=device, dtype=dtype)
         got = skinny_linear(x, weight, bias, gelu, launch, workspace, out=out, weight_scale=scale)
         assert got is out and rel_err(got, ref) < TOL[dtype]
+        if launch.split_k > 1:
+            assert int(workspace.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
+    """W8A8 decode (`act_fp8`): each BLOCK_K slice of a row quantized to e4m3 with its own scale,
+    fp8 x fp8 products, the slice's scale on its partial sum: the result of the fake-quantized
+    activations' product. Rows at very different magnitudes: a scale per row and slice, not per
+    tensor. The interpreter rounds to e4m3 its own way (assert_fp8_equal), so there the activations
+    are e4m3 values times a power of two, with 448 in every slice: the scales and the sums are
+    checked, the rounding only on the GPU."""
+    rows, n, k, has_bias, gelu, launch = case
+    launch = dataclasses.replace(launch, act_fp8=True)
+    if INTERPRET:
+        q = quantize_kv_ref(torch.randn(rows, k) * 100, 1.0).float()
+        q[:, ::launch.block_k] = 448.0
+        x = (q * 2.0 ** (torch.arange(rows) - rows // 2)[:, None].clamp(-6, 6)).to(dtype)
+    else:
+        x = (torch.randn(rows, k, device=device) * torch.logspace(-2, 2, rows, device=device)[:, None]).to(dtype)
+    weight = quantize_kv_ref(torch.randn(n, k, device=device) * 100, 1.0)
+    scale = torch.rand(n, device=device) * 0.02 / k**0.5 + 1e-4
+    bias = torch.randn(n, device=device).to(dtype) if has_bias else None
+    x_seen = fake_quantize_slices_fp8(x.float().cpu(), launch.block_k).to(device)
+    ref = linear_ref(x_seen, weight, bias, gelu, weight_scale=scale).to(dtype)
+    unquantized = linear_ref(x, weight, bias, gelu, weight_scale=scale)
+    if not INTERPRET:
+        assert rel_err(ref, unquantized) > 1e-3  # the quantization is visible: the test tells the two apart
+    workspace = SplitKWorkspace()
+    for _ in range(2):
+        out = torch.full((rows, n), float("nan"), device=device, dtype=dtype)
+        got = skinny_linear(x, weight, bias, gelu, launch, workspace, out=out, weight_scale=scale)
+        for row in range(rows):  # row by row: each has its own scale
+            assert rel_err(got[row], ref[row]) < 2 * TOL[dtype], row  # a wrong scale is off by far more
         if launch.split_k > 1:
             assert int(workspace.counters.abs().sum()) == 0
 

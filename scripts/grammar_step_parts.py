@@ -1,0 +1,95 @@
+"""Where a constrained decode step's host time goes on the GPU: the seed workload (GPT-2, 64 x 512
+from a one-token prompt, greedy) held to the `records` schema of scripts/grammar_cost.py, with a
+wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
+waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample,
+launching the next forward, and processing a run's outputs. Against a free run's step time, it says
+which part keeps the step above the forward's time.
+
+    python scripts/grammar_step_parts.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+import engine.model_runner as model_runner
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import StructuredOutputSpec
+from engine.structured_output import GrammarSteps
+from grammar_cost import RECORD  # scripts/, this script's directory
+
+SCHEMA = {"type": "array", "minItems": 100, "items": RECORD}
+
+totals: dict[str, float] = defaultdict(float)
+calls: dict[str, int] = defaultdict(int)
+
+
+def timed(name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+            calls[name] += 1
+    return wrapper
+
+
+def instrument() -> None:
+    GrammarSteps.fill = timed("fill", GrammarSteps.fill)
+    GrammarSteps.accept = timed("accept", GrammarSteps.accept)
+    model_runner.sample = timed("sample launch", model_runner.sample)
+    decoder = model_runner.CudaGraphDecoder
+    decoder.run_decode = timed("forward launch", decoder.run_decode)
+    torch.cuda.Event.synchronize = timed("wait for tokens", torch.cuda.Event.synchronize)
+    LLMEngine._accept_decode_run = timed("process outputs", LLMEngine._accept_decode_run)
+    model_runner.GrammarRun.finish = timed("run (all of it)", model_runner.GrammarRun.finish)
+
+
+def run(llm: LLM, params: SamplingParams, requests: int) -> float:
+    prompts = [[15496]] * requests  # "Hello", as the seed bench
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    llm = LLM("gpt2", load_format="dummy", device=args.device, max_num_seqs=args.requests, enable_prefix_caching=False)
+    free = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    records = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True,
+                             structured_output=StructuredOutputSpec.json_schema(json.dumps(SCHEMA)))
+    llm.engine.structured.validate(records.structured_output)
+    run(llm, free, args.requests)
+    run(llm, records, args.requests)  # warm-up, both
+    free_s = run(llm, free, args.requests)
+    instrument()
+    records_s = run(llm, records, args.requests)
+    steps = args.max_tokens
+    result = {"free_step_us": free_s / steps * 1e6, "records_step_us": records_s / steps * 1e6,
+              "parts_us_per_step": {k: v / steps * 1e6 for k, v in totals.items()}, "calls": dict(calls)}
+    print(f"free step {result['free_step_us']:.0f} us, records step {result['records_step_us']:.0f} us "
+          f"(whole generate over {steps} steps)")
+    for name, us in sorted(result["parts_us_per_step"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:18} {us:8.1f} us a step  ({calls[name]} calls)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
