@@ -1,5 +1,5 @@
 """Where a constrained decode step's host time goes on the GPU: the seed workload (GPT-2, 64 x 512
-from a one-token prompt, greedy) held to the `records` schema of scripts/grammar_cost.py, with a
+from a one-token prompt, greedy unless --temperature) held to the `records` schema of scripts/grammar_cost.py, with a
 wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
 waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample,
 launching the next forward, and processing a run's outputs. Against a free run's step time, it says
@@ -67,11 +67,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the seed bench")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM("gpt2", load_format="dummy", device=args.device, max_num_seqs=args.requests, enable_prefix_caching=False)
-    free = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    records = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True,
+    free = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature)
+    records = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature,
                              structured_output=StructuredOutputSpec.json_schema(json.dumps(SCHEMA)))
     llm.engine.structured.validate(records.structured_output)
     run(llm, free, args.requests)
