@@ -99,7 +99,7 @@ def _linear_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (kernels.fp8.quantize_slices_fp8)
+        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
             x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
             xq = tl.clamp(xf / x_scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
