@@ -30,10 +30,7 @@ def fake_quantize_slices_fp8(x: torch.Tensor, block_k: int) -> torch.Tensor:
     in fp32: each row's slices of `block_k` columns (from column 0) scaled so that their largest
     magnitude maps to e4m3's largest value, rounded to e4m3 and scaled back."""
     m, k = x.shape
-    pad = -k % block_k
-    slices = F.pad(x.float(), (0, pad)).view(m, -1, block_k)
-    scale = slices.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    q = (slices / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q, scale = quantize_tokens_fp8(F.pad(x.float(), (0, -k % block_k)).view(-1, block_k))  # a slice per "token"
     return (q.float() * scale).view(m, -1)[:, :k]
 
 

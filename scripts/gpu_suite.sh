@@ -241,8 +241,9 @@ run_big() {
 # FP8 (issue 16), the big architecture in bf16, with fp8 weights, and with fp8 weights and an fp8 KV
 # cache, same call: batch 1 time per token, batch 64 x 512 from a one-token prompt, batch 64 at ~4k
 # contexts (FP8_WORKLOADS picks among b1 b64 4k: all of them for the three variants is ~10 min,
-# so split them across calls; FP8_VARIANTS picks among bf16 fp8 fp8kv; FP8_WORKLOADS= runs none). FP8_TUNE first measures the fp8 projections' launches (the table
-# comes back in OUTDIR as 00_tuned_launch.json, to commit); FP8_CHECKS adds the CUDA tests and the quality script.
+# so split them across calls; FP8_VARIANTS picks among bf16 fp8 fp8kv; FP8_WORKLOADS= runs none).
+# FP8_TUNE first measures the fp8 projections' launches (the table comes back in OUTDIR as
+# 00_tuned_launch.json, to commit); FP8_CHECKS adds the CUDA tests and the quality script.
 run_fp8() {
   if [ -n "${FP8_TUNE:-}" ]; then  # the skinny kernel's launches for the fp8 projections, against cuBLASLt's
     timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 --workers 14 2>&1 \

@@ -1,6 +1,6 @@
 """Where a constrained decode step's host time goes on the GPU: the seed workload (GPT-2, 64 x 512
-from a one-token prompt, greedy unless --temperature) held to the `records` schema of scripts/grammar_cost.py, with a
-wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
+from a one-token prompt, greedy unless --temperature) held to the `records` schema of
+scripts/grammar_cost.py, with a wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
 waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample,
 launching the next forward, and processing a run's outputs. Against a free run's step time, it says
 which part keeps the step above the forward's time.
