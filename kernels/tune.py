@@ -33,7 +33,7 @@ from kernels.launch_table import (
     load_table,
 )
 from kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, scaled_mm_fp8
-from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
+from kernels.linear import FMA_MAX_ROWS, LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from kernels.norm import add_norm
 from kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
 
@@ -192,16 +192,28 @@ LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 def linear_candidates(n: int, k: int, rows: int, num_sms: int) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
     columns, K tiles of 128 or 256, 3 or 4 stages, and the split-K counts that give between one
-    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums)."""
+    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums). Up to
+    FMA_MAX_ROWS rows, also the CUDA-core path's tiles of 8-64 columns and 256-512-wide K tiles, as
+    many as keep its fp32 partial products within 64 registers a thread."""
+    def split_counts(block_n: int, block_k: int, m_tiles: int) -> list[int]:
+        tiles = triton.cdiv(n, block_n) * m_tiles
+        splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
+        # too few tiles even split 16 ways, or too many unsplit: the nearest one
+        return splits or [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
+
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
     for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256), (3, 4)):
-        tiles = triton.cdiv(n, block_n) * m_tiles
-        splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
-        if not splits:  # too few tiles even split 16 ways, or too many unsplit: the nearest one
-            splits = [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
-        for split in splits:
+        for split in split_counts(block_n, block_k, m_tiles):
             out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages))
+    if rows <= FMA_MAX_ROWS:
+        block_m = tile_rows(rows, fma=True)
+        for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (256, 512), (4, 8), (1, 3)):
+            if block_m * block_n * block_k > 64 * 32 * warps:
+                continue
+            for split in split_counts(block_n, block_k, 1):
+                out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps,
+                                        num_stages=stages, fma=True))
     return out
 
 
@@ -238,9 +250,11 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
     if fp8:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
-        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
-    # One job per compiled variant: buckets with the same row tile share a binary (M is not specialised).
-    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
+        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands if not c.fma]
+                for key, cands in plan.items()}
+    # One job per compiled variant: buckets with the same row tile share a binary.
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b, c.fma),
+                    tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
                    for (n, k, bias, b), cands in plan.items() for c in cands})
     jobs = [(n, k, bias, d, f, b, dict(launch)) for n, k, bias, d, f, b, launch in jobs]
     _compile_in_workers(_compile_linear, jobs, workers)
@@ -309,7 +323,11 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                   f"{norms_us:.1f} us): cuBLAS{'Lt fp8' if fp8 else ''} {cublas_us:.1f} us ({nbytes / cublas_us / 1e6:.2f} TB/s); ours {ours_us:.1f} us "
                   f"({nbytes / ours_us / 1e6:.2f} TB/s) {ours} -> {'ours' if winner else 'cuBLAS'}", flush=True)
         for bucket in BATCH_BUCKETS:
-            measured_at = max((b for b in buckets if b <= bucket), default=min(buckets))
+            # A bucket takes the nearest tuned bucket at or below it; when only some buckets are
+            # measured now, the others keep their entries.
+            measured_at = max((b for b in LINEAR_TUNED_BUCKETS if b <= bucket), default=LINEAR_TUNED_BUCKETS[0])
+            if measured_at not in best_of:
+                continue
             us, winner, cublas_us, ours = best_of[measured_at]
             key = linear_key(key_dtype, n, k, bucket)
             entries[key] = None if winner is None else {f: v for f, v in vars(winner).items() if f != "pdl"}
@@ -393,6 +411,16 @@ def experiment(json_path: str | None) -> dict:
     return report
 
 
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """'1,4' -> (1, 4); '' -> every tuned bucket. Only buckets of LINEAR_TUNED_BUCKETS: the table's
+    other buckets take their entries from these."""
+    buckets = tuple(int(b) for b in text.split(",") if b) or LINEAR_TUNED_BUCKETS
+    unknown = set(buckets) - set(LINEAR_TUNED_BUCKETS)
+    if unknown:
+        raise SystemExit(f"--buckets must be among {LINEAR_TUNED_BUCKETS}, not {sorted(unknown)}")
+    return buckets
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="kernels/tuned_launch.json")
@@ -403,6 +431,8 @@ def main() -> None:
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
                    help="fp8: float8 e4m3 weights with a scale per row (--quantization fp8), keyed float8_e4m3fn")
     p.add_argument("--workers", type=int, default=8, help="processes compiling --linear candidates")
+    p.add_argument("--buckets", default="", help="--linear: the batch buckets to measure (default: all of "
+                   "LINEAR_TUNED_BUCKETS); the others keep their entries")
     p.add_argument("--experiment", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -414,7 +444,8 @@ def main() -> None:
             nk, _, bias = item.partition("+")
             n, k = map(int, nk.split("x"))
             shapes.append((n, k, bias == "bias"))
-        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8")
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
+                    buckets=parse_buckets(args.buckets))
     else:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
              args.workers)

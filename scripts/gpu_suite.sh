@@ -210,10 +210,11 @@ run_ab() {
 
 # The launch table for the named architectures' shapes (projections against cuBLAS at each batch
 # bucket, decode attention for their head shapes), written into kernels/tuned_launch.json here and
-# copied to OUTDIR (commit it from there).
+# copied to OUTDIR (commit it from there). TUNE_BUCKETS (e.g. 1,4; also read by FP8_TUNE) measures
+# the projections at those batch buckets only; the table keeps the others' entries.
 run_tune() {
   timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" \
-    --attention "${TUNE_ATTENTION-}" --workers 14 --out kernels/tuned_launch.json 2>&1 \
+    --attention "${TUNE_ATTENTION-}" --buckets "${TUNE_BUCKETS-}" --workers 14 --out kernels/tuned_launch.json 2>&1 \
     | grep -v -i warn | tee "$out/tune.log" | grep -E "^linear|compiled|decode/" | cut -c1-220
   cp kernels/tuned_launch.json "$out/"
 }
@@ -246,7 +247,7 @@ run_big() {
 # 00_tuned_launch.json, to commit); FP8_CHECKS adds the CUDA tests and the quality script.
 run_fp8() {
   if [ -n "${FP8_TUNE:-}" ]; then  # the skinny kernel's launches for the fp8 projections, against cuBLASLt's
-    timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 --workers 14 2>&1 \
+    timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 --buckets "${TUNE_BUCKETS-}" --workers 14 2>&1 \
       | grep -E "^linear" | tee "$out/tune_fp8.log" | tail -40
     # first by name: the device tool returns only the first 8 files of OUTDIR
     cp kernels/tuned_launch.json "$out/00_tuned_launch.json"

@@ -4,6 +4,7 @@ shapes. Writes kernels/tuned_launch.json (entries for other shapes are kept).
 
     python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
+    python scripts/tune_models.py --models llama-3.1-8b --buckets 1,4   # only those batch buckets
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import torch
 
 from engine.architectures import decode_projection_shapes, named_architecture
-from kernels.tune import tune, tune_linear
+from kernels.tune import parse_buckets, tune, tune_linear
 
 
 def main() -> None:
@@ -26,6 +27,8 @@ def main() -> None:
     p.add_argument("--out", default="kernels/tuned_launch.json")
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
                    help="fp8: the float8 projections of --quantization fp8 (the LM head stays dense)")
+    p.add_argument("--buckets", default="", help="batch buckets to measure the projections at (e.g. 1,4); "
+                   "default all, and the table keeps the others' entries")
     args = p.parse_args()
     shapes = []
     for name in filter(None, args.models.split(",")):
@@ -37,7 +40,8 @@ def main() -> None:
             model_shapes = model_shapes[:-1]  # the LM head (last) keeps the model dtype
         shapes += [s for s in model_shapes if s not in shapes]
     if shapes:
-        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8")
+        tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
+                    buckets=parse_buckets(args.buckets))
     if args.attention:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
 

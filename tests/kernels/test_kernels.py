@@ -382,11 +382,17 @@ LINEAR_CASES = [
     (17, 48, 160, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3)),  # ragged K slices
     (70, 40, 96, True, False, LinearLaunch(block_n=16, block_k=32, split_k=2)),  # two row tiles
 ]
+# The CUDA-core (FMA) path for one to four rows: no tensor-core tile, lanes reduced after the loop.
+FMA_CASES = [
+    (1, 96, 64, True, False, LinearLaunch(block_n=32, block_k=32, fma=True)),
+    (3, 80, 192, True, True, LinearLaunch(block_n=16, block_k=64, split_k=2, fma=True)),  # 3 rows in a 4-row tile
+    (2, 48, 160, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3, fma=True)),  # ragged K slices
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("case", LINEAR_CASES + FMA_CASES)
 def test_skinny_linear_with_fp8_weights(device, dtype, case):
     """W8A16 decode: float8 e4m3 weights with a scale per output row, widened in registers; the
     scale, bias and GELU in the epilogue; split-K slices summed before the scale."""
@@ -417,6 +423,7 @@ def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
     checked, the rounding only on the GPU."""
     rows, n, k, has_bias, gelu, launch = case
     launch = dataclasses.replace(launch, act_fp8=True)
+    torch.manual_seed(rows + 131 * k)  # the same inputs whatever ran before (one unexplained failure, 2026-12-01)
     if INTERPRET:
         q = quantize_kv_ref(torch.randn(rows, k) * 100, 1.0).float()
         q[:, ::launch.block_k] = 448.0
@@ -443,7 +450,7 @@ def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("case", LINEAR_CASES + FMA_CASES)
 def test_skinny_linear_matches_reference(device, dtype, case):
     rows, n, k, has_bias, gelu, launch = case
     x = torch.randn(rows, k, device=device).to(dtype)
