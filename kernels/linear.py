@@ -41,10 +41,6 @@ class LinearLaunch:
     # and slice) and multiply fp8 x fp8 on the tensor cores (W8A8), instead of widening the weights
     # to the activations' dtype in registers (W8A16), which bounds how fast the weights stream.
     act_fp8: bool = False
-    # One to four rows only: multiply on the CUDA cores in fp32 (a GEMV) instead of padding the rows
-    # to a 16-row tensor-core tile, whose shared-memory staging of the weights and layout changes
-    # slow the weight stream when a single row has almost nothing to compute.
-    fma: bool = False
 
 
 @triton.jit
@@ -71,7 +67,7 @@ def _linear_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ACT_FP8: tl.constexpr, FMA: tl.constexpr, USE_PDL: tl.constexpr,
+    ACT_FP8: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -98,8 +94,6 @@ def _linear_kernel(
     wait_for_previous_kernel(USE_PDL)  # the previous kernel's writes (our x) are visible from here on
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if FMA:  # products summed per K lane; the lanes are reduced once, after the loop
-        lanes = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < k_end
@@ -114,8 +108,6 @@ def _linear_kernel(
             else:
                 part = tl.dot(xq, tl.trans(w))
             acc += part * x_scale[:, None]
-        elif FMA:  # float8 weights widen straight to fp32 here
-            lanes += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         else:
             if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
                 w = w.to(x_ptr.dtype.element_ty)
@@ -127,8 +119,6 @@ def _linear_kernel(
             else:
                 acc += tl.dot(x, tl.trans(w))
 
-    if FMA:
-        acc = tl.sum(lanes, axis=2)
     tile_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, W_SCALED, HAS_BIAS, GELU)
@@ -165,16 +155,8 @@ class SplitKWorkspace:
         return self.partials, self.counters
 
 
-# The FMA path keeps BLOCK_M x BLOCK_N x BLOCK_K fp32 partial products in registers.
-FMA_MAX_ROWS = 4
-
-
-def tile_rows(rows: int, fma: bool = False) -> int:
-    """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile; on the FMA
-    path, the batch (1, 2 or 4 rows)."""
-    if fma:
-        assert rows <= FMA_MAX_ROWS, f"the FMA path takes at most {FMA_MAX_ROWS} rows"
-        return triton.next_power_of_2(rows)
+def tile_rows(rows: int) -> int:
+    """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile."""
     return max(16, min(64, triton.next_power_of_2(rows)))
 
 
@@ -182,7 +164,7 @@ def workspace_size(launch: LinearLaunch, rows: int, n: int) -> tuple[int, int]:
     """(fp32 partial elements, counters) a split-K launch over `rows` x `n` needs."""
     if launch.split_k == 1:
         return 0, 0
-    block_m = tile_rows(rows, launch.fma)
+    block_m = tile_rows(rows)
     m_tiles = triton.cdiv(rows, block_m)
     return launch.split_k * m_tiles * block_m * n, triton.cdiv(n, launch.block_n) * m_tiles
 
@@ -209,14 +191,13 @@ def skinny_linear(
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
     assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
     assert scaled or not launch.act_fp8, "act_fp8 is for float8 weights"
-    assert not (launch.fma and launch.act_fp8), "the FMA path widens float8 weights (W8A16)"
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
     if M == 0:
         return out
-    block_m = tile_rows(M, launch.fma)
+    block_m = tile_rows(M)
     grid = (triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m), launch.split_k)
     if launch.split_k > 1:
         assert workspace is not None, "split-K needs a workspace"
@@ -227,7 +208,7 @@ def skinny_linear(
     _linear_kernel[grid](
         x, weight, weight_scale if scaled else out, bias if bias is not None else out, out, partials, counters,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8, FMA=launch.fma,
+        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
         DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8) and os.environ.get("TRITON_INTERPRET") == "1",
         IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),

@@ -33,7 +33,7 @@ from kernels.launch_table import (
     load_table,
 )
 from kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, scaled_mm_fp8
-from kernels.linear import FMA_MAX_ROWS, LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
+from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from kernels.norm import add_norm
 from kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
 
@@ -192,28 +192,16 @@ LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 def linear_candidates(n: int, k: int, rows: int, num_sms: int) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
     columns, K tiles of 128 or 256, 3 or 4 stages, and the split-K counts that give between one
-    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums). Up to
-    FMA_MAX_ROWS rows, also the CUDA-core path's tiles of 8-64 columns and 256-512-wide K tiles, as
-    many as keep its fp32 partial products within 64 registers a thread."""
-    def split_counts(block_n: int, block_k: int, m_tiles: int) -> list[int]:
-        tiles = triton.cdiv(n, block_n) * m_tiles
-        splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
-        # too few tiles even split 16 ways, or too many unsplit: the nearest one
-        return splits or [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
-
+    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums)."""
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
     for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256), (3, 4)):
-        for split in split_counts(block_n, block_k, m_tiles):
+        tiles = triton.cdiv(n, block_n) * m_tiles
+        splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
+        if not splits:  # too few tiles even split 16 ways, or too many unsplit: the nearest one
+            splits = [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
+        for split in splits:
             out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages))
-    if rows <= FMA_MAX_ROWS:
-        block_m = tile_rows(rows, fma=True)
-        for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (256, 512), (4, 8), (1, 3)):
-            if block_m * block_n * block_k > 64 * 32 * warps:
-                continue
-            for split in split_counts(block_n, block_k, 1):
-                out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps,
-                                        num_stages=stages, fma=True))
     return out
 
 
@@ -250,11 +238,9 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
     if fp8:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
-        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands if not c.fma]
-                for key, cands in plan.items()}
+        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
     # One job per compiled variant: buckets with the same row tile share a binary.
-    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b, c.fma),
-                    tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
                    for (n, k, bias, b), cands in plan.items() for c in cands})
     jobs = [(n, k, bias, d, f, b, dict(launch)) for n, k, bias, d, f, b, launch in jobs]
     _compile_in_workers(_compile_linear, jobs, workers)
