@@ -563,6 +563,13 @@ class GrammarRun:
         self.cuda = runner.device.type == "cuda"
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
         self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
+        # Plain greedy rows (no penalties, biases or log-probabilities): each step is one upload of
+        # the bitmask and two graph replays (masked argmax with the next inputs, then the forward).
+        b = self.batch
+        self.graph_steps = (bool(runner.graphs.grammar_graphs) and b.all_greedy and not b.needs_processing
+                            and b.max_logprobs is None)
+        if self.graph_steps:
+            runner.graphs.start_grammar_steps(len(seqs))
         self.launched = 0  # steps whose sampling is on the device
         self.sampled: list[torch.cuda.Event | None] = []
         self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
@@ -570,16 +577,24 @@ class GrammarRun:
 
     def _launch(self, i: int) -> None:
         """Step i's masked sampling (its forward is queued), then step i + 1's forward."""
-        self.batch.allowed_token_bitmask = self.grammar.fill()  # while the device runs step i's forward
-        self.tokens = sample(self.logits, self.batch).token_ids
+        bitmask = self.grammar.fill()  # while the device runs step i's forward
+        last = i + 1 == self.num_steps
+        if self.graph_steps:
+            self.tokens = self.runner.graphs.masked_greedy_step(bitmask, last)
+        else:
+            self.batch.allowed_token_bitmask = bitmask
+            self.tokens = sample(self.logits, self.batch).token_ids
         self.host[i].copy_(self.tokens, non_blocking=self.cuda)
         event = torch.cuda.Event() if self.cuda else None
         if event is not None:
             event.record()
         self.sampled.append(event)
-        if i + 1 < self.num_steps:  # queued before the host waits for step i's tokens
-            self.logits = self.runner.graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=self.tokens,
-                                                        num_steps=self.num_steps)
+        if not last:  # queued before the host waits for step i's tokens
+            if self.graph_steps:
+                self.logits = self.runner.graphs.replay_decode(len(self.seqs))
+            else:
+                self.logits = self.runner.graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=self.tokens,
+                                                            num_steps=self.num_steps)
         self.launched = i + 1
 
     @torch.inference_mode()
@@ -647,6 +662,18 @@ class CudaGraphDecoder:
         self.host_tables = [torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
                             for _ in range(2)]
         self.next_host_buffer = 0
+        # Greedy constrained runs (GrammarRun): a step's masked argmax and the next step's inputs,
+        # derived on the device, as one small graph per batch size, so that between two forward
+        # replays the host only fills and uploads the bitmask. `grammar_pos` is the position of
+        # the step whose forward comes next (the greedy runs' `base_pos` stays theirs).
+        self.grammar_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
+        if self.step_inputs_kernel is not None:
+            words = (runner.model_config.vocab_size + 31) // 32
+            self.grammar_bitmask = torch.full((max_bs, words), -1, dtype=torch.int32, device=dev)
+            self.grammar_tokens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+            self.grammar_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+            self.grammar_active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
+        self.grammar_steps_replayed = 0  # for tests
         self._capture()
 
     def fits(self, num_seqs: int) -> bool:
@@ -683,6 +710,15 @@ class CudaGraphDecoder:
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self.multi_tokens[bs] = self._decode_steps_body(bs, meta)
                     self.multi_graphs[bs] = graph
+                if self.step_inputs_kernel is not None:
+                    pair = []
+                    for next_inputs in (True, False):  # a step before another / a run's last step
+                        self._masked_argmax_body(bs, next_inputs)  # warm-up outside the graph
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, stream=stream):
+                            self._masked_argmax_body(bs, next_inputs)
+                        pair.append(graph)
+                    self.grammar_graphs[bs] = (pair[0], pair[1])
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
@@ -706,6 +742,44 @@ class CudaGraphDecoder:
             tokens.append(next_ids)
             self.input_ids[:bs].copy_(next_ids)
         return torch.stack(tokens)
+
+    def _masked_argmax_body(self, bs: int, next_inputs: bool) -> None:
+        """The decode graph's logits masked by `grammar_bitmask`, their argmax into `grammar_tokens`;
+        with `next_inputs`, also the next forward's ids, position, length and cache slot."""
+        from kernels.token_bitmask import mask_logits_
+
+        ids = mask_logits_(self.logits[bs], self.grammar_bitmask[:bs]).argmax(dim=-1)
+        self.grammar_tokens[:bs].copy_(ids)
+        if next_inputs:
+            self.input_ids[:bs].copy_(ids)
+            self.grammar_pos[:bs].add_(1)
+            self.step_inputs_kernel(self.grammar_pos[:bs], self.grammar_active[:bs], self.block_tables[:bs], 0,
+                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
+                                    self.slot_mapping[:bs])
+
+    def start_grammar_steps(self, n: int) -> None:
+        """After `run_decode` queued a run's first forward: the device-side step counter starts at
+        that forward's positions (padding rows inactive)."""
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self.grammar_pos[:bs].copy_(self.positions[:bs])
+        self.grammar_active[:bs].copy_(self.seq_lens[:bs] > 0)
+
+    def masked_greedy_step(self, bitmask: torch.Tensor, last: bool) -> torch.Tensor:
+        """Upload a step's bitmask [n, words] (pinned) and replay its masked argmax; unless `last`,
+        the next forward's inputs are set on the device too (`replay_decode` then runs it).
+        Returns the step's tokens [n] (a static buffer: read it before the next step)."""
+        n = bitmask.shape[0]
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self.grammar_bitmask[:n].copy_(bitmask, non_blocking=True)
+        self.grammar_graphs[bs][1 if last else 0].replay()
+        self.grammar_steps_replayed += 1
+        return self.grammar_tokens[:n]
+
+    def replay_decode(self, n: int) -> torch.Tensor:
+        """The decode graph on the inputs already in the static buffers; logits [n, vocab]."""
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
 
     def launch_greedy_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
         """`multi_steps` greedy decode steps in one graph replay; the tokens land in pinned host

@@ -1,8 +1,8 @@
 """Where a constrained decode step's host time goes on the GPU: the seed workload (GPT-2, 64 x 512
 from a one-token prompt, greedy unless --temperature) held to the `records` schema of
 scripts/grammar_cost.py, with a wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
-waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample,
-launching the next forward, and processing a run's outputs. Against a free run's step time, it says
+waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample
+(for greedy rows, the masked-argmax graph), launching the next forward, and processing a run's outputs. Against a free run's step time, it says
 which part keeps the step above the forward's time.
 
     python scripts/grammar_step_parts.py --json out.json
@@ -47,6 +47,9 @@ def instrument() -> None:
     model_runner.sample = timed("sample launch", model_runner.sample)
     decoder = model_runner.CudaGraphDecoder
     decoder.run_decode = timed("forward launch", decoder.run_decode)
+    # greedy runs: the masked-argmax graph (with the bitmask upload) and the bare forward replay
+    decoder.masked_greedy_step = timed("sample launch", decoder.masked_greedy_step)
+    decoder.replay_decode = timed("forward launch", decoder.replay_decode)
     torch.cuda.Event.synchronize = timed("wait for tokens", torch.cuda.Event.synchronize)
     LLMEngine._accept_decode_run = timed("process outputs", LLMEngine._accept_decode_run)
     model_runner.GrammarRun.finish = timed("run (all of it)", model_runner.GrammarRun.finish)

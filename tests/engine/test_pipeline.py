@@ -46,6 +46,11 @@ class EagerGraphDecoder:
         self.launches = {"fresh": 0, "chained": 0}
         self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
         self.chained_runs = 0  # runs started on a previous run's unread tokens (constrained runs)
+        self.grammar_steps_replayed = 0  # greedy constrained steps through the masked-step "graph"
+
+    # Truthy: greedy constrained runs take the masked-step path (masked_greedy_step, replay_decode)
+    # as they do on CUDA; the steps below compute eagerly what those graphs compute.
+    grammar_graphs = {"eager": None}
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]
@@ -73,12 +78,32 @@ class EagerGraphDecoder:
         (as the CUDA decoder stages them); `ahead`: the run starts that many tokens past the host's
         sequences, on `device_input_ids` (a chained run)."""
         if offset == 0:
+            self.run_seqs = list(seqs)
             self.run_first_pos = [s.num_tokens - 1 + ahead for s in seqs]
             self.run_tables = [list(s.block_table) for s in seqs]
         ids = [s.token_ids[-1] for s in seqs] if device_input_ids is None else device_input_ids[: len(seqs)].tolist()
         self.steps_ahead += offset > 0
         self.chained_runs += offset == 0 and ahead > 0
-        return self._decode(seqs, ids, [p + offset for p in self.run_first_pos], self.run_tables)
+        self.last_logits = self._decode(seqs, ids, [p + offset for p in self.run_first_pos], self.run_tables)
+        return self.last_logits
+
+    def start_grammar_steps(self, n: int) -> None:
+        self.grammar_offset = 0  # the run's step whose forward ran last
+
+    def masked_greedy_step(self, bitmask: torch.Tensor, last: bool) -> torch.Tensor:
+        from engine.sampler import mask_disallowed_tokens_
+
+        self.grammar_steps_replayed += 1
+        tokens = mask_disallowed_tokens_(self.last_logits.clone(), bitmask).argmax(dim=-1)
+        self.grammar_next_ids = tokens.tolist()
+        return tokens
+
+    def replay_decode(self, n: int) -> torch.Tensor:
+        self.grammar_offset += 1
+        self.steps_ahead += 1
+        positions = [p + self.grammar_offset for p in self.run_first_pos]
+        self.last_logits = self._decode(self.run_seqs, self.grammar_next_ids, positions, self.run_tables)
+        return self.last_logits
 
     def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
         self.launches["chained" if chained else "fresh"] += 1
@@ -232,6 +257,30 @@ def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_
         jsonschema.validate(json.loads(out.text), schema)
     assert llm.engine.runner.graphs.steps_ahead > 0  # the constrained batch ran in multi-step runs
     assert llm.engine.runner.graphs.chained_runs > 0  # ... and chained them while outputs were processed
+    llm.engine.step()  # a chained run may still be in flight: read it
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
+def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, reference):
+    """A greedy batch with constrained rows: each step is the masked argmax (the bitmask applied to
+    the last forward's logits) and then the forward on its tokens, as the CUDA decoder's two graphs
+    do, runs chained while outputs are processed. Same tokens and finish reasons as single steps."""
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 3, "maxItems": 6}
+    spec = StructuredOutputSpec.json_schema(schema)
+    params = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, structured_output=spec),
+              SamplingParams(max_tokens=60, temperature=0.0, structured_output=StructuredOutputSpec("regex", r"(ab|cd){2,9}!")),
+              SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=60, temperature=0.0, structured_output=spec)]
+    want = reference.generate(PROMPTS, params)
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    graphs = llm.engine.runner.graphs
+    assert graphs.grammar_steps_replayed > 0 and graphs.chained_runs > 0
+    for out in (got[0], got[3]):
+        jsonschema.validate(json.loads(out.text), schema)
     llm.engine.step()  # a chained run may still be in flight: read it
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
