@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -79,10 +80,21 @@ class RequestStream:
             self.engine._abort_now_or_after_step(self.request_id)
 
 
+# The GIL switch interval while an in-process engine steps on a thread. Each time the step thread
+# waits (for the device, or on a grammar's bitmask fill) it drops the GIL, and to go on it must
+# wait for the event-loop thread, busy turning outputs into stream items, to yield it: up to the
+# interval, 5 ms by default, against a ~0.6 ms step. Measured on an H200 (GPT-2 seed workload, 64
+# rows held to a JSON schema, `roseinfer bench --mode online`): 5 ms ~52k tokens/s, 0.5 ms 65-84k
+# (offline, no loop thread: 83k); unconstrained 111.3k vs 110.7k (docs/BENCHMARKS.md).
+STEP_THREAD_SWITCH_INTERVAL_S = 5e-4
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | EngineCoreClient | None = None,
                  max_waiting: int | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
+        if isinstance(self.engine, LLMEngine):  # steps on a thread of this process (not an engine process)
+            sys.setswitchinterval(min(sys.getswitchinterval(), STEP_THREAD_SWITCH_INTERVAL_S))
         self.max_waiting = max_waiting
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_adds: list[Sequence] = []

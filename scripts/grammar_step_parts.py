@@ -47,9 +47,9 @@ def instrument() -> None:
     model_runner.sample = timed("sample launch", model_runner.sample)
     decoder = model_runner.CudaGraphDecoder
     decoder.run_decode = timed("forward launch", decoder.run_decode)
-    # greedy runs: the masked-argmax graph (with the bitmask upload) and the bare forward replay
-    decoder.masked_greedy_step = timed("sample launch", decoder.masked_greedy_step)
-    decoder.replay_decode = timed("forward launch", decoder.replay_decode)
+    if hasattr(decoder, "masked_greedy_step"):  # greedy runs: the masked-argmax graph, then the forward's
+        decoder.masked_greedy_step = timed("sample launch", decoder.masked_greedy_step)
+        decoder.replay_decode = timed("forward launch", decoder.replay_decode)
     torch.cuda.Event.synchronize = timed("wait for tokens", torch.cuda.Event.synchronize)
     LLMEngine._accept_decode_run = timed("process outputs", LLMEngine._accept_decode_run)
     model_runner.GrammarRun.finish = timed("run (all of it)", model_runner.GrammarRun.finish)

@@ -115,3 +115,22 @@ def test_a_slow_consumer_gets_merged_deltas_with_everything(tiny_llm, async_engi
     assert "".join(o.new_text for o in outs) == expected.text
     assert [lp.token_id for o in outs for lp in o.new_logprobs] == expected.token_ids
     assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 24
+
+
+def test_an_in_process_engine_shortens_the_gil_switch_interval(tiny_llm):
+    """The step thread must get the GIL back soon after each wait: with an in-process engine the
+    interval drops to STEP_THREAD_SWITCH_INTERVAL_S (from Python's 5 ms), and is never raised."""
+    import sys
+
+    from engine.async_engine import STEP_THREAD_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        AsyncEngine(engine=tiny_llm.engine)
+        assert sys.getswitchinterval() == pytest.approx(STEP_THREAD_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(1e-4)
+        AsyncEngine(engine=tiny_llm.engine)
+        assert sys.getswitchinterval() == pytest.approx(1e-4, rel=0.05)  # stored in whole microseconds
+    finally:
+        sys.setswitchinterval(before)
