@@ -339,8 +339,8 @@ class LLMEngine:
             # Constrained rows: each step masked by its grammar, which sees each token before the next.
             return self._finish_grammar_run(self.runner.launch_grammar_run(seqs, num_steps,
                                                                            GrammarSteps(self.structured, matchers)))
-        if self.runner.can_launch_greedy_run(seqs, num_steps):
-            run = _DecodeRun(seqs, self.runner.launch_greedy_run(seqs, chained=False), num_steps)
+        if self.runner.can_launch_pipelined_run(seqs, num_steps):
+            run = _DecodeRun(seqs, self.runner.launch_pipelined_run(seqs, chained=False), num_steps)
             return self._finish_decode_run(run)
         return self._accept_decode_run(seqs, self.runner.execute_decode_steps(seqs, num_steps), num_steps)
 
@@ -348,7 +348,7 @@ class LLMEngine:
         """Read `run`'s tokens; first, when the batch may go on unchanged, launch its next run so
         the device computes while the host processes these tokens (the house pipeline)."""
         if self._can_chain(run):
-            self._inflight = _DecodeRun(run.seqs, self.runner.launch_greedy_run(run.seqs, chained=True), run.num_steps)
+            self._inflight = _DecodeRun(run.seqs, self.runner.launch_pipelined_run(run.seqs, chained=True), run.num_steps)
         tokens = run.pending.wait()
         self.decode_run_gpu_s += run.pending.gpu_s
         return self._accept_decode_run(run.seqs, tokens, run.num_steps)

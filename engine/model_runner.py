@@ -21,7 +21,7 @@ from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_toke
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import Fp8Linear, configure_decode_kernels
 from engine.parallel import TensorParallel
-from engine.sampler import SamplerOutput, SamplingBatch, sample
+from engine.sampler import SamplerOutput, SamplingBatch, sample, sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -469,29 +469,37 @@ class ModelRunner:
         if self.tp_group is not None:
             self.tp_group.close()
 
-    def can_launch_greedy_run(self, seqs: list[Sequence], num_steps: int) -> bool:
-        """Whether `launch_greedy_run` serves this batch: the captured greedy multi-step graph
-        covers exactly `num_steps` steps and every row is plain greedy."""
-        return (self.graphs is not None and self.graphs.fits(len(seqs)) and num_steps == self.graphs.multi_steps
-                and all(s.params.greedy and not s.params.logit_bias for s in seqs))
+    def can_launch_pipelined_run(self, seqs: list[Sequence], num_steps: int) -> bool:
+        """Whether `launch_pipelined_run` serves this batch: the captured graphs cover exactly
+        `num_steps` steps, no row has a logit bias, and every row is greedy (one multi-step graph)
+        or, where the decoder samples in graphs, no row has a seed (its own generator)."""
+        if self.graphs is None or not self.graphs.fits(len(seqs)) or num_steps != self.graphs.multi_steps:
+            return False
+        if any(s.params.logit_bias for s in seqs):
+            return False
+        return all(s.params.greedy for s in seqs) or \
+            (self.graphs.samples_in_graphs and all(s.params.seed is None for s in seqs))
 
     @torch.inference_mode()
-    def launch_greedy_run(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
-        """Start one greedy multi-step graph replay and return without waiting for it.
+    def launch_pipelined_run(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
+        """Start one multi-step run on the graphs (greedy: one replay; sampled: the forward and
+        sampling graphs in turn) and return without waiting for it.
 
         `chained=True` continues the previous run of the same batch on the device: its last
         tokens are already the inputs, and positions advance by one run; the host need not
         have read that run's tokens yet. Blocks for every token of the run must be allocated.
         """
         assert self.graphs is not None
-        return self.graphs.launch_greedy_steps(seqs, chained)
+        if all(s.params.greedy for s in seqs):
+            return self.graphs.launch_greedy_steps(seqs, chained)
+        return self.graphs.launch_sampled_steps(seqs, chained)
 
     @torch.inference_mode()
     def execute_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
         """Run `num_steps` decode steps back to back on the device, feeding each step's
         tokens to the next without a host round trip; one sync at the end. Blocks for all the new
         tokens must already be allocated. Returns the tokens of each step, per step. (Batches that
-        `can_launch_greedy_run` serves go through `launch_greedy_run` instead, pipelined; batches
+        `can_launch_pipelined_run` serves go through `launch_pipelined_run` instead; batches
         with constrained rows through `launch_grammar_run`.)"""
         assert self.graphs is not None and self.graphs.fits(len(seqs))
         batch = self.sampling_batch(seqs)
@@ -674,6 +682,16 @@ class CudaGraphDecoder:
             self.grammar_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
             self.grammar_active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.grammar_steps_replayed = 0  # for tests
+        # Sampled multi-step runs: the forward graph, then a captured sampling step (per step index:
+        # it writes that step's tokens and the next step's inputs), replayed in turn; the rows'
+        # sampling parameters sit in `row_params` (greedy, temperature, top_k, top_p, min_p), set
+        # when a run starts. Two variants: temperature only, and with the sort-based filters.
+        self.sample_graphs: dict[tuple[int, bool], list[torch.cuda.CUDAGraph]] = {}
+        if self.multi_steps > 1 and self.step_inputs_kernel is not None:
+            self.row_params = torch.ones(5, max_bs, dtype=torch.float32, device=dev)
+            self.row_params_host = torch.ones(5, max_bs, dtype=torch.float32, pin_memory=True)
+            self.sampled_tokens = torch.zeros(self.multi_steps, max_bs, dtype=torch.int64, device=dev)
+        self.sampled_runs = 0  # for tests
         self._capture()
 
     def fits(self, num_seqs: int) -> bool:
@@ -710,6 +728,16 @@ class CudaGraphDecoder:
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self.multi_tokens[bs] = self._decode_steps_body(bs, meta)
                     self.multi_graphs[bs] = graph
+                    if self.step_inputs_kernel is not None:
+                        for filtered in (False, True):
+                            steps = []
+                            for i in range(self.multi_steps):
+                                self._sample_step_body(bs, i, filtered)  # warm-up outside the graph
+                                graph = torch.cuda.CUDAGraph()
+                                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                                    self._sample_step_body(bs, i, filtered)
+                                steps.append(graph)
+                            self.sample_graphs[(bs, filtered)] = steps
                 if self.step_inputs_kernel is not None:
                     pair = []
                     for next_inputs in (True, False):  # a step before another / a run's last step
@@ -742,6 +770,22 @@ class CudaGraphDecoder:
             tokens.append(next_ids)
             self.input_ids[:bs].copy_(next_ids)
         return torch.stack(tokens)
+
+    def _sample_step_body(self, bs: int, step: int, filtered: bool) -> None:
+        """Sample step `step`'s tokens from the decode graph's logits with the rows' parameters
+        (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[step]` and `input_ids`; then,
+        unless it is the run's last step, the next step's position, length and cache slot."""
+        params = self.row_params[:, :bs]
+        logits = self.logits[bs]
+        noise = torch.empty_like(logits).exponential_()
+        top_k, top_p, min_p = (params[2].long(), params[3], params[4]) if filtered else (None, None, None)
+        ids = sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise)
+        self.sampled_tokens[step, :bs].copy_(ids)
+        self.input_ids[:bs].copy_(ids)
+        if step + 1 < self.multi_steps:
+            self.step_inputs_kernel(self.base_pos[:bs], self.active[:bs], self.block_tables[:bs], step + 1,
+                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
+                                    self.slot_mapping[:bs])
 
     def _masked_argmax_body(self, bs: int, next_inputs: bool) -> None:
         """The decode graph's logits masked by `grammar_bitmask`, their argmax into `grammar_tokens`;
@@ -781,10 +825,41 @@ class CudaGraphDecoder:
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 
+    @property
+    def samples_in_graphs(self) -> bool:
+        """Whether sampled multi-step runs replay captured sampling steps (launch_sampled_steps)."""
+        return bool(self.sample_graphs)
+
     def launch_greedy_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
         """`multi_steps` greedy decode steps in one graph replay; the tokens land in pinned host
         memory asynchronously. `chained`: continue the previous replay of this same batch, whose
         last tokens the graph left in `input_ids`; its tokens need not have been read yet."""
+        return self._launch_steps(seqs, chained, None)
+
+    def launch_sampled_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
+        """`multi_steps` sampled decode steps (rows without a seed, bias or penalty; greedy rows
+        allowed): each the forward graph, then the step's captured sampling graph, so the host only
+        replays graphs; chained as greedy runs are."""
+        vocab = self.runner.model_config.vocab_size
+        params = [s.params for s in seqs]
+        filtered = any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+        if not chained:  # a chained run keeps its batch's parameters
+            host = self.row_params_host.numpy()
+            host[:, :] = 1.0  # padding rows: greedy
+            n = len(params)
+            host[0, :n] = [p.greedy for p in params]
+            host[1, :n] = [1.0 if p.greedy else p.temperature for p in params]
+            host[2, :n] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+            host[3, :n] = [p.top_p for p in params]
+            host[4, :n] = [p.min_p for p in params]
+            host[2, n:] = vocab
+            host[4, n:] = 0.0
+            self.row_params.copy_(self.row_params_host, non_blocking=True)
+        self.sampled_runs += 1
+        return self._launch_steps(seqs, chained, filtered)
+
+    def _launch_steps(self, seqs: list[Sequence], chained: bool, filtered: bool | None) -> PendingTokens:
+        """A greedy run's one graph (`filtered` None) or a sampled run's forward and sampling graphs."""
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
         if chained:  # one run further on than the host knows
@@ -806,9 +881,19 @@ class CudaGraphDecoder:
         rows = self.runner.block_rows
         tables = rows.gather(self.runner._block_table_row_ids(seqs), rows.table.shape[1], out=self.host_tables[buffer][:n])
         self.block_tables[:n].copy_(tables, non_blocking=True)
-        self.multi_graphs[bs].replay()
+        if filtered is None:
+            self.multi_graphs[bs].replay()
+            tokens = self.multi_tokens[bs]
+        else:
+            self.step_inputs_kernel(self.base_pos[:bs], self.active[:bs], self.block_tables[:bs], 0,
+                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
+                                    self.slot_mapping[:bs])
+            for sample_step in self.sample_graphs[(bs, filtered)]:
+                self.graphs[bs].replay()
+                sample_step.replay()
+            tokens = self.sampled_tokens
         host = self.host_tokens[buffer][:, :n]
-        host.copy_(self.multi_tokens[bs][:, :n], non_blocking=True)
+        host.copy_(tokens[:, :n], non_blocking=True)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
         return PendingTokens(host, started, done)

@@ -153,34 +153,48 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     greedy_rows = batch.row_values("greedy", [p.greedy for p in params], torch.bool, device)
     temperature = batch.row_values("temperature", [p.temperature if not p.greedy else 1.0 for p in params],
                                    torch.float32, device)
-    logits = logits / temperature[:, None]
-
+    top_k = top_p = min_p = None
     if any(0 < p.top_k < vocab for p in params):
         top_k = batch.row_values("top_k", [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
-        top_p = batch.row_values("top_p", [p.top_p for p in params], torch.float32, device)[:, None]
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        top_p = batch.row_values("top_p", [p.top_p for p in params], torch.float32, device)
     if any(p.min_p > 0.0 for p in params):
-        min_p = batch.row_values("min_p", [p.min_p for p in params], torch.float32, device)[:, None]
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        min_p = batch.row_values("min_p", [p.min_p for p in params], torch.float32, device)
 
     unseeded = [i for i, g in enumerate(batch.generators) if g is None]
     if len(unseeded) == num_rows:
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(logits).exponential_()
     else:
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(logits)
         if unseeded:
             rows = batch.row_values("unseeded", unseeded, torch.int64, device)
             noise[rows] = torch.empty(len(unseeded), vocab, device=device).exponential_()
         for i, g in enumerate(batch.generators):
             if g is not None:
                 noise[i].exponential_(generator=g)
+    return sample_rows(logits, greedy_rows, temperature, top_k, top_p, min_p, noise)
+
+
+def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+                top_p: torch.Tensor | None, min_p: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row of fp32 `logits` [rows, vocab], from per-row tensors [rows]: greedy rows take
+    the argmax; the others sample at their temperature (1.0 for greedy rows) among the top_k logits,
+    the smallest prefix of probability mass top_p and the tokens within min_p of the most likely,
+    each filter skipped when None (top_k = vocab, top_p >= 1 and min_p = 0 keep every token). The
+    draw is argmax(probs / noise) with `noise` ~ Exp(1), [rows, vocab]. Fixed shapes and no host
+    decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs)."""
+    logits = logits / temperature[:, None]
+    if top_k is not None:
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)

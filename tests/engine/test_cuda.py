@@ -201,3 +201,24 @@ def test_greedy_constrained_runs_replay_the_masked_step_graphs(saved_model):
     assert llm.engine.runner.graphs.grammar_steps_replayed > 0
     for out in (got[0], got[2], got[3]):
         jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_sampled_runs_replay_the_sampling_graphs(saved_model):
+    """Unseeded sampled rows decode in pipelined multi-step runs (forward graph, then the step's
+    captured sampling graph), chained: rows whose filters leave one token give the greedy tokens,
+    in both the temperature-only variant (greedy beside a sampled row) and the filtered one."""
+    kv = dict(device="cuda", dtype="float32", kv_cache_memory_bytes=128 * 2**20)
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = LLM(saved_model, num_scheduler_steps=1, **kv).generate(PROMPTS, greedy)
+    llm = LLM(saved_model, **kv)
+    graphs = llm.engine.runner.graphs
+    plain = [greedy, greedy, greedy, SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True)]
+    got = llm.generate(PROMPTS, plain)
+    assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]] and len(got[3].token_ids) == 40
+    filtered = [SamplingParams(max_tokens=40, temperature=0.9, top_k=1, ignore_eos=True),
+                SamplingParams(max_tokens=40, temperature=1.0, top_p=1e-6, ignore_eos=True),
+                greedy, SamplingParams(max_tokens=40, temperature=1.0, min_p=0.5, top_k=3, ignore_eos=True)]
+    got = llm.generate(PROMPTS, filtered)
+    assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]]
+    assert graphs.sampled_runs >= 2
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -47,6 +47,7 @@ class EagerGraphDecoder:
         self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
         self.chained_runs = 0  # runs started on a previous run's unread tokens (constrained runs)
         self.grammar_steps_replayed = 0  # greedy constrained steps through the masked-step "graph"
+        self.sampled_runs = 0
 
     # Truthy: greedy constrained runs take the masked-step path (masked_greedy_step, replay_decode)
     # as they do on CUDA; the steps below compute eagerly what those graphs compute.
@@ -105,7 +106,26 @@ class EagerGraphDecoder:
         self.last_logits = self._decode(self.run_seqs, self.grammar_next_ids, positions, self.run_tables)
         return self.last_logits
 
+    samples_in_graphs = True  # sampled runs are pipelined too (launch_sampled_steps)
+
     def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
+        return self._launch(seqs, chained, lambda logits: logits.argmax(dim=-1))
+
+    def launch_sampled_steps(self, seqs, chained: bool) -> _Ready:
+        """As the decoder's sampling graphs: every filter on, each row's own parameters."""
+        from engine.sampler import sample_rows
+
+        vocab = self.runner.model_config.vocab_size
+        ps = [s.params for s in seqs]
+        greedy = torch.tensor([p.greedy for p in ps])
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in ps])
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in ps])
+        top_p, min_p = torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps])
+        self.sampled_runs += 1
+        return self._launch(seqs, chained, lambda logits: sample_rows(
+            logits, greedy, temperature, top_k, top_p, min_p, torch.empty_like(logits).exponential_()))
+
+    def _launch(self, seqs, chained: bool, pick) -> _Ready:
         self.launches["chained" if chained else "fresh"] += 1
         if chained:
             ids, first = self.last_ids, [p + self.multi_steps for p in self.last_first_pos]
@@ -113,7 +133,7 @@ class EagerGraphDecoder:
             ids, first = [s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs]
         steps = []
         for i in range(self.multi_steps):
-            ids = self._decode(seqs, ids, [p + i for p in first]).argmax(dim=-1).tolist()
+            ids = pick(self._decode(seqs, ids, [p + i for p in first])).tolist()
             steps.append(ids)
         self.last_ids, self.last_first_pos = ids, first
         return _Ready(steps)
@@ -220,6 +240,28 @@ def test_one_token_prompt_gets_its_first_token_after_one_step(tiny_llama_dir, re
         for out in engine.step():
             got.extend(out.new_token_ids)
     assert got == want and llm.engine.runner.graphs.launches["fresh"] >= 1
+
+
+def test_sampled_batches_run_pipelined_like_greedy_ones(tiny_llama_dir, reference):
+    """Rows without seeds sample in pipelined multi-step runs (the decoder's sampling graphs), chained
+    as greedy runs are: rows whose filters leave one token (top_k=1, a tiny top_p) give the greedy
+    tokens; a seeded batch keeps the step-by-step path (its generators)."""
+    params = [SamplingParams(max_tokens=40, temperature=0.9, top_k=1, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=1.0, top_p=1e-6, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=1.3, ignore_eos=True)]
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = reference.generate(PROMPTS, greedy)
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]]
+    assert len(got[3].token_ids) == 40 and got[3].token_ids != want[3].token_ids
+    graphs = llm.engine.runner.graphs
+    assert graphs.sampled_runs > 0 and graphs.launches["chained"] > 0
+    runs = graphs.sampled_runs
+    seeded = [SamplingParams(max_tokens=20, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)]
+    assert [o.token_ids for o in llm.generate(PROMPTS, seeded)] == [o.token_ids for o in reference.generate(PROMPTS, seeded)]
+    assert graphs.sampled_runs == runs
 
 
 def test_a_run_one_step_past_max_tokens_drops_that_token(tiny_llama_dir, reference):
