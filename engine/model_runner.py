@@ -571,13 +571,18 @@ class GrammarRun:
         self.cuda = runner.device.type == "cuda"
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
         self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
-        # Plain greedy rows (no penalties, biases or log-probabilities): each step is one upload of
-        # the bitmask and two graph replays (masked argmax with the next inputs, then the forward).
-        b = self.batch
-        self.graph_steps = (bool(runner.graphs.grammar_graphs) and b.all_greedy and not b.needs_processing
-                            and b.max_logprobs is None)
+        # Rows without penalties, biases or log-probabilities, greedy or (where the decoder samples
+        # in graphs) unseeded: each step is one upload of the bitmask and two graph replays (the
+        # masked argmax or sample with the next inputs, then the forward).
+        b, graphs = self.batch, runner.graphs
+        params = [s.params for s in seqs]
+        self.graph_steps = bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None and (
+            b.all_greedy or (graphs.samples_in_graphs and all(p.seed is None for p in params)))
+        self.sampling: bool | None = None  # None: argmax; else whether top-k/top-p/min-p apply
         if self.graph_steps:
-            runner.graphs.start_grammar_steps(len(seqs))
+            if not b.all_greedy:
+                self.sampling = graphs.set_row_params(params)
+            graphs.start_grammar_steps(len(seqs))
         self.launched = 0  # steps whose sampling is on the device
         self.sampled: list[torch.cuda.Event | None] = []
         self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
@@ -588,7 +593,7 @@ class GrammarRun:
         bitmask = self.grammar.fill()  # while the device runs step i's forward
         last = i + 1 == self.num_steps
         if self.graph_steps:
-            self.tokens = self.runner.graphs.masked_greedy_step(bitmask, last)
+            self.tokens = self.runner.graphs.masked_step(bitmask, last, self.sampling)
         else:
             self.batch.allowed_token_bitmask = bitmask
             self.tokens = sample(self.logits, self.batch).token_ids
@@ -670,11 +675,12 @@ class CudaGraphDecoder:
         self.host_tables = [torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
                             for _ in range(2)]
         self.next_host_buffer = 0
-        # Greedy constrained runs (GrammarRun): a step's masked argmax and the next step's inputs,
-        # derived on the device, as one small graph per batch size, so that between two forward
-        # replays the host only fills and uploads the bitmask. `grammar_pos` is the position of
-        # the step whose forward comes next (the greedy runs' `base_pos` stays theirs).
-        self.grammar_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
+        # Constrained runs (GrammarRun): a step's masked argmax (or sample, see row_params below) and
+        # the next step's inputs, derived on the device, as small graphs per batch size and
+        # sampling variant, so that between two forward replays the host only fills and uploads the
+        # bitmask. `grammar_pos` is the position of the step whose forward comes next (the pipelined
+        # runs' `base_pos` stays theirs).
+        self.grammar_graphs: dict[tuple[int, bool | None], tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         if self.step_inputs_kernel is not None:
             words = (runner.model_config.vocab_size + 31) // 32
             self.grammar_bitmask = torch.full((max_bs, words), -1, dtype=torch.int32, device=dev)
@@ -739,14 +745,15 @@ class CudaGraphDecoder:
                                 steps.append(graph)
                             self.sample_graphs[(bs, filtered)] = steps
                 if self.step_inputs_kernel is not None:
-                    pair = []
-                    for next_inputs in (True, False):  # a step before another / a run's last step
-                        self._masked_argmax_body(bs, next_inputs)  # warm-up outside the graph
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=pool, stream=stream):
-                            self._masked_argmax_body(bs, next_inputs)
-                        pair.append(graph)
-                    self.grammar_graphs[bs] = (pair[0], pair[1])
+                    for sampling in ((None, False, True) if self.multi_steps > 1 else (None,)):
+                        pair = []
+                        for next_inputs in (True, False):  # a step before another / a run's last step
+                            self._masked_step_body(bs, next_inputs, sampling)  # warm-up outside the graph
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                                self._masked_step_body(bs, next_inputs, sampling)
+                            pair.append(graph)
+                        self.grammar_graphs[(bs, sampling)] = (pair[0], pair[1])
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
@@ -775,11 +782,7 @@ class CudaGraphDecoder:
         """Sample step `step`'s tokens from the decode graph's logits with the rows' parameters
         (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[step]` and `input_ids`; then,
         unless it is the run's last step, the next step's position, length and cache slot."""
-        params = self.row_params[:, :bs]
-        logits = self.logits[bs]
-        noise = torch.empty_like(logits).exponential_()
-        top_k, top_p, min_p = (params[2].long(), params[3], params[4]) if filtered else (None, None, None)
-        ids = sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise)
+        ids = self._pick_tokens(bs, self.logits[bs], filtered)
         self.sampled_tokens[step, :bs].copy_(ids)
         self.input_ids[:bs].copy_(ids)
         if step + 1 < self.multi_steps:
@@ -787,12 +790,23 @@ class CudaGraphDecoder:
                                     self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
                                     self.slot_mapping[:bs])
 
-    def _masked_argmax_body(self, bs: int, next_inputs: bool) -> None:
-        """The decode graph's logits masked by `grammar_bitmask`, their argmax into `grammar_tokens`;
-        with `next_inputs`, also the next forward's ids, position, length and cache slot."""
+    def _pick_tokens(self, bs: int, logits: torch.Tensor, sampling: bool | None) -> torch.Tensor:
+        """Each row's token: the argmax (`sampling` None), or sampled with `row_params` (`sampling`:
+        with top-k, top-p and min-p too)."""
+        if sampling is None:
+            return logits.argmax(dim=-1)
+        params = self.row_params[:, :bs]
+        noise = torch.empty_like(logits).exponential_()
+        top_k, top_p, min_p = (params[2].long(), params[3], params[4]) if sampling else (None, None, None)
+        return sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise)
+
+    def _masked_step_body(self, bs: int, next_inputs: bool, sampling: bool | None) -> None:
+        """The decode graph's logits masked by `grammar_bitmask`, their token (_pick_tokens) into
+        `grammar_tokens`; with `next_inputs`, also the next forward's ids, position, length and
+        cache slot."""
         from kernels.token_bitmask import mask_logits_
 
-        ids = mask_logits_(self.logits[bs], self.grammar_bitmask[:bs]).argmax(dim=-1)
+        ids = self._pick_tokens(bs, mask_logits_(self.logits[bs], self.grammar_bitmask[:bs]), sampling)
         self.grammar_tokens[:bs].copy_(ids)
         if next_inputs:
             self.input_ids[:bs].copy_(ids)
@@ -808,14 +822,15 @@ class CudaGraphDecoder:
         self.grammar_pos[:bs].copy_(self.positions[:bs])
         self.grammar_active[:bs].copy_(self.seq_lens[:bs] > 0)
 
-    def masked_greedy_step(self, bitmask: torch.Tensor, last: bool) -> torch.Tensor:
-        """Upload a step's bitmask [n, words] (pinned) and replay its masked argmax; unless `last`,
-        the next forward's inputs are set on the device too (`replay_decode` then runs it).
-        Returns the step's tokens [n] (a static buffer: read it before the next step)."""
+    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: bool | None) -> torch.Tensor:
+        """Upload a step's bitmask [n, words] (pinned) and replay its masked argmax (`sampling` None)
+        or sample (with the parameters `set_row_params` set); unless `last`, the next forward's
+        inputs are set on the device too (`replay_decode` then runs it). Returns the step's tokens
+        [n] (a static buffer: read it before the next step)."""
         n = bitmask.shape[0]
         bs = next(b for b in self.batch_sizes if b >= n)
         self.grammar_bitmask[:n].copy_(bitmask, non_blocking=True)
-        self.grammar_graphs[bs][1 if last else 0].replay()
+        self.grammar_graphs[(bs, sampling)][1 if last else 0].replay()
         self.grammar_steps_replayed += 1
         return self.grammar_tokens[:n]
 
@@ -840,23 +855,35 @@ class CudaGraphDecoder:
         """`multi_steps` sampled decode steps (rows without a seed, bias or penalty; greedy rows
         allowed): each the forward graph, then the step's captured sampling graph, so the host only
         replays graphs; chained as greedy runs are."""
-        vocab = self.runner.model_config.vocab_size
         params = [s.params for s in seqs]
-        filtered = any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-        if not chained:  # a chained run keeps its batch's parameters
-            host = self.row_params_host.numpy()
-            host[:, :] = 1.0  # padding rows: greedy
-            n = len(params)
-            host[0, :n] = [p.greedy for p in params]
-            host[1, :n] = [1.0 if p.greedy else p.temperature for p in params]
-            host[2, :n] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-            host[3, :n] = [p.top_p for p in params]
-            host[4, :n] = [p.min_p for p in params]
-            host[2, n:] = vocab
-            host[4, n:] = 0.0
-            self.row_params.copy_(self.row_params_host, non_blocking=True)
+        if chained:  # a chained run keeps its batch's parameters
+            filtered = self._filtered(params)
+        else:
+            filtered = self.set_row_params(params)
         self.sampled_runs += 1
         return self._launch_steps(seqs, chained, filtered)
+
+    def _filtered(self, params: list[SamplingParams]) -> bool:
+        vocab = self.runner.model_config.vocab_size
+        return any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+
+    def set_row_params(self, params: list[SamplingParams]) -> bool:
+        """Upload the rows' sampling parameters for the sampling graphs (padding rows greedy);
+        returns whether the filtered variant is needed. The previous upload has been consumed: a
+        new batch starts after the last one's tokens were read."""
+        vocab = self.runner.model_config.vocab_size
+        host = self.row_params_host.numpy()
+        host[:, :] = 1.0  # padding rows: greedy
+        n = len(params)
+        host[0, :n] = [p.greedy for p in params]
+        host[1, :n] = [1.0 if p.greedy else p.temperature for p in params]
+        host[2, :n] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        host[3, :n] = [p.top_p for p in params]
+        host[4, :n] = [p.min_p for p in params]
+        host[2, n:] = vocab
+        host[4, n:] = 0.0
+        self.row_params.copy_(self.row_params_host, non_blocking=True)
+        return self._filtered(params)
 
     def _launch_steps(self, seqs: list[Sequence], chained: bool, filtered: bool | None) -> PendingTokens:
         """A greedy run's one graph (`filtered` None) or a sampled run's forward and sampling graphs."""

@@ -2,7 +2,7 @@
 from a one-token prompt, greedy unless --temperature) held to the `records` schema of
 scripts/grammar_cost.py, with a wall-clock timer around each part of the engine's grammar loop (engine.model_runner.GrammarRun):
 waiting for a step's tokens, the matchers' accept, the bitmask fill, launching the masked sample
-(for greedy rows, the masked-argmax graph), launching the next forward, and processing a run's outputs. Against a free run's step time, it says
+(or its captured graph), launching the next forward, and processing a run's outputs. Against a free run's step time, it says
 which part keeps the step above the forward's time.
 
     python scripts/grammar_step_parts.py --json out.json
@@ -47,8 +47,8 @@ def instrument() -> None:
     model_runner.sample = timed("sample launch", model_runner.sample)
     decoder = model_runner.CudaGraphDecoder
     decoder.run_decode = timed("forward launch", decoder.run_decode)
-    if hasattr(decoder, "masked_greedy_step"):  # greedy runs: the masked-argmax graph, then the forward's
-        decoder.masked_greedy_step = timed("sample launch", decoder.masked_greedy_step)
+    if hasattr(decoder, "masked_step"):  # graph steps: the masked argmax or sample, then the forward
+        decoder.masked_step = timed("sample launch", decoder.masked_step)
         decoder.replay_decode = timed("forward launch", decoder.replay_decode)
     torch.cuda.Event.synchronize = timed("wait for tokens", torch.cuda.Event.synchronize)
     LLMEngine._accept_decode_run = timed("process outputs", LLMEngine._accept_decode_run)

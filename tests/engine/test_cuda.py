@@ -222,3 +222,29 @@ def test_sampled_runs_replay_the_sampling_graphs(saved_model):
     assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]]
     assert graphs.sampled_runs >= 2
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_sampled_constrained_runs_replay_the_masked_sampling_graphs(saved_model):
+    """Unseeded sampled rows with a grammar sample inside the masked-step graphs: rows whose filters
+    leave one allowed token give the single-step tokens; a temperature-1 row's JSON is valid."""
+    import json
+
+    import jsonschema
+
+    from engine.sampling_params import StructuredOutputSpec
+
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 6}
+    spec = StructuredOutputSpec.json_schema(schema)
+    params = [SamplingParams(max_tokens=70, temperature=0.7, top_k=1, structured_output=spec),
+              SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=70, temperature=1.0, top_p=1e-6, structured_output=spec),
+              SamplingParams(max_tokens=70, temperature=1.0, structured_output=spec)]
+    kv = dict(device="cuda", dtype="float32", kv_cache_memory_bytes=128 * 2**20)
+    want = LLM(saved_model, num_scheduler_steps=1, **kv).generate(PROMPTS, params)
+    llm = LLM(saved_model, **kv)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]]
+    assert llm.engine.runner.graphs.grammar_steps_replayed > 0
+    for out in (got[0], got[2], got[3]):
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), schema)

@@ -46,11 +46,11 @@ class EagerGraphDecoder:
         self.launches = {"fresh": 0, "chained": 0}
         self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
         self.chained_runs = 0  # runs started on a previous run's unread tokens (constrained runs)
-        self.grammar_steps_replayed = 0  # greedy constrained steps through the masked-step "graph"
+        self.grammar_steps_replayed = 0  # constrained steps through the masked-step "graph"
         self.sampled_runs = 0
 
-    # Truthy: greedy constrained runs take the masked-step path (masked_greedy_step, replay_decode)
-    # as they do on CUDA; the steps below compute eagerly what those graphs compute.
+    # Truthy: constrained runs take the masked-step path (masked_step, replay_decode) as they do on
+    # CUDA; the steps below compute eagerly what those graphs compute.
     grammar_graphs = {"eager": None}
 
     def fits(self, num_seqs: int) -> bool:
@@ -91,11 +91,16 @@ class EagerGraphDecoder:
     def start_grammar_steps(self, n: int) -> None:
         self.grammar_offset = 0  # the run's step whose forward ran last
 
-    def masked_greedy_step(self, bitmask: torch.Tensor, last: bool) -> torch.Tensor:
+    def set_row_params(self, params) -> bool:
+        self.row_pick = self._sampler(params)
+        return True  # the filtered variant: every filter on, as _sampler applies them
+
+    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: bool | None) -> torch.Tensor:
         from engine.sampler import mask_disallowed_tokens_
 
         self.grammar_steps_replayed += 1
-        tokens = mask_disallowed_tokens_(self.last_logits.clone(), bitmask).argmax(dim=-1)
+        masked = mask_disallowed_tokens_(self.last_logits.clone(), bitmask)
+        tokens = masked.argmax(dim=-1) if sampling is None else self.row_pick(masked)
         self.grammar_next_ids = tokens.tolist()
         return tokens
 
@@ -112,18 +117,20 @@ class EagerGraphDecoder:
         return self._launch(seqs, chained, lambda logits: logits.argmax(dim=-1))
 
     def launch_sampled_steps(self, seqs, chained: bool) -> _Ready:
+        self.sampled_runs += 1
+        return self._launch(seqs, chained, self._sampler([s.params for s in seqs]))
+
+    def _sampler(self, ps):
         """As the decoder's sampling graphs: every filter on, each row's own parameters."""
         from engine.sampler import sample_rows
 
         vocab = self.runner.model_config.vocab_size
-        ps = [s.params for s in seqs]
         greedy = torch.tensor([p.greedy for p in ps])
         temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in ps])
         top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in ps])
         top_p, min_p = torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps])
-        self.sampled_runs += 1
-        return self._launch(seqs, chained, lambda logits: sample_rows(
-            logits, greedy, temperature, top_k, top_p, min_p, torch.empty_like(logits).exponential_()))
+        return lambda logits: sample_rows(logits, greedy, temperature, top_k, top_p, min_p,
+                                          torch.empty_like(logits).exponential_())
 
     def _launch(self, seqs, chained: bool, pick) -> _Ready:
         self.launches["chained" if chained else "fresh"] += 1
@@ -324,6 +331,35 @@ def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, refer
     for out in (got[0], got[3]):
         jsonschema.validate(json.loads(out.text), schema)
     llm.engine.step()  # a chained run may still be in flight: read it
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
+def test_unseeded_sampled_constrained_runs_take_the_masked_step_path(tiny_llama_dir, reference):
+    """Unseeded sampled rows with grammars sample inside the masked-step path too: rows whose filters
+    leave one allowed token give the single-step engine's tokens; a temperature-1 row's output
+    still follows its schema; seeded rows keep sample() (their generators)."""
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 3, "maxItems": 6}
+    spec = StructuredOutputSpec.json_schema(schema)
+    params = [SamplingParams(max_tokens=60, temperature=0.8, top_k=1, ignore_eos=True, structured_output=spec),
+              SamplingParams(max_tokens=60, temperature=1.0, top_p=1e-6, structured_output=spec),
+              SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=60, temperature=1.0, structured_output=spec)]
+    want = reference.generate(PROMPTS, params)
+    llm = pipelined_llm(tiny_llama_dir)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got[:3]] == [o.token_ids for o in want[:3]]
+    graphs = llm.engine.runner.graphs
+    assert graphs.grammar_steps_replayed > 0
+    for out in (got[0], got[1], got[3]):
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), schema)
+    assert got[0].finish_reason == "stop"
+    replayed = graphs.grammar_steps_replayed
+    seeded = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, structured_output=spec) for i in range(4)]
+    assert [o.token_ids for o in llm.generate(PROMPTS, seeded)] == [o.token_ids for o in reference.generate(PROMPTS, seeded)]
+    assert graphs.grammar_steps_replayed == replayed
+    llm.engine.step()
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
