@@ -59,8 +59,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--guided-json", default=None,
                    help="constrain every request to this JSON schema (JSON text, or @file): the cost of constrained decoding")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="sample at this temperature (default greedy); sampled batches run one step at a time, "
-                        "so this measures the single-step path")
+                   help="sample at this temperature (default greedy; the bench's requests have no seed, so "
+                        "they decode in pipelined runs on the sampling graphs)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--mode", choices=["offline", "online", "latency"], default="offline",
                    help="latency: the requests one after another, batch 1 (time to first token, time per token)")

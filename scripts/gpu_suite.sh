@@ -294,16 +294,17 @@ run_structured() {
     "required": ["name", "age", "email"], "properties": {"name": {"type": "string", "maxLength": 20},
     "age": {"type": "integer", "minimum": 0, "maximum": 120}, "email": {"type": "string", "maxLength": 40}}}}'
   local int600='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
-  for tag in free records int600; do
+  for tag in free records records_t1 int600; do  # records_t1: sampled at temperature 1 (the API's default)
     local extra=()
     [ "$tag" = records ] && extra=(--guided-json "$records")
+    [ "$tag" = records_t1 ] && extra=(--guided-json "$records" --temperature 1.0)
     [ "$tag" = int600 ] && extra=(--guided-json "$int600")
     timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" "${extra[@]}" \
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
   # The grammar's host work per step on this host's CPU (it must hide behind a ~0.45 ms forward).
   python3 scripts/grammar_cost.py --rows 64 --threads 1,8 --json "$out/grammar_cost.json" | sed "s/^/[grammar] /"
-  # Sampled rows run multi-step runs through the same loop, without a grammar.
+  # Sampled rows (no seed) run pipelined multi-step runs: the forward graph, then a sampling graph.
   timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --temperature 0.8 --top-p 0.95 \
     --output-json "$out/bench_structured_sampled.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[sampled] /"
   if [ -n "${STRUCTURED_PROFILE:-}" ]; then  # where a constrained step's host time goes
