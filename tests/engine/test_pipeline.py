@@ -364,6 +364,35 @@ def test_unseeded_sampled_constrained_runs_take_the_masked_step_path(tiny_llama_
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
 
+def test_the_sampling_graphs_take_each_rows_parameters():
+    """The CUDA decoder's sampling-graph code (`set_row_params`, `_pick_tokens`), run here on the
+    CPU: each row's parameters land in its column (padding rows greedy, unfiltered), the filtered
+    variant is picked when a row filters, and rows whose filters leave one token take the argmax."""
+    from types import SimpleNamespace
+
+    from engine.model_runner import CudaGraphDecoder
+
+    vocab, bs = 1000, 8
+    fake = SimpleNamespace(runner=SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab)),
+                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs))
+    fake._filtered = lambda ps: CudaGraphDecoder._filtered(fake, ps)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1),
+              SamplingParams(temperature=1.3, top_p=1e-6), SamplingParams(temperature=0.9, top_k=5, min_p=0.2)]
+    assert CudaGraphDecoder.set_row_params(fake, params) is True
+    want = torch.tensor([[1, 0, 0, 0, 1, 1, 1, 1], [1.0, 0.7, 1.3, 0.9, 1, 1, 1, 1],
+                         [vocab, 1, vocab, 5, vocab, vocab, vocab, vocab], [1, 1, 1e-6, 1, 1, 1, 1, 1],
+                         [0, 0, 0, 0.2, 0, 0, 0, 0]], dtype=torch.float32)
+    assert torch.allclose(fake.row_params, want)
+    logits = torch.randn(bs, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    for _ in range(5):
+        got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
+        assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])
+        assert int(got[3]) in logits[3].topk(5).indices.tolist()
+    assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) is False
+    plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, False)
+    assert torch.equal(plain[1:], logits.argmax(dim=-1)[1:])
+
+
 def test_a_decode_runs_inputs_are_staged_for_every_step_at_once(tiny_llama_dir):
     """The CUDA decoder writes the host inputs of all steps of a run in one numpy pass (its
     `_stage_run`, run here on the CPU over real sequences and block tables): each step's position,
