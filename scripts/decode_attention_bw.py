@@ -1,0 +1,95 @@
+"""How close the paged-decode kernel runs to the copy rate at one decode shape, with and without a
+shared prompt prefix (the real-traffic workload: every sequence's first blocks are the same cache
+blocks, as the prefix cache leaves them), for the launch table's choice and the best of the tuner's
+candidates at this shape. Timed as a decode step sees it: back to back in a CUDA graph over enough
+layers of K/V that L2 holds none of the next one.
+
+    python scripts/decode_attention_bw.py --shape gpt2 --batch 128 --context 600 --shared-prefix 256
+    python scripts/decode_attention_bw.py --shape llama-3.1-8b --batch 64 --context 256
+
+Bytes are the K/V each step must read from memory: the shared prefix once, every sequence's own
+tokens once. The kernel re-reads the prefix for every sequence (from L2, if it stays there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from kernels.launch_table import decode_launch
+from kernels.tune import SHAPES, candidates, graph_us_per_call, make_inputs
+from kernels.paged_attention import paged_decode
+
+
+def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype, block: int = 16):
+    """make_inputs' tensors, with each sequence's first prefix // block table entries pointing at
+    the same blocks (the first sequence's)."""
+    q, k, v, tables, lens = make_inputs(batch, context, heads, kv_heads, dim, dtype, block)
+    shared = prefix // block
+    if shared:
+        tables[:, :shared] = tables[0, :shared]
+    return q, k, v, tables, lens
+
+
+def measure(args, prefix: int) -> dict:
+    name, heads, kv_heads, dim, dtype = next(s for s in SHAPES if s[0] == args.shape)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    token_bytes = 2 * kv_heads * dim * elem
+    unique_bytes = (args.batch * (args.context - prefix) + prefix) * token_bytes
+    read_bytes = args.batch * args.context * token_bytes  # what the kernel loads, prefix included
+    layers = [layer_inputs(args.batch, args.context, prefix, heads, kv_heads, dim, dtype)
+              for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
+    outs = [torch.empty_like(layer[0]) for layer in layers]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tuned = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, args.batch, kv_heads, num_sms)
+
+    def us_of(launch) -> float:
+        return graph_us_per_call([lambda a=a, o=o: paged_decode(*a, dim**-0.5, launch, out=o, pdl=True)
+                                  for a, o in zip(layers, outs)], 5, 10)
+
+    table_us = us_of(tuned)
+    best_us, best = table_us, tuned
+    for launch in candidates(args.batch, kv_heads, dim, num_sms):
+        try:
+            us = us_of(launch)
+        except Exception:  # out of shared memory for this shape
+            continue
+        if us < best_us:
+            best_us, best = us, launch
+    return {"prefix": prefix, "unique_mb": unique_bytes / 1e6, "read_mb": read_bytes / 1e6,
+            "table": {"launch": vars(tuned), "us": table_us, "unique_tb_s": unique_bytes / table_us / 1e6,
+                      "read_tb_s": read_bytes / table_us / 1e6},
+            "best": {"launch": vars(best), "us": best_us, "unique_tb_s": unique_bytes / best_us / 1e6}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="gpt2", help="a name from kernels.tune.SHAPES")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--context", type=int, default=600)
+    p.add_argument("--shared-prefix", type=int, default=256, help="tokens every sequence shares (0: none)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    src = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    copy_us = graph_us_per_call([lambda: dst.copy_(src)], 5, 10)
+    copy_tb_s = 2 * src.numel() * 2 / copy_us / 1e6  # read + write
+    results = {"shape": args.shape, "batch": args.batch, "context": args.context, "copy_tb_s": copy_tb_s, "runs": []}
+    print(f"{args.shape}, batch {args.batch}, context {args.context}; device copy {copy_tb_s:.2f} TB/s (read + write)")
+    for prefix in sorted({0, args.shared_prefix}):
+        r = measure(args, prefix)
+        results["runs"].append(r)
+        t, b = r["table"], r["best"]
+        print(f"  shared prefix {prefix:5d}: {r['unique_mb']:.1f} MB unique K/V ({r['read_mb']:.1f} MB loaded) a layer; "
+              f"table {t['us']:.1f} us = {t['unique_tb_s']:.2f} TB/s unique ({t['unique_tb_s'] / copy_tb_s:.0%} of copy), "
+              f"{t['read_tb_s']:.2f} TB/s loaded [{t['launch']}]; best candidate {b['us']:.1f} us [{b['launch']}]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
