@@ -189,13 +189,14 @@ def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
 LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 
 
-def linear_candidates(n: int, k: int, rows: int, num_sms: int) -> list[LinearLaunch]:
+def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[int, ...] = (128, 256)) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
-    columns, K tiles of 128 or 256, 3 or 4 stages, and the split-K counts that give between one
-    and eight programs per SM (fewer leave bandwidth unused; more only add partial sums)."""
+    columns, K tiles of `block_ks` (float8 weights add 512: the same bytes a tile as 256 of bf16),
+    3 or 4 stages, and the split-K counts that give between one and eight programs per SM (fewer
+    leave bandwidth unused; more only add partial sums)."""
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
-    for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256), (3, 4)):
+    for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), block_ks, (3, 4)):
         tiles = triton.cdiv(n, block_n) * m_tiles
         splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
         if not splits:  # too few tiles even split 16 ways, or too many unsplit: the nearest one
@@ -235,7 +236,8 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype_name = str(dtype).removeprefix("torch.")
     key_dtype = "float8_e4m3fn" if fp8 else dtype_name
-    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
+    block_ks = (128, 256, 512) if fp8 else (128, 256)
+    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
     if fp8:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
         plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}

@@ -244,7 +244,9 @@ run_big() {
 # contexts (FP8_WORKLOADS picks among b1 b64 4k: all of them for the three variants is ~10 min,
 # so split them across calls; FP8_VARIANTS picks among bf16 fp8 fp8kv; FP8_WORKLOADS= runs none).
 # FP8_TUNE first measures the fp8 projections' launches (the table comes back in OUTDIR as
-# 00_tuned_launch.json, to commit); FP8_CHECKS adds the CUDA tests and the quality script.
+# 00_tuned_launch.json, to commit; all buckets took ~9.5 min before 512-wide K tiles were added:
+# split them across calls with TUNE_BUCKETS=1,4 / 16,32 / 64,128,256); FP8_CHECKS adds the CUDA
+# tests and the quality script.
 run_fp8() {
   if [ -n "${FP8_TUNE:-}" ]; then  # the skinny kernel's launches for the fp8 projections, against cuBLASLt's
     timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 --buckets "${TUNE_BUCKETS-}" --workers 14 2>&1 \
