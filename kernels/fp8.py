@@ -20,9 +20,12 @@ def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """[M, K] activations -> (float8 e4m3 [M, K], fp32 scale [M, 1]), one scale per token. Each row
+    is multiplied by FP8_MAX / its largest magnitude (one IEEE division a row, then products), the
+    way the skinny kernel's W8A8 launches quantize, so that both round every value alike (a
+    division per value would not: the kernel's fp32 division is not IEEE-rounded)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    return (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / FP8_MAX
 
 
 def fake_quantize_slices_fp8(x: torch.Tensor, block_k: int) -> torch.Tensor:

@@ -101,8 +101,13 @@ def _linear_kernel(
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
-            x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
-            xq = tl.clamp(xf / x_scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            # IEEE divisions once a row, then products: as kernels.fp8.quantize_tokens_fp8 (values
+            # that land on a rounding tie round alike; `/` here is not IEEE-rounded)
+            amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12)
+            fp8_max = tl.full([BLOCK_M], 448.0, tl.float32)
+            x_scale = tl.math.div_rn(amax, fp8_max)
+            inv = tl.math.div_rn(fp8_max, amax)
+            xq = tl.clamp(xf * inv[:, None], -448.0, 448.0).to(tl.float8e4nv)
             if DOT_FP32:  # the interpreter: e4m3 products are exact in fp32
                 part = tl.dot(xq.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:

@@ -435,9 +435,11 @@ def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
     # On an H200 the kernel's rows were up to 1.2e-2 (bf16) and 4.9e-3 (fp16) from this fp32
     # reference; rounding x toward zero instead of to nearest gave 7-8e-2. In bf16 one-ulp flips of
     # the rounded outputs alone reach ~1e-2 (scripts/w8a8_numerics.py's W8A16 control); the fp16
-    # case is not explained yet (docs/BENCHMARKS.md, tenth session). So on CUDA each row is held to
-    # 2e-2 (a wrong scale is off by far more) and the whole product must be much nearer the
-    # quantized activations' than the unquantized ones' (~2.5e-2 apart).
+    # case looked like one value rounded the other way off a tie (the kernel divided with Triton's
+    # `/`, div.full.f32, not IEEE-rounded; it now multiplies by an IEEE reciprocal, as the
+    # reference does; not yet run on a GPU). So on CUDA each row is held to 2e-2 (a wrong scale is
+    # off by far more) and the whole product must be much nearer the quantized activations' than
+    # the unquantized ones' (~2.5e-2 apart).
     w8a8_tol = 2 * TOL[dtype] if INTERPRET else 2e-2
     workspace = SplitKWorkspace()
     for _ in range(2):
