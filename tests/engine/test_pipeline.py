@@ -52,6 +52,7 @@ class EagerGraphDecoder:
     # Truthy: constrained runs take the masked-step path (masked_step, replay_decode) as they do on
     # CUDA; the steps below compute eagerly what those graphs compute.
     grammar_graphs = {"eager": None}
+    samples_in_graphs = True  # sampled runs are pipelined too (launch_sampled_steps)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]
@@ -110,8 +111,6 @@ class EagerGraphDecoder:
         positions = [p + self.grammar_offset for p in self.run_first_pos]
         self.last_logits = self._decode(self.run_seqs, self.grammar_next_ids, positions, self.run_tables)
         return self.last_logits
-
-    samples_in_graphs = True  # sampled runs are pipelined too (launch_sampled_steps)
 
     def launch_greedy_steps(self, seqs, chained: bool) -> _Ready:
         return self._launch(seqs, chained, lambda logits: logits.argmax(dim=-1))
