@@ -13,6 +13,12 @@ scale, v_scale multiplies the output once.
 
 Launch parameters come from `kernels.launch_table` (decided once, at load or
 warm-up): no autotune wrapper sits on this hot path.
+
+`cascade_decode` is the same attention for a batch that shares a prompt prefix in
+the same cache blocks: the prefix is read once per KV head for every query (a
+second kernel), the paged kernel covers each sequence's remainder, and the
+merge joins them as splits. Measured against paged_decode by
+scripts/decode_attention_bw.py; the engine does not use it yet.
 """
 
 from __future__ import annotations
@@ -41,53 +47,27 @@ class DecodeLaunch:
 
 
 @triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    scale_log2, v_scale,
-    stride_q_tok, stride_q_head,
-    stride_c_block, stride_c_tok, stride_c_head,
-    stride_bt,
-    stride_o_tok, stride_o_head,
-    GROUP: tl.constexpr, QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    wait_for_previous_kernel(USE_PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    chunks_per_split = tl.cdiv(tl.cdiv(seq_len, TOKENS), NUM_SPLITS)
-    start = split * chunks_per_split * TOKENS
-    end = tl.minimum(seq_len, start + chunks_per_split * TOKENS)
-
-    # The GROUP query heads of this KV head, padded to QROWS (>= 16) rows so that
-    # QK^T and PV run on the tensor cores; the padding costs no memory traffic.
-    g = tl.arange(0, QROWS)
+def _attend_range(q, table_ptr, start, end, k_cache_ptr, v_cache_ptr, head_base, stride_c_block, stride_c_tok,
+                  scale_log2, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  TOKENS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FP8_CACHE: tl.constexpr):
+    """The query rows q [ROWS, HEAD_DIM] against cached tokens start..end of one KV head (`table_ptr`:
+    the block ids; `head_base`: the head's offset in a block), TOKENS at a time, online softmax in
+    the log2 domain; returns (m, l, acc), unnormalised, for the caller to finish or merge."""
     d = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, TOKENS)
-    q_heads = kv_head * GROUP + g
-    head_mask = g < GROUP
-    q = tl.load(q_ptr + seq * stride_q_tok + q_heads[:, None] * stride_q_head + d[None, :],
-                mask=head_mask[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-
-    m = tl.full([QROWS], float("-inf"), tl.float32)
-    l = tl.zeros([QROWS], tl.float32)
-    acc = tl.zeros([QROWS, HEAD_DIM], tl.float32)
-    bt_row = block_tables_ptr + seq * stride_bt
-    head_base = kv_head * stride_c_head
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for pos in range(start, end, TOKENS):
         tok = pos + t
         valid = tok < end
-        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        block = tl.load(table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = block * stride_c_block + head_base + (tok % BLOCK_SIZE) * stride_c_tok
         k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if FP8_CACHE:
-            k = k.to(q_ptr.dtype.element_ty)
-            v = v.to(q_ptr.dtype.element_ty)
+        if FP8_CACHE:  # widened to q's dtype (fp32 where DOT_FP32 has widened q)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -106,20 +86,98 @@ def _paged_decode_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2, v_scale, skip,
+    stride_q_tok, stride_q_head,
+    stride_c_block, stride_c_tok, stride_c_head,
+    stride_bt,
+    stride_o_tok, stride_o_head,
+    GROUP: tl.constexpr, QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_BASE: tl.constexpr = 0,
+):
+    # `skip` > 0 (cascade_decode): the first `skip` tokens are the shared prefix, which another
+    # kernel attends to; this one covers the rest and writes its partials after that kernel's
+    # (split slots SPLIT_BASE.. of NUM_SPLITS + SPLIT_BASE).
+    wait_for_previous_kernel(USE_PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    chunks_per_split = tl.cdiv(tl.cdiv(tl.maximum(seq_len - skip, 0), TOKENS), NUM_SPLITS)
+    start = skip + split * chunks_per_split * TOKENS
+    end = tl.minimum(seq_len, start + chunks_per_split * TOKENS)
+
+    # The GROUP query heads of this KV head, padded to QROWS (>= 16) rows so that
+    # QK^T and PV run on the tensor cores; the padding costs no memory traffic.
+    g = tl.arange(0, QROWS)
+    d = tl.arange(0, HEAD_DIM)
+    q_heads = kv_head * GROUP + g
+    head_mask = g < GROUP
+    q = tl.load(q_ptr + seq * stride_q_tok + q_heads[:, None] * stride_q_head + d[None, :],
+                mask=head_mask[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m, l, acc = _attend_range(q, block_tables_ptr + seq * stride_bt, start, end, k_cache_ptr, v_cache_ptr,
+                              kv_head * stride_c_head, stride_c_block, stride_c_tok, scale_log2,
+                              QROWS, HEAD_DIM, BLOCK_SIZE, TOKENS, IEEE, DOT_FP32, FP8_CACHE)
 
     if FP8_CACHE:
         acc = acc * v_scale
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1 and SPLIT_BASE == 0:
         l_safe = tl.where(l == 0.0, 1.0, l)  # an empty (padding) sequence yields zeros, not NaN
         out = acc / l_safe[:, None]
         tl.store(out_ptr + seq * stride_o_tok + q_heads[:, None] * stride_o_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         # partials: acc [seq, q_head, split, dim], (m, l) [seq, q_head, split, 2]
-        row = (seq * (tl.num_programs(1) * GROUP) + q_heads) * NUM_SPLITS + split
+        row = (seq * (tl.num_programs(1) * GROUP) + q_heads) * (NUM_SPLITS + SPLIT_BASE) + SPLIT_BASE + split
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=head_mask[:, None])
         tl.store(part_ml_ptr + row * 2, m, mask=head_mask)
         tl.store(part_ml_ptr + row * 2 + 1, l, mask=head_mask)
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, prefix_table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr,
+    num_rows, prefix_len, scale_log2, v_scale,
+    stride_q_tok, stride_q_head,
+    stride_c_block, stride_c_tok, stride_c_head,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    TOKENS: tl.constexpr, TOTAL_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
+):
+    """cascade_decode's first part: every sequence's query heads of one KV head (BLOCK_Q rows of
+    (sequence, head) pairs) against the shared prefix's K/V, read once for all of them; partials
+    into split slot 0. Rows of padding sequences (length 0) stay empty."""
+    kv_head = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    in_rows = r < num_rows
+    seq = r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    live = in_rows & (tl.load(seq_lens_ptr + seq, mask=in_rows, other=0) > 0)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
+                mask=live[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m, l, acc = _attend_range(q, prefix_table_ptr, 0, prefix_len, k_cache_ptr, v_cache_ptr, kv_head * stride_c_head,
+                              stride_c_block, stride_c_tok, scale_log2, BLOCK_Q, HEAD_DIM, BLOCK_SIZE, TOKENS,
+                              IEEE, DOT_FP32, FP8_CACHE)
+    if FP8_CACHE:
+        acc = acc * v_scale
+    m = tl.where(live, m, float("-inf"))  # padding rows: nothing attended (the merge gives zeros)
+    l = tl.where(live, l, 0.0)
+    row = (seq * (tl.num_programs(0) * GROUP) + head) * TOTAL_SPLITS
+    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=in_rows[:, None])
+    tl.store(part_ml_ptr + row * 2, m, mask=in_rows)
+    tl.store(part_ml_ptr + row * 2 + 1, l, mask=in_rows)
 
 
 @triton.jit
@@ -183,7 +241,7 @@ def paged_decode(
         part_acc = part_ml = out  # unused
     _paged_decode_kernel[(num_seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
-        scale * LOG2E * k_scale, v_scale,
+        scale * LOG2E * k_scale, v_scale, 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
         block_tables.stride(0),
@@ -198,4 +256,76 @@ def paged_decode(
             part_acc, part_ml, out, out.stride(0), out.stride(1),
             NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, num_warps=4,
         )
+    return out
+
+
+@dataclass(frozen=True)
+class PrefixLaunch:
+    """Launch parameters of cascade_decode's shared-prefix kernel: (sequence, head) rows a program,
+    prefix tokens an iteration, warps, stages."""
+
+    block_q: int = 64
+    tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def cascade_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    prefix_len: int,
+    launch: DecodeLaunch = DecodeLaunch(),
+    prefix_launch: PrefixLaunch = PrefixLaunch(),
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """paged_decode for a batch whose sequences all begin with the same `prefix_len` tokens in the
+    same cache blocks (a shared system prompt left by the prefix cache: every row of `block_tables`,
+    padding rows too, starts with the same prefix_len / block_size block ids; prefix_len is a
+    multiple of the block size and shorter than every live sequence). The prefix's K/V are read
+    once per KV head for all the batch's queries, as a [rows, tokens] product on the tensor cores,
+    instead of once per sequence; each sequence's remainder goes through the paged kernel (its
+    `launch.num_splits` splits); the parts merge as flash-decoding splits do. Not wired into the
+    engine yet: scripts/decode_attention_bw.py measures it against paged_decode."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, kv_heads, block_size, _ = k_cache.shape
+    assert prefix_len % block_size == 0, "the shared prefix is whole cache blocks"
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and q.stride(2) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    group = num_heads // kv_heads
+    total = launch.num_splits + 1
+    part_acc = torch.empty(num_seqs, num_heads, total, head_dim, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(num_seqs, num_heads, total, 2, dtype=torch.float32, device=q.device)
+    fp8 = is_fp8_cache(k_cache)
+    interpret_bf16 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    rows = num_seqs * group
+    _shared_prefix_kernel[(kv_heads, triton.cdiv(rows, prefix_launch.block_q))](
+        q, k_cache, v_cache, block_tables[0], seq_lens, part_acc, part_ml,
+        rows, prefix_len, scale * LOG2E * k_scale, v_scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=prefix_launch.block_q,
+        TOKENS=prefix_launch.tokens, TOTAL_SPLITS=total, IEEE=q.dtype == torch.float32, DOT_FP32=interpret_bf16,
+        FP8_CACHE=fp8, num_warps=prefix_launch.num_warps, num_stages=prefix_launch.num_stages,
+    )
+    _paged_decode_kernel[(num_seqs, kv_heads, launch.num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
+        scale * LOG2E * k_scale, v_scale, prefix_len,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TOKENS=launch.tokens, NUM_SPLITS=launch.num_splits, IEEE=q.dtype == torch.float32, DOT_FP32=interpret_bf16,
+        FP8_CACHE=fp8, USE_PDL=False, SPLIT_BASE=1, num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    _merge_splits_kernel[(num_seqs, num_heads)](
+        part_acc, part_ml, out, out.stride(0), out.stride(1),
+        NUM_SPLITS=total, SPLITS_PAD=triton.next_power_of_2(total), HEAD_DIM=head_dim, num_warps=4,
+    )
     return out

@@ -340,9 +340,10 @@ def experiment(json_path: str | None) -> dict:
 
     def launch_autotuned():
         autotuned[(batch, kv_heads, 1)](
-            q, k, v, tables, lens, out, out, out, 0.125 * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), tables.stride(0), out.stride(0), out.stride(1),
+            q, k, v, tables, lens, out, out, out, 0.125 * LOG2E, 1.0, 0,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(2), k.stride(1), tables.stride(0), out.stride(0), out.stride(1),
             GROUP=1, QROWS=16, HEAD_DIM=dim, BLOCK_SIZE=16, NUM_SPLITS=1, IEEE=False, DOT_FP32=False,
+            FP8_CACHE=False, USE_PDL=False,
         )
 
     fixed = DecodeLaunch(tokens=64, num_splits=1, num_warps=4, num_stages=2)

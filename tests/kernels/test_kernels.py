@@ -20,7 +20,7 @@ from kernels.fp8 import fake_quantize_slices_fp8
 from kernels.kv_cache import write_kv
 from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from kernels.norm import add_norm
-from kernels.paged_attention import DecodeLaunch, paged_decode
+from kernels.paged_attention import DecodeLaunch, PrefixLaunch, cascade_decode, paged_decode
 from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
@@ -91,6 +91,42 @@ def test_paged_decode_matches_reference(device, case):
     if 0 in lens:
         assert (out[lens.index(0)] == 0).all()
     assert rel_err(out, ref) < TOL[dtype]
+
+
+CASCADE_CASES = [
+    # (num_heads, kv_heads, head_dim, block_size, shared prefix, seq_lens, dtype, launch, prefix launch)
+    (4, 4, 64, 16, 32, [33, 50, 90], torch.float32, DecodeLaunch(tokens=16), PrefixLaunch(block_q=16, tokens=16)),
+    (6, 2, 64, 16, 48, [49, 64, 100, 0], torch.float16, DecodeLaunch(tokens=32, num_splits=2),
+     PrefixLaunch(block_q=16, tokens=32)),  # a padding row
+    (8, 2, 128, 16, 16, [17, 40], torch.bfloat16, DecodeLaunch(tokens=16, num_splits=3), PrefixLaunch(block_q=32, tokens=16)),
+    (4, 4, 64, 16, 0, [5, 20], torch.float32, DecodeLaunch(tokens=16), PrefixLaunch(block_q=16, tokens=16)),  # no prefix
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASCADE_CASES)
+def test_cascade_decode_matches_reference(device, case):
+    """Sequences whose first blocks are the same cache blocks (a shared prompt): the prefix attended
+    once for all of them, each remainder by the paged kernel, merged: attention over the whole
+    context, as paged_decode gives it; a padding row gives zeros."""
+    heads, kv_heads, dim, bs, prefix, lens, dtype, launch, prefix_launch = case
+    gen = torch.Generator().manual_seed(hash((heads, dim, prefix, tuple(lens))) % 2**31)
+    own = sum(-(-n // bs) for n in lens)
+    shared = prefix // bs
+    k_cache, v_cache = make_cache(own + shared, bs, kv_heads, dim, dtype, device)
+    tables = random_tables(lens, bs, own, device, gen)
+    tables[:, :shared] = torch.arange(own, own + shared, dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), heads, dim, device=device).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = dim**-0.5
+    cascade_decode(q, k_cache, v_cache, tables, seq_lens, scale, prefix, launch, prefix_launch, out=out)
+    ref = paged_decode_ref(q, k_cache, v_cache, tables.clamp(min=0), seq_lens, scale)
+    if 0 in lens:
+        assert (out[lens.index(0)] == 0).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    plain = paged_decode(q, k_cache, v_cache, tables, seq_lens, scale, launch)
+    assert rel_err(out, plain) < TOL[dtype]
 
 
 def prefill_queries(spans, heads: int, dim: int, dtype, device):
