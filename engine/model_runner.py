@@ -21,7 +21,7 @@ from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_toke
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import Fp8Linear, configure_decode_kernels
 from engine.parallel import TensorParallel
-from engine.sampler import SamplerOutput, SamplingBatch, sample, sample_rows
+from engine.sampler import SamplerOutput, SamplingBatch, filters_in_use, row_sampling_values, sample, sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -477,8 +477,12 @@ class ModelRunner:
             return False
         if any(s.params.logit_bias for s in seqs):
             return False
-        return all(s.params.greedy for s in seqs) or \
-            (self.graphs.samples_in_graphs and all(s.params.seed is None for s in seqs))
+        return self.graphs_pick_tokens([s.params for s in seqs])
+
+    def graphs_pick_tokens(self, params: list[SamplingParams]) -> bool:
+        """Whether captured graphs can pick these rows' tokens: all greedy (the argmax), or, where
+        the decoder samples in graphs, no row seeded (a seed is a generator of its own)."""
+        return all(p.greedy for p in params) or (self.graphs.samples_in_graphs and all(p.seed is None for p in params))
 
     @torch.inference_mode()
     def launch_pipelined_run(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
@@ -576,8 +580,8 @@ class GrammarRun:
         # masked argmax or sample with the next inputs, then the forward).
         b, graphs = self.batch, runner.graphs
         params = [s.params for s in seqs]
-        self.graph_steps = bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None and (
-            b.all_greedy or (graphs.samples_in_graphs and all(p.seed is None for p in params)))
+        self.graph_steps = (bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None
+                            and runner.graphs_pick_tokens(params))
         self.sampling: bool | None = None  # None: argmax; else whether top-k/top-p/min-p apply
         if self.graph_steps:
             if not b.all_greedy:
@@ -729,34 +733,37 @@ class CudaGraphDecoder:
                 pool = graph.pool()
                 self.graphs[bs] = graph
                 if self.multi_steps > 1:
-                    self._decode_steps_body(bs, meta)  # warm-up outside the graph
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        self.multi_tokens[bs] = self._decode_steps_body(bs, meta)
-                    self.multi_graphs[bs] = graph
+                    self.multi_graphs[bs], self.multi_tokens[bs] = self._warm_and_capture(
+                        lambda: self._decode_steps_body(bs, meta), pool, stream)
                     if self.step_inputs_kernel is not None:
                         for filtered in (False, True):
-                            steps = []
-                            for i in range(self.multi_steps):
-                                self._sample_step_body(bs, i, filtered)  # warm-up outside the graph
-                                graph = torch.cuda.CUDAGraph()
-                                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                                    self._sample_step_body(bs, i, filtered)
-                                steps.append(graph)
-                            self.sample_graphs[(bs, filtered)] = steps
+                            self.sample_graphs[(bs, filtered)] = [
+                                self._warm_and_capture(lambda i=i: self._sample_step_body(bs, i, filtered), pool, stream)[0]
+                                for i in range(self.multi_steps)]
                 if self.step_inputs_kernel is not None:
                     for sampling in ((None, False, True) if self.multi_steps > 1 else (None,)):
-                        pair = []
-                        for next_inputs in (True, False):  # a step before another / a run's last step
-                            self._masked_step_body(bs, next_inputs, sampling)  # warm-up outside the graph
-                            graph = torch.cuda.CUDAGraph()
-                            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                                self._masked_step_body(bs, next_inputs, sampling)
-                            pair.append(graph)
-                        self.grammar_graphs[(bs, sampling)] = (pair[0], pair[1])
+                        # (a step before another, a run's last step)
+                        self.grammar_graphs[(bs, sampling)] = tuple(
+                            self._warm_and_capture(lambda n=next_inputs: self._masked_step_body(bs, n, sampling),
+                                                   pool, stream)[0]
+                            for next_inputs in (True, False))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+
+    @staticmethod
+    def _warm_and_capture(body, pool, stream) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Run `body` once outside a graph (compiling its kernels, settling the allocator), then
+        capture it; the graph and what the captured call returned (its static outputs)."""
+        body()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = body()
+        return graph, out
+
+    def padded_size(self, n: int) -> int:
+        """The captured batch size a batch of `n` rows replays (padding rows past n)."""
+        return next(b for b in self.batch_sizes if b >= n)
 
     def _decode_steps_body(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
         model, caches, block = self.runner.model, self.runner.kv_caches, self.runner.block_size
@@ -764,8 +771,7 @@ class CudaGraphDecoder:
         tokens = []
         for i in range(self.multi_steps):
             if self.step_inputs_kernel is not None:  # one launch instead of a dozen
-                self.step_inputs_kernel(self.base_pos[:bs], active, self.block_tables[:bs], i, block,
-                                        self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
+                self._derive_step_inputs(bs, i)
             else:
                 pos = self.base_pos[:bs] + i
                 self.positions[:bs].copy_(pos)
@@ -778,6 +784,15 @@ class CudaGraphDecoder:
             self.input_ids[:bs].copy_(next_ids)
         return torch.stack(tokens)
 
+    def _derive_step_inputs(self, bs: int, step: int, base_pos: torch.Tensor | None = None,
+                            active: torch.Tensor | None = None) -> None:
+        """The next forward's positions, lengths and cache slots, on the device: `step` past each
+        row's base position (the pipelined runs' `base_pos` and `active` unless given)."""
+        base_pos = self.base_pos if base_pos is None else base_pos
+        active = self.active if active is None else active
+        self.step_inputs_kernel(base_pos[:bs], active[:bs], self.block_tables[:bs], step, self.runner.block_size,
+                                self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
+
     def _sample_step_body(self, bs: int, step: int, filtered: bool) -> None:
         """Sample step `step`'s tokens from the decode graph's logits with the rows' parameters
         (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[step]` and `input_ids`; then,
@@ -786,9 +801,7 @@ class CudaGraphDecoder:
         self.sampled_tokens[step, :bs].copy_(ids)
         self.input_ids[:bs].copy_(ids)
         if step + 1 < self.multi_steps:
-            self.step_inputs_kernel(self.base_pos[:bs], self.active[:bs], self.block_tables[:bs], step + 1,
-                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
-                                    self.slot_mapping[:bs])
+            self._derive_step_inputs(bs, step + 1)
 
     def _pick_tokens(self, bs: int, logits: torch.Tensor, sampling: bool | None) -> torch.Tensor:
         """Each row's token: the argmax (`sampling` None), or sampled with `row_params` (`sampling`:
@@ -811,14 +824,12 @@ class CudaGraphDecoder:
         if next_inputs:
             self.input_ids[:bs].copy_(ids)
             self.grammar_pos[:bs].add_(1)
-            self.step_inputs_kernel(self.grammar_pos[:bs], self.grammar_active[:bs], self.block_tables[:bs], 0,
-                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
-                                    self.slot_mapping[:bs])
+            self._derive_step_inputs(bs, 0, self.grammar_pos, self.grammar_active)
 
     def start_grammar_steps(self, n: int) -> None:
         """After `run_decode` queued a run's first forward: the device-side step counter starts at
         that forward's positions (padding rows inactive)."""
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = self.padded_size(n)
         self.grammar_pos[:bs].copy_(self.positions[:bs])
         self.grammar_active[:bs].copy_(self.seq_lens[:bs] > 0)
 
@@ -828,7 +839,7 @@ class CudaGraphDecoder:
         inputs are set on the device too (`replay_decode` then runs it). Returns the step's tokens
         [n] (a static buffer: read it before the next step)."""
         n = bitmask.shape[0]
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = self.padded_size(n)
         self.grammar_bitmask[:n].copy_(bitmask, non_blocking=True)
         self.grammar_graphs[(bs, sampling)][1 if last else 0].replay()
         self.grammar_steps_replayed += 1
@@ -836,7 +847,7 @@ class CudaGraphDecoder:
 
     def replay_decode(self, n: int) -> torch.Tensor:
         """The decode graph on the inputs already in the static buffers; logits [n, vocab]."""
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = self.padded_size(n)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 
@@ -864,8 +875,7 @@ class CudaGraphDecoder:
         return self._launch_steps(seqs, chained, filtered)
 
     def _filtered(self, params: list[SamplingParams]) -> bool:
-        vocab = self.runner.model_config.vocab_size
-        return any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+        return any(filters_in_use(params, self.runner.model_config.vocab_size))
 
     def set_row_params(self, params: list[SamplingParams]) -> bool:
         """Upload the rows' sampling parameters for the sampling graphs (padding rows greedy);
@@ -875,11 +885,8 @@ class CudaGraphDecoder:
         host = self.row_params_host.numpy()
         host[:, :] = 1.0  # padding rows: greedy
         n = len(params)
-        host[0, :n] = [p.greedy for p in params]
-        host[1, :n] = [1.0 if p.greedy else p.temperature for p in params]
-        host[2, :n] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        host[3, :n] = [p.top_p for p in params]
-        host[4, :n] = [p.min_p for p in params]
+        for i, values in enumerate(row_sampling_values(params, vocab).values()):  # the rows of row_params
+            host[i, :n] = values
         host[2, n:] = vocab
         host[4, n:] = 0.0
         self.row_params.copy_(self.row_params_host, non_blocking=True)
@@ -888,7 +895,7 @@ class CudaGraphDecoder:
     def _launch_steps(self, seqs: list[Sequence], chained: bool, filtered: bool | None) -> PendingTokens:
         """A greedy run's one graph (`filtered` None) or a sampled run's forward and sampling graphs."""
         n = len(seqs)
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = self.padded_size(n)
         if chained:  # one run further on than the host knows
             self.base_pos[:bs].add_(self.multi_steps)
         else:
@@ -912,9 +919,7 @@ class CudaGraphDecoder:
             self.multi_graphs[bs].replay()
             tokens = self.multi_tokens[bs]
         else:
-            self.step_inputs_kernel(self.base_pos[:bs], self.active[:bs], self.block_tables[:bs], 0,
-                                    self.runner.block_size, self.positions[:bs], self.seq_lens[:bs],
-                                    self.slot_mapping[:bs])
+            self._derive_step_inputs(bs, 0)
             for sample_step in self.sample_graphs[(bs, filtered)]:
                 self.graphs[bs].replay()
                 sample_step.replay()
@@ -955,7 +960,7 @@ class CudaGraphDecoder:
         `device_input_ids` (a run chained onto one whose tokens the host has not read).
         """
         n = len(seqs)
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = self.padded_size(n)
         if offset == 0:
             self._stage_run(seqs, bs, num_steps, ahead)
         dev_staging = self.staging[offset, :, :bs].to(self.runner.device, non_blocking=True)

@@ -150,16 +150,13 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     params = batch.params
     device = logits.device
     num_rows, vocab = logits.shape
-    greedy_rows = batch.row_values("greedy", [p.greedy for p in params], torch.bool, device)
-    temperature = batch.row_values("temperature", [p.temperature if not p.greedy else 1.0 for p in params],
-                                   torch.float32, device)
-    top_k = top_p = min_p = None
-    if any(0 < p.top_k < vocab for p in params):
-        top_k = batch.row_values("top_k", [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)
-    if any(p.top_p < 1.0 for p in params):
-        top_p = batch.row_values("top_p", [p.top_p for p in params], torch.float32, device)
-    if any(p.min_p > 0.0 for p in params):
-        min_p = batch.row_values("min_p", [p.min_p for p in params], torch.float32, device)
+    rows = row_sampling_values(params, vocab)
+    uses_top_k, uses_top_p, uses_min_p = filters_in_use(params, vocab)
+    greedy_rows = batch.row_values("greedy", rows["greedy"], torch.bool, device)
+    temperature = batch.row_values("temperature", rows["temperature"], torch.float32, device)
+    top_k = batch.row_values("top_k", rows["top_k"], torch.int64, device) if uses_top_k else None
+    top_p = batch.row_values("top_p", rows["top_p"], torch.float32, device) if uses_top_p else None
+    min_p = batch.row_values("min_p", rows["min_p"], torch.float32, device) if uses_min_p else None
 
     unseeded = [i for i, g in enumerate(batch.generators) if g is None]
     if len(unseeded) == num_rows:
@@ -173,6 +170,22 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             if g is not None:
                 noise[i].exponential_(generator=g)
     return sample_rows(logits, greedy_rows, temperature, top_k, top_p, min_p, noise)
+
+
+def row_sampling_values(params: list[SamplingParams], vocab: int) -> dict[str, list]:
+    """Each row's sampling parameters as `sample_rows` takes them: greedy, temperature (1.0 for
+    greedy rows), top_k (the vocabulary when off), top_p, min_p. The eager sampler and the CUDA
+    decoder's sampling graphs both build their row tensors from these."""
+    return {"greedy": [p.greedy for p in params],
+            "temperature": [1.0 if p.greedy else p.temperature for p in params],
+            "top_k": [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+            "top_p": [p.top_p for p in params], "min_p": [p.min_p for p in params]}
+
+
+def filters_in_use(params: list[SamplingParams], vocab: int) -> tuple[bool, bool, bool]:
+    """Whether any row filters by top-k, top-p, min-p (sample_rows skips a filter nobody uses)."""
+    return (any(0 < p.top_k < vocab for p in params), any(p.top_p < 1.0 for p in params),
+            any(p.min_p > 0.0 for p in params))
 
 
 def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,

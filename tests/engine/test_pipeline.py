@@ -121,15 +121,12 @@ class EagerGraphDecoder:
 
     def _sampler(self, ps):
         """As the decoder's sampling graphs: every filter on, each row's own parameters."""
-        from engine.sampler import sample_rows
+        from engine.sampler import row_sampling_values, sample_rows
 
-        vocab = self.runner.model_config.vocab_size
-        greedy = torch.tensor([p.greedy for p in ps])
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in ps])
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in ps])
-        top_p, min_p = torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps])
-        return lambda logits: sample_rows(logits, greedy, temperature, top_k, top_p, min_p,
-                                          torch.empty_like(logits).exponential_())
+        rows = {name: torch.tensor(values) for name, values in
+                row_sampling_values(ps, self.runner.model_config.vocab_size).items()}
+        return lambda logits: sample_rows(logits, rows["greedy"], rows["temperature"], rows["top_k"], rows["top_p"],
+                                          rows["min_p"], torch.empty_like(logits).exponential_())
 
     def _launch(self, seqs, chained: bool, pick) -> _Ready:
         self.launches["chained" if chained else "fresh"] += 1
