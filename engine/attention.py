@@ -35,6 +35,10 @@ class AttentionMetadata:
     # The Triton prefill kernel's work list (kernels.prefill_attention.prefill_tiles), int32 on
     # the device; built by the runner for steps that carry prefill tokens.
     prefill_tiles: torch.Tensor | None = None
+    # Decode only (the Triton backend): the tokens every row's block table starts with in the same
+    # cache blocks, an int32 [1] on the device that a captured graph reads at each replay; set, the
+    # step attends through cascade_decode (the shared prefix read once for the batch).
+    shared_prefix_len: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -63,6 +63,9 @@ class EngineConfig:
     # Steps with prompt tokens replay CUDA graphs captured per token count up to this many
     # (None: the whole token budget; 0: such steps run eagerly).
     cuda_graph_max_tokens: int | None = None
+    # Greedy decode runs whose rows share a cached prompt prefix read it once for the batch
+    # (cascade attention, extra CUDA graphs captured for batches of 16+; needs the prefix cache).
+    cascade_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -147,6 +150,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                    help="steps that carry prompt tokens replay CUDA graphs up to this many tokens (default: the "
                         "token budget; 0: run them eagerly)")
+    g.add_argument("--no-cascade-attention", dest="cascade_attention", action="store_false",
+                   help="decode batches that share a cached prompt prefix read it once per sequence, not once "
+                        "for the batch (no cascade graphs: less capture time and memory)")
     g.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps run back to back on the GPU between host looks (CUDA graphs only)")
 
@@ -179,6 +185,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         master_addr=args.master_addr,
         master_port=args.master_port,
         num_scheduler_steps=args.num_scheduler_steps,
+        cascade_attention=args.cascade_attention,
     )
 
 

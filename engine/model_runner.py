@@ -634,6 +634,31 @@ class GrammarRun:
         return self.host.tolist()
 
 
+# Cascade decode graphs (greedy runs whose rows share a prompt prefix in the same cache blocks):
+# captured for batches of at least CASCADE_MIN_BATCH rows, replayed when rows x shared prefix
+# tokens reach CASCADE_MIN_SHARED_TOKENS. Below that the two extra launches a layer cost more than
+# reading the prefix once saves: on the H200 (scripts/decode_attention_bw.py --sweep, GPT-2 and
+# the 8B shapes, 64 tokens past the prefix) cascade took 0.86-0.92x paged_decode's time at batch
+# 128 with a 256-token prefix, 0.95-1.00x at 64 x 512, 1.06-1.11x at 128 x 128 (docs/BENCHMARKS.md).
+CASCADE_MIN_BATCH = 32
+CASCADE_MIN_SHARED_TOKENS = 32768
+
+
+def shared_prefix_tokens(tables: np.ndarray, num_tokens: list[int], block_size: int) -> int:
+    """Tokens at the start of every row's context that sit in the same cache blocks (`tables`:
+    the rows' block tables, [rows, blocks]; `num_tokens`: each row's tokens, the newest of which
+    the coming step writes): whole blocks, all filled before that newest token. What cascade
+    decoding reads once for the batch; 0 for a single row."""
+    if len(num_tokens) < 2:
+        return 0
+    filled = (min(num_tokens) - 1) // block_size
+    if filled <= 0:
+        return 0
+    head = tables[:, :filled]
+    same = (head == head[0]).all(axis=0)
+    return (filled if same.all() else int(same.argmin())) * block_size
+
+
 class CudaGraphDecoder:
     """The decode step (one token per sequence -> logits) captured once per batch size.
 
@@ -702,6 +727,15 @@ class CudaGraphDecoder:
             self.row_params_host = torch.ones(5, max_bs, dtype=torch.float32, pin_memory=True)
             self.sampled_tokens = torch.zeros(self.multi_steps, max_bs, dtype=torch.int64, device=dev)
         self.sampled_runs = 0  # for tests
+        # Greedy runs whose rows share a prompt prefix in the same cache blocks (the prefix cache
+        # leaves a common system prompt so): a second multi-step graph per batch size whose
+        # attention reads that prefix once per KV head for all rows (cascade_decode), its length
+        # in `shared_prefix_len`, set when a run starts; runs chained to it keep it.
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_tokens: dict[int, torch.Tensor] = {}
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.cascade_run = False
+        self.cascade_runs = 0  # for tests
         self._capture()
 
     def fits(self, num_seqs: int) -> bool:
@@ -735,6 +769,10 @@ class CudaGraphDecoder:
                 if self.multi_steps > 1:
                     self.multi_graphs[bs], self.multi_tokens[bs] = self._warm_and_capture(
                         lambda: self._decode_steps_body(bs, meta), pool, stream)
+                    if self._captures_cascade(bs):
+                        cascade_meta = replace(meta, shared_prefix_len=self.shared_prefix_len)
+                        self.cascade_graphs[bs], self.cascade_tokens[bs] = self._warm_and_capture(
+                            lambda: self._decode_steps_body(bs, cascade_meta), pool, stream)
                     if self.step_inputs_kernel is not None:
                         for filtered in (False, True):
                             self.sample_graphs[(bs, filtered)] = [
@@ -750,6 +788,11 @@ class CudaGraphDecoder:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+
+    def _captures_cascade(self, bs: int) -> bool:
+        config = self.runner.config
+        return (self.step_inputs_kernel is not None and config.cascade_attention and config.enable_prefix_caching
+                and bs >= CASCADE_MIN_BATCH)
 
     @staticmethod
     def _warm_and_capture(body, pool, stream) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -908,14 +951,21 @@ class CudaGraphDecoder:
             self.input_ids[:bs].copy_(dev_staging[0])
             self.base_pos[:bs].copy_(dev_staging[1])
             self.active[:bs].copy_(dev_staging[2] != 0)
+        rows = self.runner.block_rows
+        row_ids = self.runner._block_table_row_ids(seqs)
+        if not chained:
+            self.cascade_run = filtered is None and bs in self.cascade_graphs and self._stage_shared_prefix(seqs, row_ids)
         started = torch.cuda.Event(enable_timing=True)
         started.record()
         buffer = self.next_host_buffer
         self.next_host_buffer ^= 1
-        rows = self.runner.block_rows
-        tables = rows.gather(self.runner._block_table_row_ids(seqs), rows.table.shape[1], out=self.host_tables[buffer][:n])
+        tables = rows.gather(row_ids, rows.table.shape[1], out=self.host_tables[buffer][:n])
         self.block_tables[:n].copy_(tables, non_blocking=True)
-        if filtered is None:
+        if filtered is None and self.cascade_run:
+            self.cascade_graphs[bs].replay()
+            tokens = self.cascade_tokens[bs]
+            self.cascade_runs += 1
+        elif filtered is None:
             self.multi_graphs[bs].replay()
             tokens = self.multi_tokens[bs]
         else:
@@ -929,6 +979,16 @@ class CudaGraphDecoder:
         done = torch.cuda.Event(enable_timing=True)
         done.record()
         return PendingTokens(host, started, done)
+
+    def _stage_shared_prefix(self, seqs: list[Sequence], row_ids: torch.Tensor) -> bool:
+        """Whether a greedy run's rows share enough of a prompt prefix for the cascade graphs; if
+        so, its length is queued to `shared_prefix_len`."""
+        tables = self.runner.block_rows.table_np[row_ids.numpy()]
+        tokens = shared_prefix_tokens(tables, [s.num_tokens for s in seqs], self.runner.block_size)
+        if tokens * len(seqs) < CASCADE_MIN_SHARED_TOKENS:
+            return False
+        self.shared_prefix_len.fill_(tokens)
+        return True
 
     def _stage_run(self, seqs: list[Sequence], bs: int, num_steps: int, ahead: int = 0) -> None:
         """Host staging of all `num_steps` steps of a decode run (ids of the first step; positions,

@@ -6,8 +6,8 @@ import torch
 
 from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
 from kernels.kv_cache import write_kv
-from kernels.launch_table import prefill_launch
-from kernels.paged_attention import DecodeLaunch, paged_decode
+from kernels.launch_table import cascade_prefix_launch, prefill_launch
+from kernels.paged_attention import DecodeLaunch, cascade_decode, paged_decode
 from kernels.prefill_attention import paged_prefill
 from kernels.rotary import rotary_write_kv
 
@@ -31,6 +31,10 @@ class TritonAttention(AttentionBackend):
                             k_scale=k_scale, v_scale=v_scale)
         if meta.is_decode_only:
             launch = meta.decode_launch if meta.decode_launch is not None else DecodeLaunch()
+            if meta.shared_prefix_len is not None:
+                return cascade_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                      meta.shared_prefix_len, launch, cascade_prefix_launch(q.shape[-1]),
+                                      k_scale=k_scale, v_scale=v_scale)
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, launch, pdl=self.pdl,
                                 k_scale=k_scale, v_scale=v_scale)
         assert meta.prefill_tiles is not None, "a step with prefill tokens needs its tile list"

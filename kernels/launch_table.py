@@ -13,7 +13,7 @@ import os
 from functools import lru_cache
 
 from kernels.linear import LinearLaunch
-from kernels.paged_attention import DecodeLaunch
+from kernels.paged_attention import DecodeLaunch, PrefixLaunch
 from kernels.prefill_attention import PrefillLaunch
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_launch.json")
@@ -92,6 +92,12 @@ def linear_launch(dtype: str, n: int, k: int, bucket: int, table_path: str = TAB
         entry = table[key]
         return None if entry is None else LinearLaunch(**entry)
     return heuristic_linear_launch(k, bucket) if heuristic else None
+
+
+def cascade_prefix_launch(head_dim: int) -> PrefixLaunch:
+    """cascade_decode's shared-prefix kernel: few programs, each a short loop, so its launch
+    matters little next to the remainder's (scripts/decode_attention_bw.py measures the options)."""
+    return PrefixLaunch(block_q=64, tokens=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
 
 
 def prefill_launch(head_dim: int) -> PrefillLaunch:

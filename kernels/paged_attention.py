@@ -17,8 +17,10 @@ warm-up): no autotune wrapper sits on this hot path.
 `cascade_decode` is the same attention for a batch that shares a prompt prefix in
 the same cache blocks: the prefix is read once per KV head for every query (a
 second kernel), the paged kernel covers each sequence's remainder, and the
-merge joins them as splits. Measured against paged_decode by
-scripts/decode_attention_bw.py; the engine does not use it yet.
+merge joins them as splits. The prefix's length is read from device memory, so
+one captured graph serves every run (the engine's greedy decode graphs, see
+engine/model_runner.py); scripts/decode_attention_bw.py measures it against
+paged_decode.
 """
 
 from __future__ import annotations
@@ -100,17 +102,24 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_BASE: tl.constexpr = 0,
+    SKIP_IN_MEMORY: tl.constexpr = False, MERGE_PREFIX: tl.constexpr = False,
 ):
     # `skip` > 0 (cascade_decode): the first `skip` tokens are the shared prefix, which another
     # kernel attends to; this one covers the rest and writes its partials after that kernel's
-    # (split slots SPLIT_BASE.. of NUM_SPLITS + SPLIT_BASE).
+    # (split slots SPLIT_BASE.. of NUM_SPLITS + SPLIT_BASE), or, MERGE_PREFIX (one split), folds
+    # that kernel's partial (slot 0) into its own and writes the output. SKIP_IN_MEMORY: `skip`
+    # points to the prefix length.
     wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if SKIP_IN_MEMORY:
+        skipped = tl.load(skip)
+    else:
+        skipped = skip
     seq_len = tl.load(seq_lens_ptr + seq)
-    chunks_per_split = tl.cdiv(tl.cdiv(tl.maximum(seq_len - skip, 0), TOKENS), NUM_SPLITS)
-    start = skip + split * chunks_per_split * TOKENS
+    chunks_per_split = tl.cdiv(tl.cdiv(tl.maximum(seq_len - skipped, 0), TOKENS), NUM_SPLITS)
+    start = skipped + split * chunks_per_split * TOKENS
     end = tl.minimum(seq_len, start + chunks_per_split * TOKENS)
 
     # The GROUP query heads of this KV head, padded to QROWS (>= 16) rows so that
@@ -135,6 +144,19 @@ def _paged_decode_kernel(
         out = acc / l_safe[:, None]
         tl.store(out_ptr + seq * stride_o_tok + q_heads[:, None] * stride_o_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    elif MERGE_PREFIX:
+        row = seq * (tl.num_programs(1) * GROUP) + q_heads
+        m_prefix = tl.load(part_ml_ptr + row * 2, mask=head_mask, other=float("-inf"))
+        l_prefix = tl.load(part_ml_ptr + row * 2 + 1, mask=head_mask, other=0.0)
+        acc_prefix = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=head_mask[:, None], other=0.0)
+        m_max = tl.maximum(m, m_prefix)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a padding row: both parts empty
+        w, w_prefix = tl.exp2(m - m_max), tl.exp2(m_prefix - m_max)
+        total = l * w + l_prefix * w_prefix
+        total = tl.where(total == 0.0, 1.0, total)
+        out = (acc * w[:, None] + acc_prefix * w_prefix[:, None]) / total[:, None]
+        tl.store(out_ptr + seq * stride_o_tok + q_heads[:, None] * stride_o_head + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         # partials: acc [seq, q_head, split, dim], (m, l) [seq, q_head, split, 2]
         row = (seq * (tl.num_programs(1) * GROUP) + q_heads) * (NUM_SPLITS + SPLIT_BASE) + SPLIT_BASE + split
@@ -146,7 +168,7 @@ def _paged_decode_kernel(
 @triton.jit
 def _shared_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, prefix_table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr,
-    num_rows, prefix_len, scale_log2, v_scale,
+    num_rows, prefix_len_ptr, scale_log2, v_scale,
     stride_q_tok, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -157,6 +179,7 @@ def _shared_prefix_kernel(
     (sequence, head) pairs) against the shared prefix's K/V, read once for all of them; partials
     into split slot 0. Rows of padding sequences (length 0) stay empty."""
     kv_head = tl.program_id(0)
+    prefix_len = tl.load(prefix_len_ptr)
     r = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     in_rows = r < num_rows
     seq = r // GROUP
@@ -277,7 +300,7 @@ def cascade_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    prefix_len: int,
+    prefix_len: torch.Tensor,
     launch: DecodeLaunch = DecodeLaunch(),
     prefix_launch: PrefixLaunch = PrefixLaunch(),
     out: torch.Tensor | None = None,
@@ -285,21 +308,23 @@ def cascade_decode(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """paged_decode for a batch whose sequences all begin with the same `prefix_len` tokens in the
-    same cache blocks (a shared system prompt left by the prefix cache: every row of `block_tables`,
-    padding rows too, starts with the same prefix_len / block_size block ids; prefix_len is a
-    multiple of the block size and shorter than every live sequence). The prefix's K/V are read
-    once per KV head for all the batch's queries, as a [rows, tokens] product on the tensor cores,
-    instead of once per sequence; each sequence's remainder goes through the paged kernel (its
-    `launch.num_splits` splits); the parts merge as flash-decoding splits do. Not wired into the
-    engine yet: scripts/decode_attention_bw.py measures it against paged_decode."""
+    same cache blocks (a shared system prompt left by the prefix cache): `prefix_len` is an int32
+    tensor [1] on the device, read by the kernels (a captured graph replays with each run's), a
+    multiple of the block size, shorter than every live sequence, 0 for none; every live row of
+    `block_tables` starts with the same prefix_len / block_size block ids as row 0. The prefix's
+    K/V are read once per KV head for all the batch's queries, as a [rows, tokens] product on the
+    tensor cores, instead of once per sequence; each sequence's remainder goes through the paged
+    kernel (its `launch.num_splits` splits); the parts merge as flash-decoding splits do, inside
+    the paged kernel when it runs one split (a launch fewer)."""
     num_seqs, num_heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
-    assert prefix_len % block_size == 0, "the shared prefix is whole cache blocks"
+    assert prefix_len.dtype == torch.int32 and prefix_len.numel() == 1 and prefix_len.device == q.device
     assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and q.stride(2) == 1
     if out is None:
         out = torch.empty_like(q)
     group = num_heads // kv_heads
-    total = launch.num_splits + 1
+    merge_in_place = launch.num_splits == 1
+    total = 1 if merge_in_place else launch.num_splits + 1  # partial slots: the prefix's, then the splits'
     part_acc = torch.empty(num_seqs, num_heads, total, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(num_seqs, num_heads, total, 2, dtype=torch.float32, device=q.device)
     fp8 = is_fp8_cache(k_cache)
@@ -322,10 +347,12 @@ def cascade_decode(
         out.stride(0), out.stride(1),
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TOKENS=launch.tokens, NUM_SPLITS=launch.num_splits, IEEE=q.dtype == torch.float32, DOT_FP32=interpret_bf16,
-        FP8_CACHE=fp8, USE_PDL=False, SPLIT_BASE=1, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FP8_CACHE=fp8, USE_PDL=False, SPLIT_BASE=1, SKIP_IN_MEMORY=True, MERGE_PREFIX=merge_in_place,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    _merge_splits_kernel[(num_seqs, num_heads)](
-        part_acc, part_ml, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=total, SPLITS_PAD=triton.next_power_of_2(total), HEAD_DIM=head_dim, num_warps=4,
-    )
+    if not merge_in_place:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=total, SPLITS_PAD=triton.next_power_of_2(total), HEAD_DIM=head_dim, num_warps=4,
+        )
     return out

@@ -7,6 +7,7 @@ layers of K/V that L2 holds none of the next one.
 
     python scripts/decode_attention_bw.py --shape gpt2 --batch 128 --context 600 --shared-prefix 256
     python scripts/decode_attention_bw.py --shape llama-3.1-8b --batch 64 --context 256
+    python scripts/decode_attention_bw.py --shape gpt2 --sweep --context 64   # where cascade starts to pay
 
 Bytes are the K/V each step must read from memory: the shared prefix once, every sequence's own
 tokens once. The kernel re-reads the prefix for every sequence (from L2, if it stays there).
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from kernels.launch_table import decode_launch
+from kernels.launch_table import cascade_prefix_launch, decode_launch
 from kernels.tune import SHAPES, candidates, graph_us_per_call, make_inputs
 from kernels.paged_attention import PrefixLaunch, cascade_decode, paged_decode
 
@@ -67,10 +68,11 @@ def measure(args, prefix: int) -> dict:
               "best": {"launch": vars(best), "us": best_us, "unique_tb_s": unique_bytes / best_us / 1e6}}
     if prefix:  # the shared prefix read once per KV head for all queries (kernels.paged_attention.cascade_decode)
         cascade = []
+        prefix_len = torch.tensor([prefix], dtype=torch.int32, device="cuda")
         for block_q, tokens, warps in itertools.product((16, 32, 64, 128), (32, 64), (4, 8)):
             pl = PrefixLaunch(block_q=block_q, tokens=tokens, num_warps=warps)
             try:
-                us = graph_us_per_call([lambda a=a, o=o, pl=pl: cascade_decode(*a, dim**-0.5, prefix, best, pl, out=o)
+                us = graph_us_per_call([lambda a=a, o=o, pl=pl: cascade_decode(*a, dim**-0.5, prefix_len, best, pl, out=o)
                                         for a, o in zip(layers, outs)], 5, 10)
             except Exception:  # out of shared memory for this shape
                 continue
@@ -81,6 +83,33 @@ def measure(args, prefix: int) -> dict:
     return result
 
 
+def sweep(args) -> list[dict]:
+    """Where cascade_decode starts to pay (engine.model_runner's CASCADE_MIN_BATCH and
+    CASCADE_MIN_PREFIX_TOKENS): the engine's launches (the table's paged one, the default prefix
+    launch) at each batch and shared-prefix length, each sequence `args.context` tokens past it."""
+    name, heads, kv_heads, dim, dtype = next(s for s in SHAPES if s[0] == args.shape)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for batch in (8, 16, 32, 64, 128):
+        launch = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, batch, kv_heads, num_sms)
+        for prefix in (32, 64, 128, 256, 512):
+            context = prefix + args.context
+            read_bytes = batch * context * 2 * kv_heads * dim * torch.tensor([], dtype=dtype).element_size()
+            layers = [layer_inputs(batch, context, prefix, heads, kv_heads, dim, dtype)
+                      for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
+            outs = [torch.empty_like(layer[0]) for layer in layers]
+            prefix_len = torch.tensor([prefix], dtype=torch.int32, device="cuda")
+            paged = graph_us_per_call([lambda a=a, o=o: paged_decode(*a, dim**-0.5, launch, out=o, pdl=True)
+                                       for a, o in zip(layers, outs)], 5, 10)
+            cascade = graph_us_per_call([lambda a=a, o=o: cascade_decode(*a, dim**-0.5, prefix_len, launch,
+                                                                         cascade_prefix_launch(dim), out=o)
+                                         for a, o in zip(layers, outs)], 5, 10)
+            rows.append({"batch": batch, "prefix": prefix, "paged_us": paged, "cascade_us": cascade})
+            print(f"  batch {batch:4d} prefix {prefix:4d} (+{args.context}): paged {paged:6.1f} us, "
+                  f"cascade {cascade:6.1f} us = {cascade / paged:.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="gpt2", help="a name from kernels.tune.SHAPES")
@@ -88,7 +117,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=600)
     p.add_argument("--shared-prefix", type=int, default=256, help="tokens every sequence shares (0: none)")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true",
+                   help="the engine's launches, paged vs cascade, over batch sizes and prefix lengths (each "
+                        "sequence --context tokens past its prefix)")
     args = p.parse_args()
+    if args.sweep:
+        print(f"{args.shape}: paged_decode vs cascade_decode, the engine's launches")
+        rows = sweep(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"shape": args.shape, "context_past_prefix": args.context, "sweep": rows}, f, indent=1)
+        return
     src = torch.empty(2**29, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(src)
     copy_us = graph_us_per_call([lambda: dst.copy_(src)], 5, 10)

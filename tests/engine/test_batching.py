@@ -4,6 +4,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
+from engine.model_runner import shared_prefix_tokens
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [
@@ -68,6 +69,30 @@ def test_shared_prefix_hits_cache_and_keeps_tokens(tiny_llama_dir):
     prefix_tokens = len(llm.tokenizer.encode(prefix))
     assert bm.prefix_cache_hits - hits_before >= 3 * (prefix_tokens // 16) * 16
     assert_all_blocks_free(llm.engine)
+
+
+def test_rows_that_share_a_cached_prompt_prefix_share_its_blocks(tiny_llama_dir):
+    """What cascade decoding reads once for a batch (CudaGraphDecoder's cascade graphs): the whole
+    cache blocks of a prompt prefix that every running row's block table starts with."""
+    llm = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_batched_tokens=256)
+    prefix = list(range(1000, 1040))  # two whole blocks of 16 and 8 tokens more
+    llm.generate([prefix + [7]], GREEDY)  # fills the prefix cache
+    engine = llm.engine
+    for i in range(3):
+        engine.add_request(f"r{i}", prefix + [50 + i, 60 + i], GREEDY)
+    engine.step()  # their prefill, the prefix's two blocks from the cache
+    seqs = list(engine.scheduler.running)
+    rows = engine.runner.block_rows
+    tables = rows.table_np[[rows.row_of(s) for s in seqs]].copy()
+    lengths = [s.num_tokens for s in seqs]
+    assert len(seqs) == 3 and shared_prefix_tokens(tables, lengths, 16) == 32
+    assert shared_prefix_tokens(tables[:1], lengths[:1], 16) == 0  # a row alone shares nothing
+    assert shared_prefix_tokens(tables, [17, 40, 40], 16) == 16  # only blocks before each row's newest token
+    tables[2, 1] = tables[2, 1] + 1  # a row whose second block is its own
+    assert shared_prefix_tokens(tables, lengths, 16) == 16
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_blocks_free(engine)
 
 
 def test_prefix_cache_off_counts_nothing(tiny_llama_dir):

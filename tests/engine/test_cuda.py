@@ -53,6 +53,29 @@ def test_graphs_and_multistep_match_hf_fp32(saved_model, steps):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, monkeypatch):
+    """Greedy runs whose rows start with the same cached prompt prefix replay the cascade graphs
+    (the prefix's K/V read once for the batch, then each row's own) and give HF's tokens. The
+    thresholds are lowered so that a small batch takes them."""
+    from engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_BATCH", 16)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 64)
+    llm = LLM(saved_model, device="cuda", dtype="float32", kv_cache_memory_bytes=256 * 2**20)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prefix = [(37 * i) % 1000 + 10 for i in range(80)]  # five blocks of 16
+    llm.generate([prefix + [5]], params)  # fills the prefix cache
+    prompts = [prefix + [100 + i] * (1 + i % 5) for i in range(20)]
+    outs = llm.generate(prompts, params)
+    graphs = llm.engine.runner.graphs
+    assert graphs.cascade_runs > 0 and int(graphs.shared_prefix_len) == 80
+    hf = load_hf(saved_model)
+    for out in outs:
+        assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, 24)
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_fp16_paths_agree(saved_model):
     """Eager torch attention and the graph/Triton path give the same greedy tokens in fp16 for most prompts."""
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

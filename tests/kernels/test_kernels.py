@@ -100,6 +100,8 @@ CASCADE_CASES = [
      PrefixLaunch(block_q=16, tokens=32)),  # a padding row
     (8, 2, 128, 16, 16, [17, 40], torch.bfloat16, DecodeLaunch(tokens=16, num_splits=3), PrefixLaunch(block_q=32, tokens=16)),
     (4, 4, 64, 16, 0, [5, 20], torch.float32, DecodeLaunch(tokens=16), PrefixLaunch(block_q=16, tokens=16)),  # no prefix
+    # one split: the paged kernel merges the prefix's part itself; a padding row among them
+    (4, 2, 64, 16, 32, [40, 0, 33], torch.float16, DecodeLaunch(tokens=16), PrefixLaunch(block_q=16, tokens=16)),
 ]
 
 
@@ -120,7 +122,8 @@ def test_cascade_decode_matches_reference(device, case):
     q = torch.randn(len(lens), heads, dim, device=device).to(dtype)
     out = torch.full_like(q, float("nan"))
     scale = dim**-0.5
-    cascade_decode(q, k_cache, v_cache, tables, seq_lens, scale, prefix, launch, prefix_launch, out=out)
+    prefix_len = torch.tensor([prefix], dtype=torch.int32, device=device)  # read on the device
+    cascade_decode(q, k_cache, v_cache, tables, seq_lens, scale, prefix_len, launch, prefix_launch, out=out)
     ref = paged_decode_ref(q, k_cache, v_cache, tables.clamp(min=0), seq_lens, scale)
     if 0 in lens:
         assert (out[lens.index(0)] == 0).all()
