@@ -636,10 +636,10 @@ class GrammarRun:
 
 # Cascade decode graphs (greedy runs whose rows share a prompt prefix in the same cache blocks):
 # captured for batches of at least CASCADE_MIN_BATCH rows, replayed when rows x shared prefix
-# tokens reach CASCADE_MIN_SHARED_TOKENS. Below that the two extra launches a layer cost more than
-# reading the prefix once saves: on the H200 (scripts/decode_attention_bw.py --sweep, GPT-2 and
-# the 8B shapes, 64 tokens past the prefix) cascade took 0.86-0.92x paged_decode's time at batch
-# 128 with a 256-token prefix, 0.95-1.00x at 64 x 512, 1.06-1.11x at 128 x 128 (docs/BENCHMARKS.md).
+# tokens reach CASCADE_MIN_SHARED_TOKENS. Below that the prefix kernel's extra launch costs more
+# than reading the prefix once saves: on the H200 (scripts/decode_attention_bw.py --sweep, GPT-2,
+# 64 tokens past the prefix) cascade took 0.81x paged_decode's time at batch 128 with a 256-token
+# prefix and 0.88x at 64 x 512, but 0.98x at 128 x 128 and 1.12x at 64 x 256 (docs/BENCHMARKS.md).
 CASCADE_MIN_BATCH = 32
 CASCADE_MIN_SHARED_TOKENS = 32768
 

@@ -33,6 +33,11 @@ def main() -> None:
     graphs = engine.runner.graphs
     seqs = list(engine.scheduler.running)
     bs = next(b for b in graphs.batch_sizes if b >= len(seqs))
+    # Stage this batch in the decode graph's static inputs first (run_decode does, and replays once):
+    # replays on whatever the last step left there would time the wrong context lengths.
+    for seq in seqs:
+        engine.block_manager.allocate(seq, seq.num_tokens)
+    graphs.run_decode(seqs)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
