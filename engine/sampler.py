@@ -197,12 +197,16 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     draw is argmax(probs / noise) with `noise` ~ Exp(1), [rows, vocab]. Fixed shapes and no host
     decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs)."""
     logits = logits / temperature[:, None]
-    if top_k is not None:
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k is not None or top_p is not None:
+        # One sort serves both filters (the sort is most of a sampled step's device time): the
+        # logits' order is the probabilities' order, before top-k's cut and after it.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if top_k is not None:
+            kth = sorted_logits.gather(1, (top_k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs = probs.gather(1, order)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)

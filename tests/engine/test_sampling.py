@@ -99,6 +99,24 @@ def test_seeded_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.04)
 
 
+def test_top_p_cuts_the_distribution_top_k_left():
+    """Top-k first, then top-p on the renormalised rest (as HF and vLLM order them), from one sort:
+    of 0.4 / 0.3 / 0.2 / 0.1, top-k 3 leaves 0.44 / 0.33 / 0.22, whose first two reach top-p 0.75
+    (on the raw probabilities the first three would); min-p 0.8 then drops the second."""
+    from engine.sampler import sample_rows
+
+    rows = 4000
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().repeat(rows, 1)
+    noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(3))
+    greedy, temperature = torch.zeros(rows, dtype=torch.bool), torch.ones(rows)
+    top_k, top_p = torch.full((rows,), 3), torch.full((rows,), 0.75)
+    tokens = sample_rows(logits, greedy, temperature, top_k, top_p, None, noise)
+    freq = torch.bincount(tokens, minlength=4).float() / rows
+    assert torch.allclose(freq, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0]), atol=0.04)
+    tokens = sample_rows(logits, greedy, temperature, top_k, top_p, torch.full((rows,), 0.8), noise)
+    assert (tokens == 0).all()
+
+
 def test_bitmask_limits_greedy_and_sampled_rows_and_logprobs_stay_raw():
     """Token t allowed where bit t % 32 of word t // 32 is set. Greedy takes the best allowed
     token, sampled rows draw only allowed ones, a row of all ones is untouched, and log-
