@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: graph replay (GPU), engine step (wall), host profile, top kernels.
+"""Where a decode step's time goes: graph replay (GPU), engine step (wall), host profile, top kernels;
+then what the captured sampling step of a sampled run costs on the device, and its kernels.
 
     python scripts/profile_decode.py --model gpt2 --batch 64 --context 256
 """
@@ -21,6 +22,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--hf", action="store_true", help="also time HF generate (dynamic cache)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="also time and profile the captured sampling step at temperature 0.8 with this top-p")
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", device="cuda", tokenizer=args.tokenizer, enable_prefix_caching=False,
               num_scheduler_steps=args.steps, max_num_seqs=args.batch)
@@ -116,6 +119,25 @@ def main() -> None:
             graphs.graphs[bs].replay()
         torch.cuda.synchronize()
     print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
+    if graphs.sample_graphs:
+        # A sampled run's per-step sampling graph (engine.sampler.sample_rows on the step's logits),
+        # on its own: what sampling adds to a step on the device.
+        filtered = graphs.set_row_params([SamplingParams(temperature=0.8, top_p=args.top_p)] * len(seqs))
+        sample_step = graphs.sample_graphs[(bs, filtered)][0]
+        sample_step.replay()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(20):
+            sample_step.replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"sampling graph (temperature 0.8, top-p {args.top_p}, filtered={filtered}): "
+              f"{start.elapsed_time(end) / 20 * 1e3:.1f} us/step (GPU)")
+        with profile(activities=[ProfilerActivity.CUDA]) as sprof:
+            for _ in range(5):
+                sample_step.replay()
+            torch.cuda.synchronize()
+        print(sprof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
 
 
 if __name__ == "__main__":
