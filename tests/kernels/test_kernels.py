@@ -25,8 +25,9 @@ from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
                                paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref,
-                               mask_logits_ref, quantize_kv_ref)
+                               mask_logits_ref, quantize_kv_ref, topk_topp_cutoff_ref)
 from kernels.rotary import rotary_write_kv
+from kernels.sampling_cutoff import topk_topp_cutoff
 from kernels.token_bitmask import mask_logits_
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -412,6 +413,30 @@ def test_mask_logits_matches_reference(device, vocab):
     assert torch.equal(got.cpu(), want)
     assert torch.isinf(want[2]).all() and not torch.isinf(want[1]).any()
     assert 0.3 < torch.isinf(want[0]).float().mean() < 0.7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [3000, 1031])
+def test_topk_topp_cutoff_matches_the_sort(device, vocab):
+    """The radix search's cut equals the sort's: each filter alone and both (top-p on what top-k
+    left), none, top-k 1 and a tiny top-p (the argmax alone); a row with -inf logits (a grammar's
+    mask), one with ties at the cut (all tied logits kept), one whose logits are all negative;
+    rows strided past the vocabulary (logits sliced from a padded matrix)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 10
+    padded = torch.randn(rows, vocab + 7, generator=gen) * 2
+    logits = padded[:, :vocab]
+    logits[3, ::3] = float("-inf")
+    logits[4] = torch.randint(0, 8, (vocab,), generator=gen).float()  # many ties
+    logits[5] = -logits[5].abs() - 1.0
+    top_k = torch.tensor([vocab, 40, vocab, 40, 3, 700, 1, vocab, vocab + 5, 2 * vocab])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3])
+    want = topk_topp_cutoff_ref(logits, top_k, top_p)
+    got = topk_topp_cutoff(logits.to(device), top_k.to(device), top_p.to(device)).cpu()
+    assert torch.equal(got, want), (got, want)
+    kept = logits >= got[:, None]
+    assert kept[6].sum() == 1 and kept[7].sum() == 1  # top-k 1, top-p 1e-6: the argmax
+    assert kept[8].all() and kept[1].sum() == 40 and kept[4].sum() > 3  # no cut; k exact; ties kept
 
 
 LINEAR_CASES = [
