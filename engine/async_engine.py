@@ -1,10 +1,11 @@
 """The asyncio engine: requests stream their outputs while one loop steps the engine.
 
-The step runs in a worker thread so the event loop (and HTTP) stays
-responsive. Engine state is only mutated on the event-loop thread while no
-step is running: requests and aborts that arrive during a step are applied
-right after it, i.e. within one step. The next step starts before a step's
-outputs are handed out, so the two overlap.
+Steps run in a worker thread so the event loop (and HTTP) stays responsive,
+back to back while nobody joins or leaves, each step's outputs passed to the
+loop as they come. Engine state is only mutated on the event-loop thread
+while no step is running: requests and aborts that arrive during a step end
+the streak and are applied right after that step, i.e. within one step. The
+next step starts before a step's outputs are handed out, so the two overlap.
 
 `engine` is an LLMEngine in this process, or an EngineCoreClient
 (engine/engine_process.py) whose engine runs in a child process: its `step`
@@ -177,13 +178,31 @@ class AsyncEngine:
             self.engine.add_sequence(seq)
         self._pending_adds.clear()
 
-    def _step(self) -> tuple[list[RequestOutput], StepStats]:
-        outputs = self.engine.step()
-        return outputs, self.engine.last_step
+    def _steps(self, loop: asyncio.AbstractEventLoop) -> tuple[list[RequestOutput], StepStats]:
+        """Engine steps on the step thread, back to back while there is work and no command waits:
+        each step's outputs but the last go to the event loop as they come (`_deliver`, in order),
+        the last as the result. Returning to the loop between steps would put two thread wake-ups
+        (the loop's, then the step thread's) and the loop's turn at the GIL between every pair of
+        steps, while the device idles once a run's queued work is done."""
+        while True:
+            outputs = self.engine.step()
+            stats = self.engine.last_step
+            if self._pending_adds or self._pending_aborts or not self.engine.has_unfinished():
+                return outputs, stats
+            loop.call_soon_threadsafe(self._deliver, outputs, stats)
 
     def _start_step(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         self._stepping = True
-        return loop.run_in_executor(self._executor, self._step)
+        return loop.run_in_executor(self._executor, self._steps, loop)
+
+    def _deliver(self, outputs: list[RequestOutput], stats: StepStats) -> None:
+        """One step's outputs to their streams and to the step listeners (the metrics)."""
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out if out.error is None else EngineDead(out.error))
+        for listener in self.step_listeners:
+            listener(stats, outputs)
 
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,12 +231,7 @@ class AsyncEngine:
             # waits on the device, then overlaps the handlers' per-output work (JSON, socket
             # writes) instead of idling the GPU behind it.
             step = self._start_step(loop) if self.engine.has_unfinished() else None
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out if out.error is None else EngineDead(out.error))
-            for listener in self.step_listeners:
-                listener(stats, outputs)
+            self._deliver(outputs, stats)
             await asyncio.sleep(0)  # let handlers run between steps
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -37,6 +37,34 @@ def test_streams_match_offline_generate(tiny_llm, async_engine):
     assert async_engine.engine.block_manager.num_used_blocks == 0
 
 
+def test_steps_run_back_to_back_on_the_step_thread_until_a_command_waits(tiny_llm, async_engine):
+    """While nobody joins or leaves, the step thread steps on without handing back to the event loop
+    (each step's outputs still reach the streams in order); a request added meanwhile ends that
+    streak after the step in flight, and joins."""
+    steps, starts = [], []
+    engine_step, start_step = tiny_llm.engine.step, async_engine._start_step
+    tiny_llm.engine.step = lambda: steps.append(1) or engine_step()
+    async_engine._start_step = lambda loop: starts.append(1) or start_step(loop)
+    (expected,) = tiny_llm.generate(["back to back"], GREEDY)
+    (late,) = tiny_llm.generate(["late comer"], GREEDY)
+    steps.clear()
+
+    async def main():
+        first = asyncio.create_task(collect(async_engine, "a", "back to back"))
+        while len(steps) < 4:
+            await asyncio.sleep(0.001)
+        second = await collect(async_engine, "b", "late comer")
+        return await first, second, len(starts)
+
+    try:
+        first, second, starts_then = asyncio.run(main())
+    finally:
+        tiny_llm.engine.step = engine_step
+    assert [t for o in first for t in o.new_token_ids] == expected.token_ids
+    assert [t for o in second for t in o.new_token_ids] == late.token_ids
+    assert len(steps) >= 16 and starts_then <= 3, (len(steps), starts_then)
+
+
 def test_abort_and_early_exit_free_blocks(async_engine):
     engine = async_engine.engine
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
