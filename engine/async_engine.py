@@ -101,6 +101,7 @@ class AsyncEngine:
         self._pending_adds: list[Sequence] = []
         self._pending_aborts: set[str] = set()
         self._stepping = False
+        self._stopping = False
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roseinfer-step")
@@ -187,7 +188,7 @@ class AsyncEngine:
         while True:
             outputs = self.engine.step()
             stats = self.engine.last_step
-            if self._pending_adds or self._pending_aborts or not self.engine.has_unfinished():
+            if self._pending_adds or self._pending_aborts or self._stopping or not self.engine.has_unfinished():
                 return outputs, stats
             loop.call_soon_threadsafe(self._deliver, outputs, stats)
 
@@ -248,6 +249,7 @@ class AsyncEngine:
         return self.engine.live_stats()
 
     async def shutdown(self) -> None:
+        self._stopping = True  # the step thread's streak ends after its step in flight
         stop_engine = getattr(self.engine, "shutdown", None)  # an engine process: stop it, which ends a waiting step
         if stop_engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, stop_engine)

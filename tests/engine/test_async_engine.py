@@ -65,6 +65,24 @@ def test_steps_run_back_to_back_on_the_step_thread_until_a_command_waits(tiny_ll
     assert len(steps) >= 16 and starts_then <= 3, (len(steps), starts_then)
 
 
+def test_shutdown_ends_the_step_threads_streak(tiny_llm):
+    """Shutting down mid-generation stops stepping after the step in flight; it does not wait
+    for the requests to finish."""
+    engine = AsyncEngine(engine=tiny_llm.engine)
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        stream = engine.add_request("long", "a long one", long)
+        await stream.__anext__()
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert "long" in tiny_llm.engine.requests, "shutdown waited for the request to finish"
+    made = len(tiny_llm.engine.requests["long"].seq.output_token_ids)
+    tiny_llm.engine.abort_request("long")
+    assert made < 100, made
+
+
 def test_abort_and_early_exit_free_blocks(async_engine):
     engine = async_engine.engine
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
