@@ -198,8 +198,9 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs)."""
     logits = logits / temperature[:, None]
     if top_k is not None or top_p is not None:
-        # One sort serves both filters (the sort is most of a sampled step's device time): the
-        # logits' order is the probabilities' order, before top-k's cut and after it.
+        # One sort serves both filters (the sampling graphs pass top_k to every filtered step, so
+        # a sort each would double it): the logits' order is the probabilities' order, before
+        # top-k's cut and after it.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if top_k is not None:
             kth = sorted_logits.gather(1, (top_k - 1)[:, None])
