@@ -5,6 +5,7 @@ shapes. Writes kernels/tuned_launch.json (entries for other shapes are kept).
     python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
     python scripts/tune_models.py --models llama-3.1-8b --buckets 1,4   # only those batch buckets
+    python scripts/tune_models.py --models gpt2 --dtype float16          # GPT-2 sizes too (its LM head padded to 50304)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import torch
 
 from engine.architectures import decode_projection_shapes, named_architecture
+from engine.loader import GPT2_SIZES, gpt2_config
 from kernels.tune import parse_buckets, tune, tune_linear
 
 
@@ -33,9 +35,13 @@ def main() -> None:
     shapes = []
     for name in filter(None, args.models.split(",")):
         named = named_architecture(name)
-        if named is None:
+        if named is not None:
+            config = named[1]
+        elif name in GPT2_SIZES:
+            config = gpt2_config(*GPT2_SIZES[name])
+        else:
             raise SystemExit(f"unknown architecture {name!r}")
-        model_shapes = decode_projection_shapes(named[1])
+        model_shapes = decode_projection_shapes(config)
         if args.weights == "fp8":
             model_shapes = model_shapes[:-1]  # the LM head (last) keeps the model dtype
         shapes += [s for s in model_shapes if s not in shapes]
