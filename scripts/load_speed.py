@@ -6,6 +6,10 @@
    then `LLM(directory)` to ready.
 
     python scripts/load_speed.py --model llama-3.1-8b --dir /tmp/ckpt --json out.json
+    TRITON_CACHE_DIR=/tmp/fresh python scripts/load_speed.py --ready-only [--no-cascade-attention]   # step 1 alone
+
+The first process on a machine compiles every Triton kernel (a cold cache): run step 1 twice with a
+fresh TRITON_CACHE_DIR to see cold and warm ready times apart.
 """
 
 from __future__ import annotations
@@ -60,14 +64,21 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/roseinfer-ckpt")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--json", default=None)
+    p.add_argument("--ready-only", action="store_true", help="only step 1 (the dummy model's ready time)")
+    p.add_argument("--no-cascade-attention", dest="cascade_attention", action="store_false",
+                   help="without the cascade decode graphs (what capturing them costs)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = {"model": args.model, "device": torch.cuda.get_device_name(0)}
 
     t = time.monotonic()
-    llm = LLM(args.model, load_format="dummy", device="cuda", max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, load_format="dummy", device="cuda", max_num_seqs=args.max_num_seqs,
+              cascade_attention=args.cascade_attention)
     report["dummy_ready_s"] = time.monotonic() - t
-    print(f"LLM({args.model!r}, load_format='dummy') ready in {report['dummy_ready_s']:.1f} s", flush=True)
+    print(f"LLM({args.model!r}, load_format='dummy', cascade_attention={args.cascade_attention}) ready in "
+          f"{report['dummy_ready_s']:.1f} s", flush=True)
+    if args.ready_only:
+        return
 
     t = time.monotonic()
     nbytes = write_checkpoint(llm, args.dir)
