@@ -9,7 +9,9 @@ row (L2-resident: 200 KB for a 50k vocabulary) tests 16 keys spread over the rem
 eight passes pin a 32-bit key exactly. The cut is the sort's, except that logits tied with the
 last kept one are all kept (the sort keeps the ones it happens to order first).
 
-Not used by the engine yet: scripts/sampling_cutoff_bench.py times it against the sort on the GPU.
+The CUDA decoder's sampling graphs take it at the batch sizes where it measures faster than the
+sort when they are captured (engine.sampler.filter_cutoff); scripts/sampling_cutoff_bench.py times
+the two on the GPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a sampled decode step's filters cost on the GPU: engine.sampler.sample_rows as the sampling
 graphs run it (top-k as a tensor, top-p 0.95, temperature 0.8) against the same draw with the cut
 from kernels.sampling_cutoff (a radix search per row, no sort), in CUDA graphs; and whether the two
-keep the same tokens. Decides whether sample_rows should take the kernel on CUDA.
+keep the same tokens. (The CUDA decoder makes the same measurement at capture: engine.sampler.filter_cutoff.)
 
     python scripts/sampling_cutoff_bench.py                  # GPT-2's vocabulary and Llama 3's, batch 64 and 256
 """
@@ -15,14 +15,6 @@ import torch
 from engine.sampler import sample_rows
 from kernels.sampling_cutoff import topk_topp_cutoff
 from kernels.tune import graph_us_per_call
-
-
-def sample_with_cutoff(logits, greedy, temperature, top_k, top_p, noise):
-    """sample_rows' draw with the kernel's cut in place of the sort."""
-    logits = logits / temperature[:, None]
-    cut = topk_topp_cutoff(logits, top_k, top_p)
-    probs = torch.softmax(logits.masked_fill(logits < cut[:, None], float("-inf")), dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
 
 
 def main() -> None:
@@ -42,10 +34,11 @@ def main() -> None:
         min_p = torch.zeros(rows, device="cuda")
         noise = torch.empty_like(logits).exponential_(generator=gen)
         sort_us = graph_us_per_call([lambda: sample_rows(logits, greedy, temperature, top_k, top_p, min_p, noise)])
-        cut_us = graph_us_per_call([lambda: sample_with_cutoff(logits, greedy, temperature, top_k, top_p, noise)])
+        cut_us = graph_us_per_call([lambda: sample_rows(logits, greedy, temperature, top_k, top_p, min_p, noise,
+                                                        topk_topp_cutoff)])
         kernel_us = graph_us_per_call([lambda: topk_topp_cutoff(logits, top_k, top_p)])
         a = sample_rows(logits, greedy, temperature, top_k, top_p, min_p, noise)
-        b = sample_with_cutoff(logits, greedy, temperature, top_k, top_p, noise)
+        b = sample_rows(logits, greedy, temperature, top_k, top_p, min_p, noise, topk_topp_cutoff)
         print(f"{rows} x {vocab}: sample_rows (sort) {sort_us:.1f} us, with the cutoff kernel {cut_us:.1f} us "
               f"({cut_us / sort_us:.2f}x; the kernel alone {kernel_us:.1f} us); same tokens in "
               f"{(a == b).float().mean().item():.1%} of rows", flush=True)

@@ -76,6 +76,29 @@ def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, mo
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_filter_cutoff_is_decided_per_batch_size_and_samples_like_the_sort():
+    """The sampling graphs' top-k/top-p cut, measured once at capture (engine.sampler.filter_cutoff):
+    a choice for every batch size, and whichever it is, rows whose filters leave one token take the
+    argmax and a top-k 5 row stays in its top 5."""
+    from engine.sampler import filter_cutoff, sample_rows
+
+    sizes, vocab = [1, 4, 16, 64, 256], 50257
+    choice = filter_cutoff(torch.device("cuda"), vocab, sizes)
+    assert set(choice) == set(sizes)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, cutoff in choice.items():
+        logits = torch.randn(n, vocab, device="cuda", generator=gen) * 3
+        top_k = torch.tensor([1, 5, vocab, vocab] * (n // 4 + 1), device="cuda")[:n]
+        top_p = torch.tensor([1.0, 1.0, 1e-6, 0.9] * (n // 4 + 1), device="cuda")[:n]
+        noise = torch.empty_like(logits).exponential_(generator=gen)
+        ones, greedy = torch.ones(n, device="cuda"), torch.zeros(n, dtype=torch.bool, device="cuda")
+        got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, cutoff)
+        single = (top_k == 1) | (top_p < 1e-3)
+        assert torch.equal(got[single], logits.argmax(dim=-1)[single])
+        top5 = logits.topk(5, dim=-1).indices
+        assert all(int(got[i]) in top5[i].tolist() for i in range(n) if int(top_k[i]) == 5)
+
+
 def test_fp16_paths_agree(saved_model):
     """Eager torch attention and the graph/Triton path give the same greedy tokens in fp16 for most prompts."""
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import json
+import os
 
 import jsonschema
 
@@ -370,7 +371,7 @@ def test_the_sampling_graphs_take_each_rows_parameters():
 
     vocab, bs = 1000, 8
     fake = SimpleNamespace(runner=SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab)),
-                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs))
+                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), filter_cutoff={})
     fake._filtered = lambda ps: CudaGraphDecoder._filtered(fake, ps)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1),
               SamplingParams(temperature=1.3, top_p=1e-6), SamplingParams(temperature=0.9, top_k=5, min_p=0.2)]
@@ -380,10 +381,16 @@ def test_the_sampling_graphs_take_each_rows_parameters():
                          [0, 0, 0, 0.2, 0, 0, 0, 0]], dtype=torch.float32)
     assert torch.allclose(fake.row_params, want)
     logits = torch.randn(bs, vocab, generator=torch.Generator().manual_seed(0)) * 3
-    for _ in range(5):
-        got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
-        assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])
-        assert int(got[3]) in logits[3].topk(5).indices.tolist()
+    cutoffs = [{}]  # the sort; and, where Triton kernels run (the interpreter here), the search
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from kernels.sampling_cutoff import topk_topp_cutoff
+
+        cutoffs.append({bs: topk_topp_cutoff})
+    for fake.filter_cutoff in cutoffs:
+        for _ in range(5):
+            got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
+            assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])
+            assert int(got[3]) in logits[3].topk(5).indices.tolist()
     assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) is False
     plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, False)
     assert torch.equal(plain[1:], logits.argmax(dim=-1)[1:])
