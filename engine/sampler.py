@@ -16,6 +16,8 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SamplingBatch:
@@ -229,15 +231,12 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
-logger = logging.getLogger(__name__)
-
-
 def filter_cutoff(device: torch.device, vocab: int, rows: list[int]) -> dict[int, Callable | None]:
     """For each batch size in `rows`, how captured sampling graphs cut top-k and top-p there,
     decided once at capture by measuring on this device: kernels.sampling_cutoff's search where it
     agrees with the sort on random logits (to a token a row) and runs faster than sample_rows'
-    sort, else None (the sort). A few sizes are timed (the smallest, the largest, two between); each size takes the
-    decision of the nearest timed one."""
+    sort, else None (the sort). A few sizes are timed (the smallest, the largest, two between);
+    each size takes the decision of the nearest timed one."""
     from kernels.reference import topk_topp_cutoff_ref
     from kernels.sampling_cutoff import topk_topp_cutoff
     from kernels.tune import graph_us_per_call
