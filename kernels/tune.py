@@ -157,6 +157,17 @@ def write_table(out_path: str, entries: dict, measured: dict | None = None, cont
     return table
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Device time of one replay of a captured `graph`, over `replays` back to back."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
     """Median over rounds of (replay time / calls), for a CUDA graph that runs every fn once in order:
     what a decode step sees (no launch gaps; programmatic dependent launch overlaps neighbours)."""
@@ -172,15 +183,7 @@ def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays / len(fns))
+    times = [replay_ms(graph, replays) * 1e3 / len(fns) for _ in range(rounds)]
     del graph
     return sorted(times)[len(times) // 2]
 

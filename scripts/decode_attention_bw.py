@@ -37,15 +37,22 @@ def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: in
     return q, k, v, tables, lens
 
 
+def layers_past_l2(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype):
+    """Enough layers' layer_inputs (2-16, about 256 MB of K/V loaded) that L2 holds none of the next
+    one when a graph runs them in turn, and an output per layer."""
+    read_bytes = batch * context * 2 * kv_heads * dim * torch.tensor([], dtype=dtype).element_size()
+    layers = [layer_inputs(batch, context, prefix, heads, kv_heads, dim, dtype)
+              for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
+    return layers, [torch.empty_like(layer[0]) for layer in layers]
+
+
 def measure(args, prefix: int) -> dict:
     name, heads, kv_heads, dim, dtype = next(s for s in SHAPES if s[0] == args.shape)
     elem = torch.tensor([], dtype=dtype).element_size()
     token_bytes = 2 * kv_heads * dim * elem
     unique_bytes = (args.batch * (args.context - prefix) + prefix) * token_bytes
     read_bytes = args.batch * args.context * token_bytes  # what the kernel loads, prefix included
-    layers = [layer_inputs(args.batch, args.context, prefix, heads, kv_heads, dim, dtype)
-              for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
-    outs = [torch.empty_like(layer[0]) for layer in layers]
+    layers, outs = layers_past_l2(args.batch, args.context, prefix, heads, kv_heads, dim, dtype)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     tuned = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, args.batch, kv_heads, num_sms)
 
@@ -85,7 +92,7 @@ def measure(args, prefix: int) -> dict:
 
 def sweep(args) -> list[dict]:
     """Where cascade_decode starts to pay (engine.model_runner's CASCADE_MIN_BATCH and
-    CASCADE_MIN_PREFIX_TOKENS): the engine's launches (the table's paged one, the default prefix
+    CASCADE_MIN_SHARED_TOKENS): the engine's launches (the table's paged one, the default prefix
     launch) at each batch and shared-prefix length, each sequence `args.context` tokens past it."""
     name, heads, kv_heads, dim, dtype = next(s for s in SHAPES if s[0] == args.shape)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -93,11 +100,7 @@ def sweep(args) -> list[dict]:
     for batch in (8, 16, 32, 64, 128):
         launch = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, batch, kv_heads, num_sms)
         for prefix in (32, 64, 128, 256, 512):
-            context = prefix + args.context
-            read_bytes = batch * context * 2 * kv_heads * dim * torch.tensor([], dtype=dtype).element_size()
-            layers = [layer_inputs(batch, context, prefix, heads, kv_heads, dim, dtype)
-                      for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
-            outs = [torch.empty_like(layer[0]) for layer in layers]
+            layers, outs = layers_past_l2(batch, prefix + args.context, prefix, heads, kv_heads, dim, dtype)
             prefix_len = torch.tensor([prefix], dtype=torch.int32, device="cuda")
             paged = graph_us_per_call([lambda a=a, o=o: paged_decode(*a, dim**-0.5, launch, out=o, pdl=True)
                                        for a, o in zip(layers, outs)], 5, 10)

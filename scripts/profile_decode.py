@@ -12,6 +12,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
+from kernels.tune import replay_ms
 
 
 def main() -> None:
@@ -42,20 +43,11 @@ def main() -> None:
         engine.block_manager.allocate(seq, seq.num_tokens)
     graphs.run_decode(seqs)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graphs.graphs[bs].replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"batch {len(seqs)} context ~{args.context}: graph replay {start.elapsed_time(end) / 50:.3f} ms/step (GPU)", flush=True)
+    print(f"batch {len(seqs)} context ~{args.context}: graph replay {replay_ms(graphs.graphs[bs], 50):.3f} ms/step (GPU)",
+          flush=True)
     if graphs.multi_graphs:
-        start.record()
-        for _ in range(10):
-            graphs.multi_graphs[bs].replay()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"multi-step graph ({graphs.multi_steps} steps): {start.elapsed_time(end) / 10 / graphs.multi_steps:.3f} ms/step (GPU)")
+        print(f"multi-step graph ({graphs.multi_steps} steps): "
+              f"{replay_ms(graphs.multi_graphs[bs], 10) / graphs.multi_steps:.3f} ms/step (GPU)")
     # One greedy multi-step run through the engine's own launch path: host time to launch, device time.
     for seq in seqs:
         engine.block_manager.allocate(seq, seq.num_tokens + graphs.multi_steps)
@@ -126,13 +118,8 @@ def main() -> None:
         sample_step = graphs.sample_graphs[(bs, filtered)][0]
         sample_step.replay()
         torch.cuda.synchronize()
-        start.record()
-        for _ in range(20):
-            sample_step.replay()
-        end.record()
-        torch.cuda.synchronize()
         print(f"sampling graph (temperature 0.8, top-p {args.top_p}, filtered={filtered}): "
-              f"{start.elapsed_time(end) / 20 * 1e3:.1f} us/step (GPU)")
+              f"{replay_ms(sample_step, 20) * 1e3:.1f} us/step (GPU)")
         with profile(activities=[ProfilerActivity.CUDA]) as sprof:
             for _ in range(5):
                 sample_step.replay()
