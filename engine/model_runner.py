@@ -9,6 +9,7 @@ the decode step captured as CUDA graphs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -718,11 +719,14 @@ class CudaGraphDecoder:
             self.grammar_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
             self.grammar_active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.grammar_steps_replayed = 0  # for tests
-        # Sampled multi-step runs: the forward graph, then a captured sampling step (per step index:
-        # it writes that step's tokens and the next step's inputs), replayed in turn; the rows'
-        # sampling parameters sit in `row_params` (greedy, temperature, top_k, top_p, min_p), set
-        # when a run starts. Two variants: temperature only, and with the sort-based filters.
-        self.sample_graphs: dict[tuple[int, bool], list[torch.cuda.CUDAGraph]] = {}
+        # Sampled multi-step runs: the forward graph, then a captured sampling step, replayed in
+        # turn; the rows' sampling parameters sit in `row_params` (greedy, temperature, top_k,
+        # top_p, min_p), set when a run starts. Two variants: temperature only, and with the
+        # filters. A sampling step writes its tokens at the device-side step index `sample_step`
+        # and the next forward's inputs from `sample_pos`, so two graphs per batch size and variant
+        # serve every step (a step before another, a run's last step) rather than one per step
+        # index, which had made the capture of the 8B's graphs seconds longer.
+        self.sample_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         # How the sampling graphs cut top-k and top-p at each batch size: sort or search, measured
         # here once (engine.sampler.filter_cutoff).
         self.filter_cutoff: dict[int, object] = {}
@@ -731,6 +735,8 @@ class CudaGraphDecoder:
             self.row_params = torch.ones(5, max_bs, dtype=torch.float32, device=dev)
             self.row_params_host = torch.ones(5, max_bs, dtype=torch.float32, pin_memory=True)
             self.sampled_tokens = torch.zeros(self.multi_steps, max_bs, dtype=torch.int64, device=dev)
+            self.sample_step = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.sample_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.sampled_runs = 0  # for tests
         # Greedy runs whose rows share a prompt prefix in the same cache blocks (the prefix cache
         # leaves a common system prompt so): a second multi-step graph per batch size whose
@@ -760,53 +766,59 @@ class CudaGraphDecoder:
         pool = self.pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        self.capture_seconds = {}  # per kind of graph, for the log: where a model's load time goes
         with torch.cuda.stream(stream):
             for bs in reversed(self.batch_sizes):
                 meta = self._meta(bs)
-                for _ in range(2):  # compile the kernels and settle the allocator before capture
-                    model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], caches, meta))
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = model(self.input_ids[:bs], self.positions[:bs], caches, meta)
-                    self.logits[bs] = model.compute_logits(hidden)
-                pool = graph.pool()
-                self.graphs[bs] = graph
+
+                def forward():
+                    return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], caches, meta))
+
+                # (the first forward compiles the kernels, the second settles the allocator)
+                self.graphs[bs], self.logits[bs] = self._warm_and_capture(forward, pool, stream, "forward", warm_runs=2)
+                pool = self.graphs[bs].pool()
                 if self.multi_steps > 1:
                     self.multi_graphs[bs], self.multi_tokens[bs] = self._warm_and_capture(
-                        lambda: self._decode_steps_body(bs, meta), pool, stream)
+                        lambda: self._decode_steps_body(bs, meta), pool, stream, "multi-step")
                     if self._captures_cascade(bs):
                         cascade_meta = replace(meta, shared_prefix_len=self.shared_prefix_len)
                         self.cascade_graphs[bs], self.cascade_tokens[bs] = self._warm_and_capture(
-                            lambda: self._decode_steps_body(bs, cascade_meta), pool, stream)
+                            lambda: self._decode_steps_body(bs, cascade_meta), pool, stream, "cascade")
                     if self.step_inputs_kernel is not None:
                         for filtered in (False, True):
-                            self.sample_graphs[(bs, filtered)] = [
-                                self._warm_and_capture(lambda i=i: self._sample_step_body(bs, i, filtered), pool, stream)[0]
-                                for i in range(self.multi_steps)]
+                            self.sample_step.zero_()  # each warm run of a step before another advances it
+                            self.sample_graphs[(bs, filtered)] = tuple(
+                                self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(bs, filtered, n),
+                                                       pool, stream, "sampling")[0]
+                                for next_inputs in (True, False))
                 if self.step_inputs_kernel is not None:
                     for sampling in ((None, False, True) if self.multi_steps > 1 else (None,)):
                         # (a step before another, a run's last step)
                         self.grammar_graphs[(bs, sampling)] = tuple(
                             self._warm_and_capture(lambda n=next_inputs: self._masked_step_body(bs, n, sampling),
-                                                   pool, stream)[0]
+                                                   pool, stream, "masked")[0]
                             for next_inputs in (True, False))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.batch_sizes,
+                    ", ".join(f"{kind} {sec:.2f} s" for kind, sec in self.capture_seconds.items()))
 
     def _captures_cascade(self, bs: int) -> bool:
         config = self.runner.config
         return (self.step_inputs_kernel is not None and config.cascade_attention and config.enable_prefix_caching
                 and bs >= CASCADE_MIN_BATCH)
 
-    @staticmethod
-    def _warm_and_capture(body, pool, stream) -> tuple[torch.cuda.CUDAGraph, object]:
-        """Run `body` once outside a graph (compiling its kernels, settling the allocator), then
-        capture it; the graph and what the captured call returned (its static outputs)."""
-        body()
+    def _warm_and_capture(self, body, pool, stream, kind: str, warm_runs: int = 1) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Run `body` outside a graph (compiling its kernels, settling the allocator), then capture
+        it; the graph and what the captured call returned (its static outputs). The time (the warm
+        runs included: the capture waits for them) adds to capture_seconds[kind]."""
+        start = time.perf_counter()
+        for _ in range(warm_runs):
+            body()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             out = body()
+        self.capture_seconds[kind] = self.capture_seconds.get(kind, 0.0) + time.perf_counter() - start
         return graph, out
 
     def padded_size(self, n: int) -> int:
@@ -841,15 +853,18 @@ class CudaGraphDecoder:
         self.step_inputs_kernel(base_pos[:bs], active[:bs], self.block_tables[:bs], step, self.runner.block_size,
                                 self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
 
-    def _sample_step_body(self, bs: int, step: int, filtered: bool) -> None:
-        """Sample step `step`'s tokens from the decode graph's logits with the rows' parameters
-        (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[step]` and `input_ids`; then,
-        unless it is the run's last step, the next step's position, length and cache slot."""
+    def _sample_step_body(self, bs: int, filtered: bool, next_inputs: bool) -> None:
+        """Sample a step's tokens from the decode graph's logits with the rows' parameters
+        (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[sample_step]` and
+        `input_ids`; with `next_inputs` (not the run's last step), also advance `sample_step` and
+        `sample_pos` and derive the next forward's position, length and cache slot."""
         ids = self._pick_tokens(bs, self.logits[bs], filtered)
-        self.sampled_tokens[step, :bs].copy_(ids)
+        self.sampled_tokens[:, :bs].index_copy_(0, self.sample_step, ids.unsqueeze(0))
         self.input_ids[:bs].copy_(ids)
-        if step + 1 < self.multi_steps:
-            self._derive_step_inputs(bs, step + 1)
+        if next_inputs:
+            self.sample_step.add_(1)
+            self.sample_pos[:bs].add_(1)
+            self._derive_step_inputs(bs, 0, self.sample_pos)
 
     def _pick_tokens(self, bs: int, logits: torch.Tensor, sampling: bool | None) -> torch.Tensor:
         """Each row's token: the argmax (`sampling` None), or sampled with `row_params` (`sampling`:
@@ -975,9 +990,12 @@ class CudaGraphDecoder:
             tokens = self.multi_tokens[bs]
         else:
             self._derive_step_inputs(bs, 0)
-            for sample_step in self.sample_graphs[(bs, filtered)]:
+            self.sample_step.zero_()
+            self.sample_pos[:bs].copy_(self.base_pos[:bs])
+            before_last, last = self.sample_graphs[(bs, filtered)]
+            for step in range(self.multi_steps):
                 self.graphs[bs].replay()
-                sample_step.replay()
+                (last if step + 1 == self.multi_steps else before_last).replay()
             tokens = self.sampled_tokens
         host = self.host_tokens[buffer][:, :n]
         host.copy_(tokens[:, :n], non_blocking=True)

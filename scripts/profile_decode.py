@@ -112,10 +112,11 @@ def main() -> None:
         torch.cuda.synchronize()
     print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
     if graphs.sample_graphs:
-        # A sampled run's per-step sampling graph (engine.sampler.sample_rows on the step's logits),
+        # A sampled run's last-step sampling graph (engine.sampler.sample_rows on the step's
+        # logits; it leaves the device-side step index alone, so it replays any number of times),
         # on its own: what sampling adds to a step on the device.
         filtered = graphs.set_row_params([SamplingParams(temperature=0.8, top_p=args.top_p)] * len(seqs))
-        sample_step = graphs.sample_graphs[(bs, filtered)][0]
+        sample_step = graphs.sample_graphs[(bs, filtered)][1]
         sample_step.replay()
         torch.cuda.synchronize()
         print(f"sampling graph (temperature 0.8, top-p {args.top_p}, filtered={filtered}): "
