@@ -575,6 +575,8 @@ class GrammarRun:
         self.runner, self.seqs, self.num_steps, self.grammar = runner, seqs, num_steps, grammar
         self.batch = runner.sampling_batch(seqs)
         self.cuda = runner.device.type == "cuda"
+        # Looked up once: current_stream() was most of each step's event record (py-spy).
+        self.stream = torch.cuda.current_stream() if self.cuda else None
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
         self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
         # Rows without penalties, biases or log-probabilities, greedy or (where the decoder samples
@@ -606,7 +608,7 @@ class GrammarRun:
         self.host[i].copy_(self.tokens, non_blocking=self.cuda)
         event = torch.cuda.Event() if self.cuda else None
         if event is not None:
-            event.record()
+            event.record(self.stream)
         self.sampled.append(event)
         if not last:  # queued before the host waits for step i's tokens
             if self.graph_steps:

@@ -39,6 +39,7 @@ class StructuredOutputs:
         self._token_bytes = token_bytes
         self.vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
+        self.stop_token_set = frozenset(stop_token_ids)
         self._compiler = None
         # Two locks: building the compiler (0.5 s and more) must not hold up compile_async's
         # cache lookups, which the engine loop and the API processes make.
@@ -240,16 +241,20 @@ class GrammarSteps:
         return GrammarSteps(self._outputs, self._matchers)
 
     def accept(self, tokens: list[int]) -> None:
-        import xgrammar as xgr
-
+        # A call a row: xgrammar's batch accept converts its result row by row through tvm-ffi's
+        # containers and, with an is_terminated call a row, cost 1.7x this on the CPU box (64
+        # rows of the records schema; scripts/grammar_cost.py). A matcher
+        # (terminate_without_stop_token off) ends only on taking a stop token.
         self._steps += 1
-        rows = [j for j, m in enumerate(self._matchers) if m is not None]
-        live = [self._matchers[j] for j in rows]
-        accepted = xgr.BatchGrammarMatcher.batch_accept_token(live, [tokens[j] for j in rows])
-        for j, matcher, ok in zip(rows, live, accepted):
+        stops = self._outputs.stop_token_set
+        for j, matcher in enumerate(self._matchers):
+            if matcher is None:
+                continue
+            token = tokens[j]
+            ok = matcher.accept_token(token)
             if not ok:  # the mask allows only tokens the matcher accepts
-                logger.warning("token %d rejected by its grammar inside a decode run", tokens[j])
-            if not ok or matcher.is_terminated():
+                logger.warning("token %d rejected by its grammar inside a decode run", token)
+            if not ok or (token in stops and matcher.is_terminated()):
                 self.ends[j] = self._steps
                 self._matchers[j] = None
 

@@ -13,7 +13,7 @@ import pytest
 from engine import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
-from engine.structured_output import FillThreads, StructuredOutputs
+from engine.structured_output import FillThreads, GrammarSteps, StructuredOutputs
 from engine import tool_calls
 
 SCHEMAS = [
@@ -160,6 +160,29 @@ def test_fill_threads_takes_the_cheaper_and_probes_the_other(tiny_llm):
     assert [fill.pick() for _ in range(8)] == [1, 1, 1, 2, 1, 1, 1, 2]
     fill.seconds = {1: 9e-3, 2: 5e-3}
     assert fill.pick() == 2
+
+
+def test_grammar_steps_end_rows_on_their_stop_token_or_a_rejection(tiny_llm):
+    """A run's rows leave its grammar when their matcher takes the stop token (only then: the
+    matcher's end is checked for stop tokens alone) or rejects a token; `ends` is the step count
+    they keep. Free rows (None) stay free, and a row that has matched its grammar but not taken the stop token stays."""
+    engine = tiny_llm.engine
+    tok = engine.tokenizer
+    stop = 50256
+    outputs = StructuredOutputs.for_tokenizer(tok, engine.model_config.vocab_size, (stop,))
+    compiled = outputs.compile_async(StructuredOutputSpec.choice(["yes", "no"])).result()
+    done, rejects, no_then_stop = (outputs.matcher(compiled) for _ in range(3))
+    steps = GrammarSteps(outputs, [done, None, rejects, no_then_stop])
+    yes, no = tok.encode("yes"), tok.encode("no")
+    assert len(yes) == 1 and len(no) == 1
+    steps.accept([yes[0], 7, no[0], no[0]])
+    assert steps.ends == {} and not done.is_terminated()
+    steps.accept([stop, 7, yes[0], stop])  # "noyes" is no choice
+    assert steps.ends == {0: 2, 2: 2, 3: 2}
+    assert steps._matchers == [None, None, None, None] and done.is_terminated() and no_then_stop.is_terminated()
+    steps = GrammarSteps(outputs, [outputs.matcher(compiled)])
+    steps.accept(yes)  # complete, but it has not taken the stop token: it stays
+    assert steps.ends == {} and steps._matchers[0] is not None
 
 
 def test_seeded_constrained_sampling_is_reproducible(tiny_llm):
