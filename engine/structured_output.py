@@ -166,22 +166,24 @@ class StructuredOutputs:
 
 
 class FillThreads:
-    """xgrammar's bitmask fill on the calling thread, or split across `threads` (the caller and a
-    pool, each filling a contiguous slice of the rows; xgrammar drops the GIL while it fills),
-    whichever has been cheaper.
+    """xgrammar's bitmask fill on the calling thread, or split across 2, 4, ... up to `threads`
+    (the caller and a pool, each filling a contiguous slice of the rows; xgrammar drops the GIL
+    while it fills), whichever has been cheapest.
 
-    Splitting pays a fixed cost per call (handing slices to the pool and joining them): an
-    extraction schema's rows (~2-9 us each) may fill as fast on one thread, a bounded integer
-    inside a long repetition (~120-250 us a row) several times faster on eight
+    Splitting pays a fixed cost per call and thread (handing slices to the pool and joining them):
+    an extraction schema's rows (~2-9 us each) may fill as fast on one thread or two, a bounded
+    integer inside a long repetition (~120-250 us a row) several times faster on eight
     (scripts/grammar_cost.py). Which one a step needs depends on where its rows are in their
     grammars, so each is timed as it runs (a moving average per call) and every `probe_every`th
-    fill runs on the other to keep its figure current. Either fills the same bits. (xgrammar's own
-    threaded batch fill starts its threads on every call: ~0.2 ms, more than 64 such rows cost.)"""
+    fill runs on the choice measured longest ago to keep its figure current. All fill the same
+    bits. (xgrammar's own threaded batch fill starts its threads on every call: ~0.2 ms, more than
+    64 such rows cost.)"""
 
     def __init__(self, threads: int, probe_every: int = 32) -> None:
-        self.choices = sorted({1, threads})
+        self.choices = sorted({1, threads} | {c for c in (2, 4) if c < threads})
         self.probe_every = probe_every
         self.seconds: dict[int, float] = {}  # moving average of a fill's time, per choice
+        self.last_call: dict[int, int] = {}  # the call that last ran each choice
         self.calls = 0
         self._slices: list = []  # one single-threaded batch matcher per slice
         self._pool: ThreadPoolExecutor | None = None
@@ -190,9 +192,14 @@ class FillThreads:
         self.calls += 1
         unmeasured = [c for c in self.choices if c not in self.seconds]
         if unmeasured:
-            return unmeasured[0]
-        ranked = sorted(self.choices, key=self.seconds.__getitem__)
-        return ranked[-1] if self.calls % self.probe_every == 0 else ranked[0]
+            choice = unmeasured[0]
+        else:
+            best = min(self.choices, key=self.seconds.__getitem__)
+            others = [c for c in self.choices if c != best]
+            probe = others and self.calls % self.probe_every == 0
+            choice = min(others, key=lambda c: self.last_call.get(c, 0)) if probe else best
+        self.last_call[choice] = self.calls
+        return choice
 
     def __call__(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
         threads = self.pick()

@@ -160,6 +160,17 @@ def test_fill_threads_takes_the_cheaper_and_probes_the_other(tiny_llm):
     assert [fill.pick() for _ in range(8)] == [1, 1, 1, 2, 1, 1, 1, 2]
     fill.seconds = {1: 9e-3, 2: 5e-3}
     assert fill.pick() == 2
+    # More threads: 1, 2, 4 and 8 are each measured once, then the cheapest runs and each probe
+    # takes the choice measured longest ago.
+    wide = FillThreads(8, probe_every=4)
+    assert wide.choices == [1, 2, 4, 8]
+    cost = {1: 3e-3, 2: 1e-3, 4: 2e-3, 8: 4e-3}
+    first = []
+    for _ in range(4):
+        first.append(wide.pick())
+        wide.seconds[first[-1]] = cost[first[-1]]  # as __call__ records it
+    assert first == [1, 2, 4, 8]
+    assert [wide.pick() for _ in range(12)] == [2, 2, 2, 1, 2, 2, 2, 4, 2, 2, 2, 8]
 
 
 def test_grammar_steps_end_rows_on_their_stop_token_or_a_rejection(tiny_llm):
