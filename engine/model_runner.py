@@ -596,9 +596,10 @@ class GrammarRun:
         self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
         self.next: GrammarRun | None = None
 
-    def _launch(self, i: int) -> None:
-        """Step i's masked sampling (its forward is queued), then step i + 1's forward."""
-        bitmask = self.grammar.fill()  # while the device runs step i's forward
+    def _launch(self, i: int, previous: list[int] | None = None) -> None:
+        """Step i's masked sampling (its forward is queued), then step i + 1's forward. `previous`:
+        step i - 1's tokens, which the matchers take first (slice by slice, overlapping the fill)."""
+        bitmask = self.grammar.fill(previous)  # while the device runs step i's forward
         last = i + 1 == self.num_steps
         if self.graph_steps:
             self.tokens = self.runner.graphs.masked_step(bitmask, last, self.sampling)
@@ -621,9 +622,10 @@ class GrammarRun:
     @torch.inference_mode()
     def finish(self, chain: bool = False) -> list[list[int]]:
         """Every step of the run; its tokens, per step."""
+        previous = None  # the last step's tokens, until the matchers take them
         for i in range(self.num_steps):
-            if i >= self.launched:
-                self._launch(i)
+            if i >= self.launched:  # (a chained run's first step was launched with its predecessor)
+                self._launch(i, previous)
             if self.sampled[i] is not None:
                 self.sampled[i].synchronize()
             if i + 1 == self.num_steps and chain:
@@ -631,7 +633,8 @@ class GrammarRun:
                 # yet (it has every earlier run's). Only now: its inputs are staged in the pinned
                 # buffers this run's uploads read, which the sync above has drained.
                 self.next = GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens)
-            self.grammar.accept(self.host[i].tolist())
+            previous = self.host[i].tolist()
+        self.grammar.accept(previous)
         if self.next is not None:
             self.next.grammar = self.grammar.continued()
             self.next._launch(0)  # its first masked sample and second forward, before our outputs are read

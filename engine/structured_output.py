@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -146,22 +147,20 @@ class StructuredOutputs:
 
         return xgr.GrammarMatcher(compiled)
 
-    def fill_bitmask(self, matchers: list) -> torch.Tensor:
+    def fill_bitmask(self, matchers: list, before_fill: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The allowed-token bitmask of a step, [len(matchers), ceil(vocab / 32)] int32, one bit per
         token (1 = allowed): each matcher's row filled by xgrammar (FillThreads: on this thread or split
         across a pool; 2-9 us of one core a row for an extraction schema over GPT-2's vocabulary, 120 us for
         a bounded integer inside a long repetition: scripts/grammar_cost.py), rows without a
-        matcher all ones. One buffer, reused (pinned when uploads are to a GPU): the caller uses
-        it before the next call."""
+        matcher all ones. `before_fill(lo, hi)` runs on this thread before rows lo..hi are filled
+        and may set their matchers to None (GrammarSteps: the previous step's tokens). One buffer,
+        reused (pinned when uploads are to a GPU): the caller uses it before the next call."""
         rows = len(matchers)
         if self._bitmask is None or self._bitmask.shape[0] < rows:
             self._bitmask = torch.empty(max(rows, 64), (self.vocab_size + 31) // 32, dtype=torch.int32,
                                         pin_memory=self._pin_bitmask)
         bitmask = self._bitmask[:rows]
-        indices = [i for i, m in enumerate(matchers) if m is not None]
-        if len(indices) < rows:  # xgrammar writes whole rows: only the unconstrained ones need ones
-            bitmask[[i for i, m in enumerate(matchers) if m is None]] = -1
-        self._fill([matchers[i] for i in indices], bitmask, indices)
+        self._fill(matchers, bitmask, before_fill)
         return bitmask
 
 
@@ -201,16 +200,20 @@ class FillThreads:
         self.last_call[choice] = self.calls
         return choice
 
-    def __call__(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
+    def __call__(self, matchers: list, bitmask: torch.Tensor, before_fill: Callable[[int, int], None] | None = None) -> None:
         threads = self.pick()
         start = time.perf_counter()
-        self.fill_split(threads, matchers, bitmask, indices)
+        self.fill_split(threads, matchers, bitmask, before_fill)
         took = time.perf_counter() - start
         last = self.seconds.get(threads)
         self.seconds[threads] = took if last is None else 0.75 * last + 0.25 * took
 
-    def fill_split(self, threads: int, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
-        """Fill on `threads` (one of `choices`): the caller's slice here, the others on the pool."""
+    def fill_split(self, threads: int, matchers: list, bitmask: torch.Tensor,
+                   before_fill: Callable[[int, int], None] | None = None) -> None:
+        """Fill row i of `bitmask` from matchers[i] (all ones where it is None) on `threads` (one
+        of `choices`): contiguous slices, each handed to the pool as soon as `before_fill` has run
+        for it here (so a slice's accepts, which hold the GIL, overlap the fills before it), the
+        first slice filled on this thread last."""
         import xgrammar as xgr
 
         parts = max(1, min(threads, len(matchers)))
@@ -219,9 +222,21 @@ class FillThreads:
         if parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max(self.choices) - 1, thread_name_prefix="roseinfer-bitmask")
         bounds = [len(matchers) * j // parts for j in range(parts + 1)]
-        pending = [self._pool.submit(self._slices[j].batch_fill_next_token_bitmask, matchers[bounds[j]:bounds[j + 1]],
-                                     bitmask, indices[bounds[j]:bounds[j + 1]]) for j in range(1, parts)]
-        self._slices[0].batch_fill_next_token_bitmask(matchers[:bounds[1]], bitmask, indices[:bounds[1]])
+        pending = []
+        for j in [*range(1, parts), 0]:
+            lo, hi = bounds[j], bounds[j + 1]
+            if before_fill is not None:
+                before_fill(lo, hi)
+            rows = [i for i in range(lo, hi) if matchers[i] is not None]
+            if len(rows) < hi - lo:  # xgrammar writes whole rows: only the unconstrained ones need ones
+                bitmask[[i for i in range(lo, hi) if matchers[i] is None]] = -1
+            if not rows:
+                continue
+            fill = (self._slices[j].batch_fill_next_token_bitmask, [matchers[i] for i in rows], bitmask, rows)
+            if j:
+                pending.append(self._pool.submit(*fill))
+            else:
+                fill[0](*fill[1:])
         for future in pending:
             future.result()
 
@@ -239,8 +254,14 @@ class GrammarSteps:
         self._steps = 0
         self.ends: dict[int, int] = {}
 
-    def fill(self) -> torch.Tensor:
-        return self._outputs.fill_bitmask(self._matchers)
+    def fill(self, tokens: list[int] | None = None) -> torch.Tensor:
+        """The next step's bitmask. `tokens`: the step before's, not yet taken: each slice of rows
+        takes its tokens (accept) just before its fill is handed to a thread, so with several fill
+        threads the accepts overlap the fills."""
+        if tokens is None:
+            return self._outputs.fill_bitmask(self._matchers)
+        self._steps += 1
+        return self._outputs.fill_bitmask(self._matchers, lambda lo, hi: self._accept_rows(tokens, lo, hi))
 
     def continued(self) -> GrammarSteps:
         """The grammar side of the next run of the same batch: rows whose grammar ended stay
@@ -248,13 +269,18 @@ class GrammarSteps:
         return GrammarSteps(self._outputs, self._matchers)
 
     def accept(self, tokens: list[int]) -> None:
+        """A step's tokens, one a row, taken by the rows' matchers (fill(tokens) does this too)."""
+        self._steps += 1
+        self._accept_rows(tokens, 0, len(self._matchers))
+
+    def _accept_rows(self, tokens: list[int], lo: int, hi: int) -> None:
         # A call a row: xgrammar's batch accept converts its result row by row through tvm-ffi's
         # containers and, with an is_terminated call a row, cost 1.7x this on the CPU box (64
         # rows of the records schema; scripts/grammar_cost.py). A matcher
         # (terminate_without_stop_token off) ends only on taking a stop token.
-        self._steps += 1
         stops = self._outputs.stop_token_set
-        for j, matcher in enumerate(self._matchers):
+        for j in range(lo, hi):
+            matcher = self._matchers[j]
             if matcher is None:
                 continue
             token = tokens[j]

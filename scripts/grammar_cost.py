@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
+from engine.async_engine import STEP_THREAD_SWITCH_INTERVAL_S
 from engine.sampling_params import StructuredOutputSpec
 from engine.structured_output import FillThreads, GrammarSteps, StructuredOutputs
 from engine.tokenizer import gpt2_tokenizer
@@ -35,26 +37,39 @@ WORKLOADS = {
 
 
 def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows: int, threads: int, steps: int) -> dict:
+    """Per step over the workload's text: the fill and the accept apart (fill on `threads`), and
+    the engine's step as a constrained run does it (GrammarSteps.fill with the step before's
+    tokens: each slice's accepts, then its fill handed off, so accepts overlap fills)."""
     import xgrammar as xgr
 
     compiled = outputs.compile_async(StructuredOutputSpec.json_schema(schema)).result()
     token_ids = tokenizer.encode(text, add_special_tokens=False)[:steps]
-    matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
     bitmask = torch.empty(rows, (outputs.vocab_size + 31) // 32, dtype=torch.int32)
     split = FillThreads(threads)  # the engine's fill, held to `threads`
-    steps = GrammarSteps(outputs, matchers)
+    split.choices = [threads]
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
+    apart = GrammarSteps(outputs, matchers)
     fill = accept = 0.0
     for token in token_ids:
         start = time.perf_counter()
-        split.fill_split(threads, matchers, bitmask, list(range(rows)))
+        split.fill_split(threads, matchers, bitmask)
         mid = time.perf_counter()
-        steps.accept([token] * rows)  # the engine's accept (GrammarSteps: rows leave on a rejection)
+        apart.accept([token] * rows)  # the engine's accept (GrammarSteps: rows leave on a rejection)
         accept += time.perf_counter() - mid
         fill += mid - start
-        assert not steps.ends, f"token {token} ({tokenizer.decode([token])!r}) rejected: fix the workload's text"
+        assert not apart.ends, f"token {token} ({tokenizer.decode([token])!r}) rejected: fix the workload's text"
+    outputs._fill = split  # the overlapped step, on the same number of threads
+    together = GrammarSteps(outputs, [xgr.GrammarMatcher(compiled) for _ in range(rows)])
+    together.fill()
+    start = time.perf_counter()
+    for token in token_ids:
+        together.fill([token] * rows)
+    overlapped = time.perf_counter() - start
+    assert not together.ends
     n = len(token_ids) * rows
     return {"fill_us_per_row": fill / n * 1e6, "accept_us_per_row": accept / n * 1e6,
-            "step_us": (fill + accept) / len(token_ids) * 1e6, "steps": len(token_ids)}
+            "step_us": (fill + accept) / len(token_ids) * 1e6, "overlapped_step_us": overlapped / len(token_ids) * 1e6,
+            "steps": len(token_ids)}
 
 
 def main() -> None:
@@ -63,16 +78,20 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--json", default=None)
+    p.add_argument("--switch-interval", type=float, default=STEP_THREAD_SWITCH_INTERVAL_S,
+                   help="the GIL switch interval (s): the in-process engine's by default; a fill thread "
+                   "may wait this long for the GIL the stepping thread holds")
     args = p.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     tokenizer = gpt2_tokenizer()
     outputs = StructuredOutputs.for_tokenizer(tokenizer, 50257, (50256,))
     results = {}
-    print(f"{'workload':10} {'threads':>7} {'fill us/row':>12} {'accept us/row':>14} {'step us':>9}")
+    print(f"{'workload':10} {'threads':>7} {'fill us/row':>12} {'accept us/row':>14} {'step us':>9} {'overlapped':>10}")
     for name, (schema, text) in WORKLOADS.items():
         for threads in (int(t) for t in args.threads.split(",")):
             r = measure(outputs, tokenizer, schema, text, args.rows, threads, args.steps)
             results[f"{name}/{threads}"] = r
-            print(f"{name:10} {threads:>7} {r['fill_us_per_row']:>12.1f} {r['accept_us_per_row']:>14.2f} {r['step_us']:>9.0f}")
+            print(f"{name:10} {threads:>7} {r['fill_us_per_row']:>12.1f} {r['accept_us_per_row']:>14.2f} {r['step_us']:>9.0f} {r['overlapped_step_us']:>10.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

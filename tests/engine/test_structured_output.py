@@ -147,7 +147,7 @@ def test_fill_threads_takes_the_cheaper_and_probes_the_other(tiny_llm):
     masks = []
     for _ in range(2):  # each choice runs once first
         mask = torch.zeros(4, words, dtype=torch.int32)
-        fill(matchers, mask, [0, 1, 2, 3])
+        fill(matchers, mask)
         masks.append(mask)
     assert sorted(fill.seconds) == [1, 2] and torch.equal(masks[0], masks[1])
     one_by_one = torch.zeros(4, words, dtype=torch.int32)
