@@ -565,36 +565,47 @@ class GrammarRun:
     step's tokens back to the matchers, while the device already runs the next step's forward.
 
     `finish(chain=True)` also starts the next run of the same batch before it returns: that run's
-    first forward on this run's last tokens, then (once the matchers have taken them) its first
-    masked sample and its second forward, so the device has about two steps of work while the
-    host processes this run's outputs (as chained greedy runs do). `ahead`: tokens the host has
-    not yet appended to the sequences when the run starts (a chained run's: its predecessor's)."""
+    first forward on this run's last tokens (on the masked-step graphs, queued right behind the
+    last masked sample, before the host waits for it), then (once the matchers have taken them)
+    its first masked sample and its second forward, so the device has about two steps of work
+    while the host processes this run's outputs (as chained greedy runs do). `ahead`: tokens the
+    host has not yet appended to the sequences when the run starts (a chained run's: its
+    predecessor's, whose sampling set-up it keeps)."""
 
     def __init__(self, runner: ModelRunner, seqs: list[Sequence], num_steps: int, grammar,
-                 ahead: int = 0, first_ids: torch.Tensor | None = None) -> None:
+                 ahead: int = 0, first_ids: torch.Tensor | None = None, predecessor: GrammarRun | None = None) -> None:
         self.runner, self.seqs, self.num_steps, self.grammar = runner, seqs, num_steps, grammar
-        self.batch = runner.sampling_batch(seqs)
         self.cuda = runner.device.type == "cuda"
         # Looked up once: current_stream() was most of each step's event record (py-spy).
         self.stream = torch.cuda.current_stream() if self.cuda else None
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
-        self.logits = runner.graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
-        # Rows without penalties, biases or log-probabilities, greedy or (where the decoder samples
-        # in graphs) unseeded: each step is one upload of the bitmask and two graph replays (the
-        # masked argmax or sample with the next inputs, then the forward).
-        b, graphs = self.batch, runner.graphs
-        params = [s.params for s in seqs]
-        self.graph_steps = (bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None
-                            and runner.graphs_pick_tokens(params))
-        self.sampling: bool | None = None  # None: argmax; else whether top-k/top-p/min-p apply
-        if self.graph_steps:
-            if not b.all_greedy:
+        graphs = runner.graphs
+        self.logits = graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
+        if predecessor is not None:  # the same rows: their sampling parameters are on the device already
+            self.batch, self.graph_steps, self.sampling = predecessor.batch, predecessor.graph_steps, predecessor.sampling
+        else:
+            self.batch = b = runner.sampling_batch(seqs)
+            # Rows without penalties, biases or log-probabilities, greedy or (where the decoder
+            # samples in graphs) unseeded: each step is one upload of the bitmask and two graph
+            # replays (the masked argmax or sample with the next inputs, then the forward).
+            params = [s.params for s in seqs]
+            self.graph_steps = (bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None
+                                and runner.graphs_pick_tokens(params))
+            self.sampling: bool | None = None  # None: argmax; else whether top-k/top-p/min-p apply
+            if self.graph_steps and not b.all_greedy:
                 self.sampling = graphs.set_row_params(params)
+        if self.graph_steps:
             graphs.start_grammar_steps(len(seqs))
         self.launched = 0  # steps whose sampling is on the device
         self.sampled: list[torch.cuda.Event | None] = []
         self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
+        self.chain = False  # finish's: start the next run of this batch
         self.next: GrammarRun | None = None
+
+    def _successor(self) -> GrammarRun:
+        """The next run of this batch, its first forward queued on this run's last tokens (the
+        grammar side follows once the matchers have taken them)."""
+        return GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens, predecessor=self)
 
     def _launch(self, i: int, previous: list[int] | None = None) -> None:
         """Step i's masked sampling (its forward is queued), then step i + 1's forward. `previous`:
@@ -617,22 +628,29 @@ class GrammarRun:
             else:
                 self.logits = self.runner.graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=self.tokens,
                                                             num_steps=self.num_steps)
+        elif self.chain and self.graph_steps:
+            # The next run's first forward needs nothing from the host that it lacks: queue it now,
+            # or the device idles while the host syncs, then stages and launches it (~0.5 ms a run
+            # under py-spy). Its staging may be rewritten: this run's own upload of it finished
+            # before step 0's tokens came back (the masked-step graphs upload nothing more).
+            self.next = self._successor()
         self.launched = i + 1
 
     @torch.inference_mode()
     def finish(self, chain: bool = False) -> list[list[int]]:
         """Every step of the run; its tokens, per step."""
+        self.chain = chain
         previous = None  # the last step's tokens, until the matchers take them
         for i in range(self.num_steps):
             if i >= self.launched:  # (a chained run's first step was launched with its predecessor)
                 self._launch(i, previous)
             if self.sampled[i] is not None:
                 self.sampled[i].synchronize()
-            if i + 1 == self.num_steps and chain:
-                # The next run's first forward, on these last tokens, which the host has not appended
-                # yet (it has every earlier run's). Only now: its inputs are staged in the pinned
-                # buffers this run's uploads read, which the sync above has drained.
-                self.next = GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens)
+            if i + 1 == self.num_steps and chain and self.next is None:
+                # Off the masked-step graphs, the next run's first forward only now: its inputs are
+                # staged in the pinned buffers this run's per-step uploads read, which the sync
+                # above has drained.
+                self.next = self._successor()
             previous = self.host[i].tolist()
         self.grammar.accept(previous)
         if self.next is not None:
@@ -1061,8 +1079,12 @@ class CudaGraphDecoder:
         self.seq_lens[:bs].copy_(dev_staging[3])
         if offset == 0:
             max_blocks = (int(self.staging_np[num_steps - 1, 3, :n].max()) - 1) // self.runner.block_size + 1
-            tables = self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks)
-            self.block_tables[:n, :max_blocks].copy_(tables)
+            # Through a pinned buffer (pageable memory would hold the host until the device caught up).
+            buffer = self.next_host_buffer
+            self.next_host_buffer ^= 1
+            tables = self.host_tables[buffer].view(-1)[: n * max_blocks].view(n, max_blocks)
+            self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks, out=tables)
+            self.block_tables[:n, :max_blocks].copy_(tables, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 
