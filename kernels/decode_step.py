@@ -13,7 +13,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# One compile for every batch size and step: the step index and the row count vary from launch to
+# launch (each captured batch size, each step of a run), and Triton would otherwise compile a
+# variant per value class (== 1, a multiple of 16, other) and per power-of-two row tile. That had
+# made dozens of compiles of this tiny kernel, seconds of a cold start; the specialisations buy
+# nothing here (they only feed masks).
+ROWS_PER_PROGRAM = 128
+
+
+@triton.jit(do_not_specialize=["step", "num_rows"])
 def _decode_step_inputs_kernel(
     base_pos_ptr, active_ptr, tables_ptr, positions_ptr, seq_lens_ptr, slots_ptr,
     step, num_rows, stride_table, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
@@ -39,8 +47,7 @@ def decode_step_inputs(base_pos: torch.Tensor, active: torch.Tensor, block_table
     assert block_tables.dtype == torch.int32 and block_tables.shape[0] >= rows and block_tables.stride(1) == 1
     if rows == 0:
         return
-    block = min(256, triton.next_power_of_2(rows))
-    _decode_step_inputs_kernel[(triton.cdiv(rows, block),)](
+    _decode_step_inputs_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         base_pos, active, block_tables, positions, seq_lens, slot_mapping, step, rows, block_tables.stride(0),
-        BLOCK_SIZE=block_size, ROWS=block, num_warps=4,
+        BLOCK_SIZE=block_size, ROWS=ROWS_PER_PROGRAM, num_warps=4,
     )

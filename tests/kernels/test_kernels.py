@@ -548,7 +548,7 @@ def test_decode_step_inputs_match_reference(device, rows):
     base_pos = torch.randint(0, 100, (rows,), generator=gen).to(device)
     active = (torch.rand(rows, generator=gen) > 0.3).to(device)
     tables = torch.randint(0, 10_000, (rows, max_blocks), generator=gen, dtype=torch.int32).to(device)
-    for step in (0, 7):
+    for step in (0, 1, 7):
         got = (torch.full((rows,), -7, dtype=torch.int64, device=device),
                torch.full((rows,), -7, dtype=torch.int32, device=device),
                torch.full((rows,), -7, dtype=torch.int64, device=device))
