@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
@@ -194,22 +194,23 @@ def filters_in_use(params: list[SamplingParams], vocab: int) -> tuple[bool, bool
 
 def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
                 top_p: torch.Tensor | None, min_p: torch.Tensor | None, noise: torch.Tensor,
-                cutoff: Callable | None = None) -> torch.Tensor:
+                kernel: Callable | None = None) -> torch.Tensor:
     """One token per row of fp32 `logits` [rows, vocab], from per-row tensors [rows]: greedy rows take
     the argmax; the others sample at their temperature (1.0 for greedy rows) among the top_k logits,
     the smallest prefix of probability mass top_p and the tokens within min_p of the most likely,
     each filter skipped when None (top_k = vocab, top_p >= 1 and min_p = 0 keep every token). The
     draw is argmax(probs / noise) with `noise` ~ Exp(1), [rows, vocab]. Fixed shapes and no host
-    decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs). `cutoff`
-    (kernels.sampling_cutoff.topk_topp_cutoff, where `filter_cutoff` chose it) makes top-k's and
-    top-p's cut without a sort; it keeps every logit tied with the last one kept."""
+    decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs). `kernel`
+    (kernels.filtered_sampling.filtered_sample, where `filtered_sampler` chose it) draws the
+    filtered rows' tokens without a sort, the same ones (it keeps every logit tied with the last
+    one kept)."""
     logits = logits / temperature[:, None]
-    if cutoff is not None and (top_k is not None or top_p is not None):
+    if kernel is not None and (top_k is not None or top_p is not None or min_p is not None):
         rows, vocab = logits.shape
-        top_k = torch.full((rows,), vocab, device=logits.device) if top_k is None else top_k
-        top_p = torch.ones(rows, device=logits.device) if top_p is None else top_p
-        logits = logits.masked_fill(logits < cutoff(logits, top_k, top_p)[:, None], float("-inf"))
-        top_k = top_p = None
+        full = partial(torch.full, (rows,), device=logits.device)
+        sampled = kernel(logits, noise, full(vocab, dtype=torch.int64) if top_k is None else top_k,
+                         full(1.0) if top_p is None else top_p, full(0.0) if min_p is None else min_p)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
     if top_k is not None or top_p is not None:
         # One sort serves both filters (the sampling graphs pass top_k to every filtered step, so
         # a sort each would double it): the logits' order is the probabilities' order, before
@@ -231,14 +232,14 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
-def filter_cutoff(device: torch.device, vocab: int, rows: list[int]) -> dict[int, Callable | None]:
-    """For each batch size in `rows`, how captured sampling graphs cut top-k and top-p there,
-    decided once at capture by measuring on this device: kernels.sampling_cutoff's search where it
-    agrees with the sort on random logits (to a token a row) and runs faster than sample_rows'
-    sort, else None (the sort). A few sizes are timed (the smallest, the largest, two between);
-    each size takes the decision of the nearest timed one."""
-    from kernels.reference import topk_topp_cutoff_ref
-    from kernels.sampling_cutoff import topk_topp_cutoff
+def filtered_sampler(device: torch.device, vocab: int, rows: list[int]) -> dict[int, Callable | None]:
+    """For each batch size in `rows`, how captured sampling graphs draw rows with top-k, top-p or
+    min-p there, decided once at capture by measuring on this device: kernels.filtered_sampling's
+    race where it draws the sort's tokens on random logits (but for a row in 64: where the mass
+    crosses top_p within float rounding, the two summing in different orders) and runs faster than
+    sample_rows' sort, else None (the sort). A few sizes are timed (the smallest, the largest, two
+    between); each size takes the decision of the nearest timed one."""
+    from kernels.filtered_sampling import filtered_sample
     from kernels.tune import graph_us_per_call
 
     timed = sorted({rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]})
@@ -246,25 +247,21 @@ def filter_cutoff(device: torch.device, vocab: int, rows: list[int]) -> dict[int
     for n in timed:
         gen = torch.Generator(device=device).manual_seed(n)
         logits = torch.randn(n, vocab, device=device, generator=gen) * 4
-        top_k = torch.full((n,), vocab, dtype=torch.int64, device=device)
         top_p = torch.full((n,), 0.95, device=device)
         ones, greedy = torch.ones(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
         noise = torch.empty_like(logits).exponential_(generator=gen)
+        draws = [partial(sample_rows, logits, greedy, ones, None, top_p, None, noise, kernel)
+                 for kernel in (None, filtered_sample)]
         try:
-            got, want = topk_topp_cutoff(logits, top_k, top_p), topk_topp_cutoff_ref(logits, top_k, top_p)
-            # Rows may differ by a token where the mass crosses top_p within float rounding (the
-            # two sum in different orders); a wrong cut keeps a different set altogether.
-            between = ((logits >= torch.minimum(got, want)[:, None]) & (logits < torch.maximum(got, want)[:, None]))
-            agrees = bool((between.sum(dim=-1) <= 1).all())
+            want, got = (draw() for draw in draws)
+            agrees = int((got != want).sum()) <= n // 64
         except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep the sort
-            logger.warning("sampling filters: the cutoff search failed (%s); sorting", exc)
+            logger.warning("sampling filters: the sampling kernel failed (%s); sorting", exc)
             return {b: None for b in rows}
         if not agrees:
-            logger.warning("sampling filters: the cutoff search disagrees with the sort at batch %d; sorting", n)
+            logger.warning("sampling filters: the sampling kernel disagrees with the sort at batch %d; sorting", n)
             return {b: None for b in rows}
-        sort_us, search_us = (graph_us_per_call([lambda c=c: sample_rows(logits, greedy, ones, top_k, top_p, None, noise, c)],
-                                                rounds=3, replays=10) for c in (None, topk_topp_cutoff))
-        faster[n] = search_us < sort_us
-        logger.info("sampling filters at batch %d x %d: sort %.0f us, cutoff search %.0f us", n, vocab, sort_us, search_us)
-    return {b: topk_topp_cutoff if faster[min(timed, key=lambda t: abs(t - b))] else None for b in rows}
-
+        sort_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
+        faster[n] = kernel_us < sort_us
+        logger.info("sampling filters at batch %d x %d: sort %.0f us, sampling kernel %.0f us", n, vocab, sort_us, kernel_us)
+    return {b: filtered_sample if faster[min(timed, key=lambda t: abs(t - b))] else None for b in rows}

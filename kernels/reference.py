@@ -170,3 +170,14 @@ def topk_topp_cutoff_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     kept = ((probs.cumsum(dim=-1) - probs) < top_p[:, None].float()) & (sorted_logits >= kth)
     last = sorted_logits.gather(1, (kept.sum(dim=-1) - 1).clamp(min=0)[:, None])
     return torch.where(top_p[:, None] >= 1.0, kth, last)[:, 0]
+
+
+def filtered_sample_ref(logits: torch.Tensor, noise: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                        min_p: torch.Tensor) -> torch.Tensor:
+    """The sort-based draw (as engine.sampler.sample_rows makes it): each row's argmax of logits -
+    log(noise) over the tokens top-k, then top-p on what top-k kept (topk_topp_cutoff_ref's cut),
+    then min-p of the largest probability keep."""
+    keep = logits >= topk_topp_cutoff_ref(logits, top_k, top_p)[:, None]
+    probs = torch.softmax(logits.float().masked_fill(~keep, float("-inf")), dim=-1)
+    keep &= probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return torch.where(keep, logits.float() - noise.log(), float("-inf")).argmax(dim=-1)

@@ -392,10 +392,13 @@ run_attnbw() {
     --json "$out/attnbw_8b.json" 2>&1 | grep -v -i warn
 }
 
-# A sampled step's filters: sample_rows' sort against kernels/sampling_cutoff.py's search, and the
-# cascade-decode sweep (where the shared-prefix path pays) at GPT-2's shape.
+# A sampled step's filters: sample_rows' sort against kernels/filtered_sampling.py's race (top-p
+# alone, then with top-k), and the cascade-decode sweep (where the shared-prefix path pays) at
+# GPT-2's shape.
 run_sampling() {
-  timeout 200 python3 scripts/sampling_cutoff_bench.py 2>&1 | grep -v -i warn | tee "$out/sampling_cutoff.log"
+  timeout 150 python3 scripts/filtered_sampling_bench.py 2>&1 | grep -v -i warn | tee "$out/filtered_sampling.log"
+  timeout 100 python3 scripts/filtered_sampling_bench.py --top-k 50 --scale 4 2>&1 | grep -v -i warn \
+    | tee "$out/filtered_sampling_topk.log"
   timeout 150 python3 scripts/decode_attention_bw.py --shape gpt2 --sweep --context 64 --json "$out/cascade_sweep.json" \
     2>&1 | grep -v -i warn
 }

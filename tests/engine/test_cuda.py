@@ -76,23 +76,26 @@ def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, mo
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_filter_cutoff_is_decided_per_batch_size_and_samples_like_the_sort():
-    """The sampling graphs' top-k/top-p cut, measured once at capture (engine.sampler.filter_cutoff):
-    a choice for every batch size, and whichever it is, rows whose filters leave one token take the
-    argmax and a top-k 5 row stays in its top 5."""
-    from engine.sampler import filter_cutoff, sample_rows
+def test_filtered_sampler_is_decided_per_batch_size_and_samples_like_the_sort():
+    """How the sampling graphs draw filtered rows, measured once at capture
+    (engine.sampler.filtered_sampler): a choice for every batch size, and whichever it is, rows
+    whose filters leave one token take the argmax, a top-k 5 row stays in its top 5, and the
+    sampling kernel draws the sort's tokens."""
+    from engine.sampler import filtered_sampler, sample_rows
 
     sizes, vocab = [1, 4, 16, 64, 256], 50257
-    choice = filter_cutoff(torch.device("cuda"), vocab, sizes)
+    choice = filtered_sampler(torch.device("cuda"), vocab, sizes)
     assert set(choice) == set(sizes)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, cutoff in choice.items():
+    for n, kernel in choice.items():
         logits = torch.randn(n, vocab, device="cuda", generator=gen) * 3
         top_k = torch.tensor([1, 5, vocab, vocab] * (n // 4 + 1), device="cuda")[:n]
         top_p = torch.tensor([1.0, 1.0, 1e-6, 0.9] * (n // 4 + 1), device="cuda")[:n]
         noise = torch.empty_like(logits).exponential_(generator=gen)
         ones, greedy = torch.ones(n, device="cuda"), torch.zeros(n, dtype=torch.bool, device="cuda")
-        got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, cutoff)
+        got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, kernel)
+        if kernel is not None:
+            assert int((got != sample_rows(logits, greedy, ones, top_k, top_p, None, noise)).sum()) <= n // 64
         single = (top_k == 1) | (top_p < 1e-3)
         assert torch.equal(got[single], logits.argmax(dim=-1)[single])
         top5 = logits.topk(5, dim=-1).indices

@@ -371,7 +371,7 @@ def test_the_sampling_graphs_take_each_rows_parameters():
 
     vocab, bs = 1000, 8
     fake = SimpleNamespace(runner=SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab)),
-                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), filter_cutoff={})
+                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), filtered_sampler={})
     fake._filtered = lambda ps: CudaGraphDecoder._filtered(fake, ps)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1),
               SamplingParams(temperature=1.3, top_p=1e-6), SamplingParams(temperature=0.9, top_k=5, min_p=0.2)]
@@ -381,12 +381,12 @@ def test_the_sampling_graphs_take_each_rows_parameters():
                          [0, 0, 0, 0.2, 0, 0, 0, 0]], dtype=torch.float32)
     assert torch.allclose(fake.row_params, want)
     logits = torch.randn(bs, vocab, generator=torch.Generator().manual_seed(0)) * 3
-    cutoffs = [{}]  # the sort; and, where Triton kernels run (the interpreter here), the search
+    samplers = [{}]  # the sort; and, where Triton kernels run (the interpreter here), the sampling kernel
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from kernels.sampling_cutoff import topk_topp_cutoff
+        from kernels.filtered_sampling import filtered_sample
 
-        cutoffs.append({bs: topk_topp_cutoff})
-    for fake.filter_cutoff in cutoffs:
+        samplers.append({bs: filtered_sample})
+    for fake.filtered_sampler in samplers:
         for _ in range(5):
             got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
             assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])

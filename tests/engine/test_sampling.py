@@ -101,36 +101,37 @@ def test_seeded_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.04)
 
 
-CUTOFFS = ["sort"] + (["search"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+SAMPLERS = ["sort"] + (["kernel"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
-@pytest.mark.parametrize("cutoff", CUTOFFS)
-def test_top_p_cuts_the_distribution_top_k_left(cutoff):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_top_p_cuts_the_distribution_top_k_left(sampler):
     """Top-k first, then top-p on the renormalised rest (as HF and vLLM order them), from one sort
-    or from kernels.sampling_cutoff's search (what the sampling graphs may take instead): of 0.4 /
-    0.3 / 0.2 / 0.1, top-k 3 leaves 0.44 / 0.33 / 0.22, whose first two reach top-p 0.75 (on the
-    raw probabilities the first three would); min-p 0.8 then drops the second."""
+    or from kernels.filtered_sampling's race (what the sampling graphs may take instead, checked
+    here draw for draw against the sort on the same noise, over fewer rows: the interpreter is
+    slow): of 0.4 / 0.3 / 0.2 / 0.1, top-k 3 leaves 0.44 / 0.33 / 0.22, whose first two reach top-p
+    0.75 (on the raw probabilities the first three would); min-p 0.8 then drops the second."""
     from engine.sampler import sample_rows
 
-    search = None
-    if cutoff == "search":
-        from kernels.sampling_cutoff import topk_topp_cutoff
-
-        def search(logits, top_k, top_p):  # every row is the same: one row through the interpreter
-            return topk_topp_cutoff(logits[:1], top_k[:1], top_p[:1]).expand(len(logits))
-
-    rows = 4000
+    rows = 4000 if sampler == "sort" else 48
     logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().repeat(rows, 1)
     noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(3))
     greedy, temperature = torch.zeros(rows, dtype=torch.bool), torch.ones(rows)
     top_k, top_p = torch.full((rows,), 3), torch.full((rows,), 0.75)
-    tokens = sample_rows(logits, greedy, temperature, top_k, top_p, None, noise, search)
-    freq = torch.bincount(tokens, minlength=4).float() / rows
+    draws = {"top-k, top-p": (top_k, top_p, None), "and min-p": (top_k, top_p, torch.full((rows,), 0.8)),
+             "top-p alone": (None, top_p, None)}
+    tokens = {name: sample_rows(logits, greedy, temperature, *filters, noise) for name, filters in draws.items()}
+    if sampler == "kernel":
+        from kernels.filtered_sampling import filtered_sample
+
+        for name, filters in draws.items():
+            assert torch.equal(sample_rows(logits, greedy, temperature, *filters, noise, filtered_sample),
+                               tokens[name]), name
+        return
+    freq = torch.bincount(tokens["top-k, top-p"], minlength=4).float() / rows
     assert torch.allclose(freq, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0]), atol=0.04)
-    tokens = sample_rows(logits, greedy, temperature, top_k, top_p, torch.full((rows,), 0.8), noise, search)
-    assert (tokens == 0).all()
-    only_p = sample_rows(logits, greedy, temperature, None, top_p, None, noise, search)  # 0.4 + 0.3 < 0.75
-    assert set(only_p.tolist()) == {0, 1, 2}
+    assert (tokens["and min-p"] == 0).all()
+    assert set(tokens["top-p alone"].tolist()) == {0, 1, 2}  # 0.4 + 0.3 < 0.75
 
 
 def test_bitmask_limits_greedy_and_sampled_rows_and_logprobs_stay_raw():

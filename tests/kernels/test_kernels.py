@@ -16,6 +16,7 @@ import torch
 from kernels.activation import silu_and_mul
 from kernels.decode_step import decode_step_inputs
 from kernels.embedding import embed_add
+from kernels.filtered_sampling import filtered_sample
 from kernels.fp8 import fake_quantize_slices_fp8
 from kernels.kv_cache import write_kv
 from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
@@ -25,9 +26,8 @@ from kernels.prefill_attention import PrefillLaunch, paged_prefill
 from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
                                paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref,
-                               mask_logits_ref, quantize_kv_ref, topk_topp_cutoff_ref)
+                               mask_logits_ref, quantize_kv_ref, filtered_sample_ref)
 from kernels.rotary import rotary_write_kv
-from kernels.sampling_cutoff import topk_topp_cutoff
 from kernels.token_bitmask import mask_logits_
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -417,31 +417,30 @@ def test_mask_logits_matches_reference(device, vocab):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", [3000, 1031])
-def test_topk_topp_cutoff_matches_the_sort(device, vocab):
-    """The radix search's cut equals the sort's: each filter alone and both (top-p on what top-k
-    left), none, top-k 1 and a tiny top-p (the argmax alone); a row with -inf logits (a grammar's
-    mask), one with ties at the cut (all tied logits kept), one whose logits are all negative;
-    rows strided past the vocabulary (logits sliced from a padded matrix)."""
+def test_filtered_sample_draws_the_sorts_token(device, vocab):
+    """The race with rejection draws what the sort-masked argmax draws with the same noise: each
+    filter alone and together (top-p on what top-k left, min-p last), none, top-k 1 and a tiny
+    top-p (the argmax alone); a row with -inf logits (a grammar's mask), one with ties, one whose
+    logits are all negative; rows strided past the vocabulary (sliced from a padded matrix)."""
     gen = torch.Generator().manual_seed(vocab)
-    rows = 10
+    rows = 12
     padded = torch.randn(rows, vocab + 7, generator=gen) * 2
     logits = padded[:, :vocab]
     logits[3, ::3] = float("-inf")
     logits[4] = torch.randint(0, 8, (vocab,), generator=gen).float()  # many ties
     logits[5] = -logits[5].abs() - 1.0
-    top_k = torch.tensor([vocab, 40, vocab, 40, 3, 700, 1, vocab, vocab + 5, 2 * vocab])
-    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3])
-    want = topk_topp_cutoff_ref(logits, top_k, top_p)
-    got = topk_topp_cutoff(logits.to(device), top_k.to(device), top_p.to(device)).cpu()
-    counted = top_p >= 1.0  # top-k alone (or nothing): a count, exact
-    assert torch.equal(got[counted], want[counted]), (got, want)
-    # top-p: the same cut, or (where the mass crosses top_p within float rounding, the kernel and
-    # the sort summing in different orders) the next logit over
-    between = (logits >= torch.minimum(got, want)[:, None]) & (logits < torch.maximum(got, want)[:, None])
-    assert (between.sum(dim=-1) <= 1).all(), (got, want)
-    kept = logits >= got[:, None]
-    assert kept[6].sum() == 1 and kept[7].sum() == 1  # top-k 1, top-p 1e-6: the argmax
-    assert kept[8].all() and kept[1].sum() == 40 and kept[4].sum() > 3  # no cut; k exact; ties kept
+    noise = torch.empty(rows, vocab).exponential_(generator=gen)
+    top_k = torch.tensor([vocab, 40, vocab, 40, 3, 700, 1, vocab, vocab + 5, 2 * vocab, vocab, 25])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3, 1.0, 0.9])
+    min_p = torch.tensor([0.0] * 10 + [0.2, 0.05])
+    want = filtered_sample_ref(logits, noise, top_k, top_p, min_p)
+    got = filtered_sample(logits.to(device), noise.to(device), top_k.to(device), top_p.to(device), min_p.to(device))
+    assert torch.equal(got.cpu(), want), (got, want)
+    # top-k 1 and a tiny top-p leave the argmax alone
+    assert got[6].item() == logits[6].argmax().item() and got[7].item() == logits[7].argmax().item()
+    # no filter: the plain race over the row
+    assert got[8].item() == (logits[8] - noise[8].log()).argmax().item()
+    assert not torch.isinf(logits[3, got[3].item()])
 
 
 LINEAR_CASES = [
