@@ -190,20 +190,34 @@ run_overhead() {
   tar czf "$out/overhead.tgz" -C /tmp overhead
 }
 
-# The seed bench of this tree against another (BASE_TREE, e.g. `git archive <commit>` unpacked and
-# carried), alternating, so both are measured on the same machine in the same call.
+# An extraction-style JSON schema (an array of at least 100 records, so no run ends inside 512
+# tokens): the structured mode's and AB_WORKLOAD=records's.
+records_schema='{"type": "array", "minItems": 100, "items": {"type": "object", "additionalProperties": false,
+  "required": ["name", "age", "email"], "properties": {"name": {"type": "string", "maxLength": 20},
+  "age": {"type": "integer", "minimum": 0, "maximum": 120}, "email": {"type": "string", "maxLength": 40}}}}'
+
+# The seed bench (or AB_WORKLOAD) of this tree against another (BASE_TREE, e.g. `git archive <commit>` unpacked and
+# carried), alternating AB_ROUNDS times (2), so both are measured on the same machine in the same call.
 run_ab() {
   local base root=$PWD
   base=$(cd "${BASE_TREE:?set BASE_TREE to the tree to compare with}" && pwd)
+  # AB_WORKLOAD: seed (default), records (every request held to the records schema, as the
+  # structured mode runs it), records_t1 (the same at temperature 1) or sampled (T 0.8, top-p 0.95).
+  local extra=()
+  case "${AB_WORKLOAD:-seed}" in
+    records) extra=(--guided-json "$records_schema") ;;
+    records_t1) extra=(--guided-json "$records_schema" --temperature 1.0) ;;
+    sampled) extra=(--temperature 0.8 --top-p 0.95) ;;
+  esac
   for model in ${AB_MODELS:-gpt2 smollm2-135m-instruct}; do
     local tok=(); [ $model != gpt2 ] && tok=(--tokenizer "$root/$smol_tok")
-    local trees=("$base" "$root" "$base" "$root")
-    [ "${AB_ROUNDS:-2}" = 1 ] && trees=("$base" "$root")
+    local trees=()
+    for _ in $(seq "${AB_ROUNDS:-2}"); do trees+=("$base" "$root"); done  # alternating: the host drifts
     for tree in "${trees[@]}"; do
       local tag=new; [ "$tree" = "$base" ] && tag=base
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m server.cli bench --hf-model-id $model \
-        "${tok[@]}" "${seed_bench[@]}" 2>&1) | grep -E "Throughput\(completion,decode\)|TPOT|GPU busy" \
-        | sed "s/^/[$model $tag] /" | tee -a "$out/ab.log"
+        "${tok[@]}" "${seed_bench[@]}" "${extra[@]}" 2>&1) | grep -E "Throughput\(completion,decode\)|TPOT|GPU busy" \
+        | sed "s/^/[$model ${AB_WORKLOAD:-seed} $tag] /" | tee -a "$out/ab.log"
     done
   done
 }
@@ -303,9 +317,7 @@ run_structured() {
   # records, an extraction-style array of objects (xgrammar fills a row in ~3 us on one core), and
   # a bounded integer array with minItems 600, xgrammar's slow case (~50-150 us a row: the range
   # inside a long repetition).
-  local records='{"type": "array", "minItems": 100, "items": {"type": "object", "additionalProperties": false,
-    "required": ["name", "age", "email"], "properties": {"name": {"type": "string", "maxLength": 20},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120}, "email": {"type": "string", "maxLength": 40}}}}'
+  local records=$records_schema
   local int600='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
   for tag in free records records_t1 int600; do  # records_t1: sampled at temperature 1 (the API's default)
     local extra=()
