@@ -104,7 +104,7 @@ def _filtered_sample_kernel(logits_ptr, noise_ptr, top_k_ptr, top_p_ptr, min_p_p
     # find the winner among those above it, the next candidate if this one is rejected.
     cand = tl.load(row_ptr + best_idx)
     cand_idx = best_idx
-    rejected = tl.full([], 1, tl.int1)
+    rejected = (k < vocab) | (top_p < 1.0) | (min_p > 0.0)  # a row without filters keeps its winner
     while rejected:
         above = tl.zeros([], tl.float32)
         mass = tl.zeros([], tl.float32)
