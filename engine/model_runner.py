@@ -22,8 +22,8 @@ from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_toke
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import Fp8Linear, configure_decode_kernels
 from engine.parallel import TensorParallel
-from engine.sampler import (SamplerOutput, SamplingBatch, filtered_sampler, filters_in_use, row_sampling_values, sample,
-                            sample_rows)
+from engine.sampler import (SamplerOutput, SamplingBatch, filters_in_use, row_sampling_values, sample,
+                            sample_rows, sampling_kernels)
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -750,11 +750,11 @@ class CudaGraphDecoder:
         # serve every step (a step before another, a run's last step) rather than one per step
         # index, which had made the capture of the 8B's graphs seconds longer.
         self.sample_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
-        # How the sampling graphs draw rows with top-k, top-p or min-p at each batch size: the
-        # sort or the sampling kernel, measured here once (engine.sampler.filtered_sampler).
-        self.filtered_sampler: dict[int, object] = {}
+        # How the sampling graphs draw at each batch size, filtered or not: torch's sort and
+        # softmax or the sampling kernel, measured here once (engine.sampler.sampling_kernels).
+        self.sampling_kernel: dict[tuple[int, bool], object] = {}
         if self.multi_steps > 1 and self.step_inputs_kernel is not None:
-            self.filtered_sampler = filtered_sampler(dev, runner.model_config.vocab_size, self.batch_sizes)
+            self.sampling_kernel = sampling_kernels(dev, runner.model_config.vocab_size, self.batch_sizes)
             self.row_params = torch.ones(5, max_bs, dtype=torch.float32, device=dev)
             self.row_params_host = torch.ones(5, max_bs, dtype=torch.float32, pin_memory=True)
             self.sampled_tokens = torch.zeros(self.multi_steps, max_bs, dtype=torch.int64, device=dev)
@@ -897,7 +897,8 @@ class CudaGraphDecoder:
         params = self.row_params[:, :bs]
         noise = torch.empty_like(logits).exponential_()
         top_k, top_p, min_p = (params[2].long(), params[3], params[4]) if sampling else (None, None, None)
-        return sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise, self.filtered_sampler.get(bs))
+        return sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise,
+                           self.sampling_kernel.get((bs, sampling)))
 
     def _masked_step_body(self, bs: int, next_inputs: bool, sampling: bool | None) -> None:
         """The decode graph's logits masked by `grammar_bitmask`, their token (_pick_tokens) into

@@ -201,11 +201,11 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     each filter skipped when None (top_k = vocab, top_p >= 1 and min_p = 0 keep every token). The
     draw is argmax(probs / noise) with `noise` ~ Exp(1), [rows, vocab]. Fixed shapes and no host
     decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs). `kernel`
-    (kernels.filtered_sampling.filtered_sample, where `filtered_sampler` chose it) draws the
-    filtered rows' tokens without a sort, the same ones (it keeps every logit tied with the last
-    one kept)."""
+    (kernels.filtered_sampling.filtered_sample, where `sampling_kernels` chose it) draws the rows'
+    tokens without a sort or a softmax, the same ones (it keeps every logit tied with the last one
+    a filter keeps)."""
     logits = logits / temperature[:, None]
-    if kernel is not None and (top_k is not None or top_p is not None or min_p is not None):
+    if kernel is not None:
         rows, vocab = logits.shape
         full = partial(torch.full, (rows,), device=logits.device)
         sampled = kernel(logits, noise, full(vocab, dtype=torch.int64) if top_k is None else top_k,
@@ -232,36 +232,40 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
-def filtered_sampler(device: torch.device, vocab: int, rows: list[int]) -> dict[int, Callable | None]:
-    """For each batch size in `rows`, how captured sampling graphs draw rows with top-k, top-p or
-    min-p there, decided once at capture by measuring on this device: kernels.filtered_sampling's
-    race where it draws the sort's tokens on random logits (but for a row in 64: where the mass
-    crosses top_p within float rounding, the two summing in different orders) and runs faster than
-    sample_rows' sort, else None (the sort). A few sizes are timed (the smallest, the largest, two
-    between); each size takes the decision of the nearest timed one."""
+def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[tuple[int, bool], Callable | None]:
+    """For each batch size in `rows` and each variant of the sampling graphs (filtered: rows with
+    top-k, top-p or min-p, timed at top-p 0.95; or temperature only), how they draw: with
+    kernels.filtered_sampling's race where it draws sample_rows' own tokens on random logits (but
+    for a row in 64: where the mass crosses top_p within float rounding, the two summing in
+    different orders) and runs faster, else None (sample_rows' sort and softmax). Decided once at
+    capture by measuring in CUDA graphs on this device, at a few sizes (the smallest, the largest,
+    two between); each size takes the decision of the nearest timed one."""
     from kernels.filtered_sampling import filtered_sample
     from kernels.tune import graph_us_per_call
 
     timed = sorted({rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]})
-    faster: dict[int, bool] = {}
+    faster: dict[tuple[int, bool], bool] = {}
     for n in timed:
         gen = torch.Generator(device=device).manual_seed(n)
         logits = torch.randn(n, vocab, device=device, generator=gen) * 4
-        top_p = torch.full((n,), 0.95, device=device)
         ones, greedy = torch.ones(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
         noise = torch.empty_like(logits).exponential_(generator=gen)
-        draws = [partial(sample_rows, logits, greedy, ones, None, top_p, None, noise, kernel)
-                 for kernel in (None, filtered_sample)]
-        try:
-            want, got = (draw() for draw in draws)
-            agrees = int((got != want).sum()) <= n // 64
-        except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep the sort
-            logger.warning("sampling filters: the sampling kernel failed (%s); sorting", exc)
-            return {b: None for b in rows}
-        if not agrees:
-            logger.warning("sampling filters: the sampling kernel disagrees with the sort at batch %d; sorting", n)
-            return {b: None for b in rows}
-        sort_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
-        faster[n] = kernel_us < sort_us
-        logger.info("sampling filters at batch %d x %d: sort %.0f us, sampling kernel %.0f us", n, vocab, sort_us, kernel_us)
-    return {b: filtered_sample if faster[min(timed, key=lambda t: abs(t - b))] else None for b in rows}
+        for filtered in (False, True):
+            top_p = torch.full((n,), 0.95, device=device) if filtered else None
+            draws = [partial(sample_rows, logits, greedy, ones, None, top_p, None, noise, kernel)
+                     for kernel in (None, filtered_sample)]
+            try:
+                want, got = (draw() for draw in draws)
+                agrees = int((got != want).sum()) <= n // 64
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep torch's
+                logger.warning("sampling: the sampling kernel failed (%s); sorting", exc)
+                return {(b, f): None for b in rows for f in (False, True)}
+            if not agrees:
+                logger.warning("sampling: the sampling kernel disagrees with torch's draw at batch %d; sorting", n)
+                return {(b, f): None for b in rows for f in (False, True)}
+            torch_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
+            faster[(n, filtered)] = kernel_us < torch_us
+            logger.info("sampling at batch %d x %d%s: torch %.0f us, sampling kernel %.0f us", n, vocab,
+                        ", top-p" if filtered else "", torch_us, kernel_us)
+    return {(b, f): filtered_sample if faster[(min(timed, key=lambda t: abs(t - b)), f)] else None
+            for b in rows for f in (False, True)}

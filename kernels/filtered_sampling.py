@@ -14,9 +14,10 @@ top-k and top-p first find top-k's mass by a radix search for the k-th largest l
 keys a pass); the others never search. Logits tied with the last kept one are all kept (a sort
 keeps the ones it happens to order first).
 
-The CUDA decoder's sampling graphs take it at the batch sizes where it measures faster than the
-sort when they are captured (engine.sampler.filtered_sampler); scripts/filtered_sampling_bench.py
-times the two on the GPU.
+Without filters it is the race alone, one pass over logits and noise (torch's draw takes a
+softmax first). The CUDA decoder's sampling graphs take it, filtered or not, at the batch sizes
+where it measures faster than torch's draw when they are captured (engine.sampler.
+sampling_kernels); scripts/filtered_sampling_bench.py times the two on the GPU.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What a sampled decode step's filters cost on the GPU: engine.sampler.sample_rows as the sampling
 graphs run it (top-k as a tensor, top-p 0.95, temperature 0.8) with its sort, against the same draw
 by kernels.filtered_sampling (an exponential race with rejection per row, no sort), in CUDA graphs;
-and whether the two draw the same tokens. Logits are random (scaled by --scale: larger is more
+and whether the two draw the same tokens; then the same for temperature alone (torch's softmax
+and division against the kernel's race). Logits are random (scaled by --scale: larger is more
 peaked, as a trained model's are). (The CUDA decoder makes the same measurement at capture:
-engine.sampler.filtered_sampler.)
+engine.sampler.sampling_kernels.)
 
     python scripts/filtered_sampling_bench.py                # GPT-2's vocabulary and Llama 3's, batch 64 and 256
     python scripts/filtered_sampling_bench.py --top-k 50     # both filters: the kernel also searches for the k-th logit
@@ -43,9 +44,15 @@ def main() -> None:
             sort_us, kernel_us = (graph_us_per_call([draw]) for draw in draws)
             alone_us = graph_us_per_call([lambda: filtered_sample(logits, noise, top_k, top_p, min_p)])
             a, b = (draw() for draw in draws)
+            plain = [lambda k=k: sample_rows(logits, greedy, temperature, None, None, None, noise, k)
+                     for k in (None, filtered_sample)]
+            softmax_us, race_us = (graph_us_per_call([draw]) for draw in plain)
+            c, d = (draw() for draw in plain)
             print(f"{rows} x {vocab}, logits x{scale:g}: sample_rows (sort) {sort_us:.1f} us, with the sampling kernel "
                   f"{kernel_us:.1f} us ({kernel_us / sort_us:.2f}x; the kernel alone {alone_us:.1f} us); same tokens in "
-                  f"{(a == b).float().mean().item():.1%} of rows", flush=True)
+                  f"{(a == b).float().mean().item():.1%} of rows; temperature alone {softmax_us:.1f} us against "
+                  f"{race_us:.1f} us ({race_us / softmax_us:.2f}x, same tokens in {(c == d).float().mean().item():.1%})",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -76,23 +76,27 @@ def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, mo
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_filtered_sampler_is_decided_per_batch_size_and_samples_like_the_sort():
-    """How the sampling graphs draw filtered rows, measured once at capture
-    (engine.sampler.filtered_sampler): a choice for every batch size, and whichever it is, rows
-    whose filters leave one token take the argmax, a top-k 5 row stays in its top 5, and the
-    sampling kernel draws the sort's tokens."""
-    from engine.sampler import filtered_sampler, sample_rows
+def test_sampling_kernels_are_decided_per_batch_size_and_sample_like_torch():
+    """How the sampling graphs draw, measured once at capture (engine.sampler.sampling_kernels): a
+    choice for every batch size and variant, and whichever it is, rows whose filters leave one
+    token take the argmax, a top-k 5 row stays in its top 5, and the sampling kernel draws torch's
+    tokens (filtered or not)."""
+    from engine.sampler import sample_rows, sampling_kernels
 
     sizes, vocab = [1, 4, 16, 64, 256], 50257
-    choice = filtered_sampler(torch.device("cuda"), vocab, sizes)
-    assert set(choice) == set(sizes)
+    choice = sampling_kernels(torch.device("cuda"), vocab, sizes)
+    assert set(choice) == {(n, f) for n in sizes for f in (False, True)}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, kernel in choice.items():
+    for (n, filtered), kernel in choice.items():
         logits = torch.randn(n, vocab, device="cuda", generator=gen) * 3
         top_k = torch.tensor([1, 5, vocab, vocab] * (n // 4 + 1), device="cuda")[:n]
         top_p = torch.tensor([1.0, 1.0, 1e-6, 0.9] * (n // 4 + 1), device="cuda")[:n]
         noise = torch.empty_like(logits).exponential_(generator=gen)
         ones, greedy = torch.ones(n, device="cuda"), torch.zeros(n, dtype=torch.bool, device="cuda")
+        if not filtered:
+            got = sample_rows(logits, greedy, ones, None, None, None, noise, kernel)
+            assert int((got != (logits - noise.log()).argmax(dim=-1)).sum()) <= n // 64
+            continue
         got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, kernel)
         if kernel is not None:
             assert int((got != sample_rows(logits, greedy, ones, top_k, top_p, None, noise)).sum()) <= n // 64

@@ -371,7 +371,7 @@ def test_the_sampling_graphs_take_each_rows_parameters():
 
     vocab, bs = 1000, 8
     fake = SimpleNamespace(runner=SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab)),
-                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), filtered_sampler={})
+                           row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), sampling_kernel={})
     fake._filtered = lambda ps: CudaGraphDecoder._filtered(fake, ps)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1),
               SamplingParams(temperature=1.3, top_p=1e-6), SamplingParams(temperature=0.9, top_k=5, min_p=0.2)]
@@ -385,15 +385,17 @@ def test_the_sampling_graphs_take_each_rows_parameters():
     if os.environ.get("TRITON_INTERPRET") == "1":
         from kernels.filtered_sampling import filtered_sample
 
-        samplers.append({bs: filtered_sample})
-    for fake.filtered_sampler in samplers:
+        samplers.append({(bs, True): filtered_sample, (bs, False): filtered_sample})
+    for fake.sampling_kernel in samplers:
+        assert CudaGraphDecoder.set_row_params(fake, params) is True
         for _ in range(5):
             got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
             assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])
             assert int(got[3]) in logits[3].topk(5).indices.tolist()
-    assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) is False
-    plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, False)
-    assert torch.equal(plain[1:], logits.argmax(dim=-1)[1:])
+        # temperature only: the greedy row (and the greedy padding) take the argmax
+        assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) is False
+        plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, False)
+        assert torch.equal(plain[1:], logits.argmax(dim=-1)[1:])
 
 
 def test_a_decode_runs_inputs_are_staged_for_every_step_at_once(tiny_llama_dir):
