@@ -412,6 +412,13 @@ class ModelRunner:
             generators=[self._generator(s) for s in seqs],
             eos_token_ids=self.model_config.eos_token_ids,
         )
+        if self.graphs is not None and self.graphs.sampling_kernel:
+            # Eager steps (seeded rows, a prompt's first token) draw as the sampling graphs of the
+            # nearest captured batch size do.
+            graphs, n = self.graphs, len(seqs)
+            size = graphs.padded_size(n) if graphs.fits(n) else graphs.batch_sizes[-1]
+            filtered = any(filters_in_use(params, self.model_config.vocab_size))
+            batch.kernel = graphs.sampling_kernel.get((size, filtered))
         if any(p.uses_penalties or p.min_tokens for p in params):
             batch.prompt_token_ids = [s.prompt_token_ids for s in seqs]
             batch.output_token_ids = [s.output_token_ids for s in seqs]

@@ -32,6 +32,9 @@ class SamplingBatch:
     # Constrained rows (engine/structured_output.py): one bit per token, 1 = allowed; rows of
     # the batch without a constraint are all ones. [rows, ceil(vocab / 32)] int32 on the host.
     allowed_token_bitmask: torch.Tensor | None = None
+    # How sampled rows are drawn where the CUDA decoder measured kernels.filtered_sampling's race
+    # faster than torch's draw at this batch size (sample_rows' `kernel`); None: torch's.
+    kernel: Callable | None = None
     # Per-row values already on the device (row_values), kept for the batch's later steps: a
     # multi-step run samples the same batch every step.
     _on_device: dict = field(default_factory=dict, repr=False)
@@ -173,7 +176,7 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         for i, g in enumerate(batch.generators):
             if g is not None:
                 noise[i].exponential_(generator=g)
-    return sample_rows(logits, greedy_rows, temperature, top_k, top_p, min_p, noise)
+    return sample_rows(logits, greedy_rows, temperature, top_k, top_p, min_p, noise, batch.kernel)
 
 
 def row_sampling_values(params: list[SamplingParams], vocab: int) -> dict[str, list]:

@@ -54,6 +54,7 @@ class EagerGraphDecoder:
     # CUDA; the steps below compute eagerly what those graphs compute.
     grammar_graphs = {"eager": None}
     samples_in_graphs = True  # sampled runs are pipelined too (launch_sampled_steps)
+    sampling_kernel: dict = {}  # torch's draw everywhere (sampling_kernels measures none here)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]

@@ -134,6 +134,42 @@ def test_top_p_cuts_the_distribution_top_k_left(sampler):
     assert set(tokens["top-p alone"].tolist()) == {0, 1, 2}  # 0.4 + 0.3 < 0.75
 
 
+def test_eager_steps_draw_as_the_sampling_graphs_of_their_size_decided():
+    """A runner with CUDA graphs hands eager steps (seeded rows, a prompt's first token) the draw
+    its sampling graphs measured fastest at the nearest captured batch size, for the batch's
+    variant (filtered or not); with the sampling kernel (where Triton runs: the interpreter here),
+    seeded rows draw the tokens torch's sort draws."""
+    from types import SimpleNamespace
+
+    from engine.model_runner import ModelRunner
+
+    filtered_kernel, plain_kernel = object(), object()
+    graphs = SimpleNamespace(sampling_kernel={(4, True): filtered_kernel, (4, False): plain_kernel, (8, True): None,
+                                              (8, False): None},
+                             batch_sizes=[4, 8], fits=lambda n: n <= 8, padded_size=lambda n: 4 if n <= 4 else 8)
+    runner = SimpleNamespace(graphs=graphs, model_config=SimpleNamespace(vocab_size=100, eos_token_ids=(0,)),
+                             _generator=lambda seq: None)
+    top_p, plain = SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7)
+
+    def kernel_for(params: list[SamplingParams]):
+        return ModelRunner.sampling_batch(runner, [SimpleNamespace(params=p) for p in params]).kernel
+
+    assert kernel_for([top_p, plain, plain]) is filtered_kernel and kernel_for([plain] * 3) is plain_kernel
+    assert kernel_for([top_p] * 6) is None and kernel_for([top_p] * 20) is None  # past the largest: its decision
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from kernels.filtered_sampling import filtered_sample
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=i) for i in range(3)] + \
+             [SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=i) for i in range(3)]
+    draws = []
+    for kernel in (None, filtered_sample):
+        batch = SamplingBatch(params, [torch.Generator().manual_seed(p.seed) for p in params], kernel=kernel)
+        draws.append(sample(logits, batch).token_ids)
+    assert torch.equal(draws[0], draws[1])
+
+
 def test_bitmask_limits_greedy_and_sampled_rows_and_logprobs_stay_raw():
     """Token t allowed where bit t % 32 of word t // 32 is set. Greedy takes the best allowed
     token, sampled rows draw only allowed ones, a row of all ones is untouched, and log-
