@@ -14,8 +14,11 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ROSEINFER_AVX2 1
 #endif
 
 namespace roseinfer_cpu {
@@ -71,6 +74,37 @@ inline void block_weights(const uint8_t* blk, bool q4_1, __m512& lo, __m512& hi)
 }
 #endif
 
+#if defined(ROSEINFER_AVX2)
+// AVX2 machines (no AVX-512): one block's 32 weights as four vectors of 8, exactly as above.
+// Without this path they took the scalar loop, and the blocks measured 0.3x dense float32 there.
+inline void block_weights_avx2(const uint8_t* blk, bool q4_1, __m256 w[4]) {
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+  if (q4_1) {
+    const __m256 m = _mm256_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+  } else {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), d);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), d);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), d);
+  }
+}
+
+inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+#endif
+
 // One block's 32 weights into out[0..31] (the portable path and the dequantiser).
 inline void block_weights_scalar(const uint8_t* blk, bool q4_1, float* out) {
   const float d = half_to_float(load_u16(blk));
@@ -111,6 +145,26 @@ void gemm_rows(const float* x, int64_t k, const uint8_t* w, int64_t n, bool q4_1
         }
       }
       for (int r = 0; r < kRows; ++r) y[r * n + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
+#elif defined(ROSEINFER_AVX2)
+      // Independent accumulator chains per row, as many as the 16 vector registers allow next to
+      // the block's four weight vectors (one row alone would wait on each FMA's latency).
+      constexpr int kAcc = kRows == 1 ? 4 : (kRows <= 2 ? 2 : 1);
+      __m256 acc[kRows][kAcc];
+      for (int r = 0; r < kRows; ++r)
+        for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256 w8[4];
+        block_weights_avx2(row + b * block_bytes, q4_1, w8);
+        const float* xb = x + b * kBlock;
+        for (int r = 0; r < kRows; ++r)
+          for (int j = 0; j < 4; ++j)
+            acc[r][j % kAcc] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + r * k + 8 * j), w8[j], acc[r][j % kAcc]);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        __m256 sum = acc[r][0];
+        for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+        y[r * n + o] = hsum_avx2(sum);
+      }
 #else
       float acc[kRows] = {0.f};
       float wts[kBlock];
