@@ -14,9 +14,10 @@ from kernels.cpu_build import extension
 
 BLOCK = 32
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
-# Where dequantise + sgemm starts to win, measured on this 2-core AVX-512 box: a 3072x576 Q4_1
-# projection took 7.1 against 7.7 ms at 256 rows, 14.0 against 11.9 ms at 512.
-MAX_KERNEL_ROWS = 256
+# Where dequantise + sgemm starts to win over the block kernel, a 3072x576 Q4_1 projection on two
+# cores: with AVX-512, 7.1 against 7.7 ms at 256 rows and 14.0 against 11.9 ms at 512; with AVX2
+# only (multiply-adds half as wide), 9.7 against 10.0 ms at 128 rows and 19.7 against 14.3 at 256.
+MAX_KERNEL_ROWS = 256 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 128
 
 
 def row_bytes(k: int, scheme: str) -> int:
