@@ -1008,10 +1008,7 @@ class CudaGraphDecoder:
             self.cascade_run = filtered is None and bs in self.cascade_graphs and self._stage_shared_prefix(seqs, row_ids)
         started = torch.cuda.Event(enable_timing=True)
         started.record()
-        buffer = self.next_host_buffer
-        self.next_host_buffer ^= 1
-        tables = rows.gather(row_ids, rows.table.shape[1], out=self.host_tables[buffer][:n])
-        self.block_tables[:n].copy_(tables, non_blocking=True)
+        buffer = self._upload_block_tables(row_ids, rows.table.shape[1])
         if filtered is None and self.cascade_run:
             self.cascade_graphs[bs].replay()
             tokens = self.cascade_tokens[bs]
@@ -1033,6 +1030,18 @@ class CudaGraphDecoder:
         done = torch.cuda.Event(enable_timing=True)
         done.record()
         return PendingTokens(host, started, done)
+
+    def _upload_block_tables(self, row_ids: torch.Tensor, num_blocks: int) -> int:
+        """The first `num_blocks` entries of rows `row_ids` into `block_tables`, through the next of
+        the two pinned host buffers (a pageable upload would wait for the run in flight); returns
+        that buffer's index (a run reads its tokens back into the `host_tokens` of the same one)."""
+        buffer = self.next_host_buffer
+        self.next_host_buffer ^= 1
+        n = row_ids.shape[0]
+        tables = self.host_tables[buffer].view(-1)[: n * num_blocks].view(n, num_blocks)
+        self.runner.block_rows.gather(row_ids, num_blocks, out=tables)
+        self.block_tables[:n, :num_blocks].copy_(tables, non_blocking=True)
+        return buffer
 
     def _stage_shared_prefix(self, seqs: list[Sequence], row_ids: torch.Tensor) -> bool:
         """Whether a greedy run's rows share enough of a prompt prefix for the cascade graphs; if
@@ -1087,12 +1096,7 @@ class CudaGraphDecoder:
         self.seq_lens[:bs].copy_(dev_staging[3])
         if offset == 0:
             max_blocks = (int(self.staging_np[num_steps - 1, 3, :n].max()) - 1) // self.runner.block_size + 1
-            # Through a pinned buffer (pageable memory would hold the host until the device caught up).
-            buffer = self.next_host_buffer
-            self.next_host_buffer ^= 1
-            tables = self.host_tables[buffer].view(-1)[: n * max_blocks].view(n, max_blocks)
-            self.runner.block_rows.gather(self.runner._block_table_row_ids(seqs), max_blocks, out=tables)
-            self.block_tables[:n, :max_blocks].copy_(tables, non_blocking=True)
+            self._upload_block_tables(self.runner._block_table_row_ids(seqs), max_blocks)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 
