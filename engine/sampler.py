@@ -247,6 +247,7 @@ def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[
     from kernels.tune import graph_us_per_call
 
     timed = sorted({rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]})
+    torch_everywhere: dict[tuple[int, bool], Callable | None] = {(b, f): None for b in rows for f in (False, True)}
     faster: dict[tuple[int, bool], bool] = {}
     for n in timed:
         gen = torch.Generator(device=device).manual_seed(n)
@@ -261,11 +262,12 @@ def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[
                 want, got = (draw() for draw in draws)
                 agrees = int((got != want).sum()) <= n // 64
             except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep torch's
-                logger.warning("sampling: the sampling kernel failed (%s); sorting", exc)
-                return {(b, f): None for b in rows for f in (False, True)}
+                logger.warning("sampling: the sampling kernel failed (%s); torch's draw everywhere", exc)
+                return torch_everywhere
             if not agrees:
-                logger.warning("sampling: the sampling kernel disagrees with torch's draw at batch %d; sorting", n)
-                return {(b, f): None for b in rows for f in (False, True)}
+                logger.warning("sampling: the sampling kernel disagrees with torch's draw at batch %d; torch's "
+                               "draw everywhere", n)
+                return torch_everywhere
             torch_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
             faster[(n, filtered)] = kernel_us < torch_us
             logger.info("sampling at batch %d x %d%s: torch %.0f us, sampling kernel %.0f us", n, vocab,

@@ -62,6 +62,16 @@ def _kth_largest_key(row_ptr, vocab, k, BLOCK: tl.constexpr, PIVOTS: tl.constexp
 
 
 @triton.jit
+def _race_update(score, start, best, best_idx):
+    """The race's running winner (its score and index) after a block of scores starting at `start`
+    (the earlier one on ties, as torch's argmax)."""
+    block_best = tl.max(score, axis=0)
+    block_idx = start + tl.argmax(score, axis=0)
+    take = block_best > best
+    return tl.where(take, block_best, best), tl.where(take, block_idx.to(tl.int64), best_idx)
+
+
+@triton.jit
 def _filtered_sample_kernel(logits_ptr, noise_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, vocab,
                             stride_logits, stride_noise,
                             BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PASSES: tl.constexpr):
@@ -86,12 +96,7 @@ def _filtered_sample_kernel(logits_ptr, noise_ptr, top_k_ptr, top_p_ptr, min_p_p
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
-        score = x - tl.log(e)
-        block_best = tl.max(score, axis=0)
-        block_idx = start + tl.argmax(score, axis=0)
-        take = block_best > best
-        best_idx = tl.where(take, block_idx.to(tl.int64), best_idx)
-        best = tl.where(take, block_best, best)
+        best, best_idx = _race_update(x - tl.log(e), start, best, best_idx)
     # top-p's denominator: the mass top-k keeps (all of it without top-k).
     z_kept = z
     if (k < vocab) & (top_p < 1.0):
@@ -119,12 +124,7 @@ def _filtered_sample_kernel(logits_ptr, noise_ptr, top_k_ptr, top_p_ptr, min_p_p
             higher = valid & (x > cand)
             above += tl.sum(higher.to(tl.float32), axis=0)
             mass += tl.sum(tl.where(higher, tl.exp(x - m), 0.0), axis=0)
-            score = tl.where(higher, x - tl.log(e), float("-inf"))
-            block_best = tl.max(score, axis=0)
-            block_idx = start + tl.argmax(score, axis=0)
-            take = block_best > nxt
-            nxt_idx = tl.where(take, block_idx.to(tl.int64), nxt_idx)
-            nxt = tl.where(take, block_best, nxt)
+            nxt, nxt_idx = _race_update(tl.where(higher, x - tl.log(e), float("-inf")), start, nxt, nxt_idx)
         rejected = (above >= k) | (mass >= top_p * z_kept) | (tl.exp(cand - m) < min_p)
         cand_idx = tl.where(rejected, nxt_idx, cand_idx)
         cand = tl.load(row_ptr + cand_idx)
