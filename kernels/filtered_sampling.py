@@ -10,8 +10,9 @@ lies above already fills the quota), so the race goes on among the logits above 
 noise: the result is the masked argmax's token, exactly. Each round is one pass over the row
 (L2-resident) that measures the current winner and finds the next one in case it is rejected;
 the row's largest logit is always kept, so the rounds end, usually after a few. Rows with both
-top-k and top-p first find top-k's mass by a radix search for the k-th largest logit (sixteen
-keys a pass); the others never search. Logits tied with the last kept one are all kept (a sort
+top-k and top-p first find top-k's mass by a search for the k-th largest logit (sixteen keys a
+pass, from a bracket below the largest logit, until exactly k are above the cut); the others never
+search. Logits tied with the last kept one are all kept (a sort
 keeps the ones it happens to order first).
 
 Without filters it is the race alone, one pass over logits and noise (torch's draw takes a
@@ -28,7 +29,7 @@ import triton.language as tl
 
 BLOCK = 1024  # logits a program reads per iteration
 PIVOTS = 16  # keys tested per pass of the k-th largest search: the range shrinks 16-fold a pass
-PASSES = 9  # 16^8 covers the 2^32 keys; one pass more costs nothing once the range is a single key
+PASSES = 9  # at most, after the bracket: 16^8 covers the 2^32 keys
 
 
 @triton.jit
@@ -39,25 +40,46 @@ def _keys(x):
 
 
 @triton.jit
-def _kth_largest_key(row_ptr, vocab, k, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PASSES: tl.constexpr):
-    """The largest key K that at least k of the row's logits reach (the k-th largest logit's key)."""
-    lo = tl.full([], -(2**31), tl.int64)
-    hi = tl.full([], 2**31, tl.int64)
-    j = tl.arange(0, PIVOTS).to(tl.int64)
-    for _ in range(PASSES):
+def _count_at_pivots(row_ptr, vocab, pivots, BLOCK: tl.constexpr):
+    """How many of the row's logits have keys at or above each pivot key [PIVOTS] (as float32)."""
+    count = tl.zeros(pivots.shape, tl.float32)
+    for start in range(0, vocab, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + t, mask=t < vocab, other=float("-inf"))
+        reach = (t < vocab)[:, None] & (_keys(x).to(tl.int64)[:, None] >= pivots[None, :])
+        count += tl.sum(reach.to(tl.float32), axis=0)
+    return count
+
+
+@triton.jit
+def _kth_largest_key(row_ptr, vocab, k, m, PIVOTS: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr):
+    """A key K such that the logits with keys >= K are exactly the k largest (or, where the k-th
+    largest is tied, those and its ties). The first pass brackets the k-th largest among values
+    spaced geometrically below the row's largest logit m (m - (2^(j/2) - 1), up to m - 180), so
+    for a small k the search starts within a narrow range; each further pass splits the bracket
+    PIVOTS ways and the search ends as soon as the bracket's low end holds exactly k logits
+    (random logits: two or three passes after the bracket, where a search over all 2^32 keys took
+    eight)."""
+    j = tl.arange(0, PIVOTS)
+    pivots = _keys(m - (tl.exp2(j.to(tl.float32) * 0.5) - 1.0)).to(tl.int64)  # descending
+    count = _count_at_pivots(row_ptr, vocab, pivots, BLOCK)
+    ok = count >= k
+    # lo: the highest pivot at least k logits reach (the lowest key when none does); hi: the
+    # lowest pivot fewer than k reach (pivot 0, m itself, is reached by one logit at least).
+    lo = tl.max(tl.where(ok, pivots, -(2**31)), axis=0)
+    hi = tl.min(tl.where(~ok, pivots, 2**31), axis=0)
+    at_lo = tl.min(tl.where(ok, count, float(vocab)), axis=0)
+    passes = 0
+    while (at_lo != k) & (hi - lo > 1) & (passes < PASSES):
         step = tl.maximum((hi - lo + PIVOTS - 1) // PIVOTS, 1)
-        pivots = lo + j * step
+        pivots = lo + j.to(tl.int64) * step
         in_range = pivots < hi
-        count = tl.zeros([PIVOTS], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            t = start + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + t, mask=t < vocab, other=float("-inf"))
-            key = _keys(x).to(tl.int64)
-            reach = (t < vocab)[:, None] & (key[:, None] >= pivots[None, :])
-            count += tl.sum(reach.to(tl.float32), axis=0)
+        count = _count_at_pivots(row_ptr, vocab, pivots, BLOCK)
         ok = in_range & (count >= k)
         lo = tl.max(tl.where(ok, pivots, lo), axis=0)
         hi = tl.min(tl.where(in_range & ~ok, pivots, hi), axis=0)
+        at_lo = tl.min(tl.where(ok, count, at_lo), axis=0)
+        passes += 1
     return lo
 
 
@@ -100,7 +122,7 @@ def _filtered_sample_kernel(logits_ptr, noise_ptr, top_k_ptr, top_p_ptr, min_p_p
     # top-p's denominator: the mass top-k keeps (all of it without top-k).
     z_kept = z
     if (k < vocab) & (top_p < 1.0):
-        kth = _kth_largest_key(row_ptr, vocab, k.to(tl.float32), BLOCK, PIVOTS, PASSES)
+        kth = _kth_largest_key(row_ptr, vocab, k.to(tl.float32), m, PIVOTS, PASSES, BLOCK)
         z_kept = tl.zeros([], tl.float32)
         for start in range(0, vocab, BLOCK):
             t = start + tl.arange(0, BLOCK)

@@ -423,16 +423,18 @@ def test_filtered_sample_draws_the_sorts_token(device, vocab):
     top-p (the argmax alone); a row with -inf logits (a grammar's mask), one with ties, one whose
     logits are all negative; rows strided past the vocabulary (sliced from a padded matrix)."""
     gen = torch.Generator().manual_seed(vocab)
-    rows = 12
+    rows = 15
     padded = torch.randn(rows, vocab + 7, generator=gen) * 2
     logits = padded[:, :vocab]
     logits[3, ::3] = float("-inf")
     logits[4] = torch.randint(0, 8, (vocab,), generator=gen).float()  # many ties
     logits[5] = -logits[5].abs() - 1.0
+    logits[12] = torch.randint(0, 8, (vocab,), generator=gen).float()  # ties at top-k's cut
+    logits[13] *= 100  # top-k's cut far below the search's first bracket (180 under the largest)
     noise = torch.empty(rows, vocab).exponential_(generator=gen)
-    top_k = torch.tensor([vocab, 40, vocab, 40, 3, 700, 1, vocab, vocab + 5, 2 * vocab, vocab, 25])
-    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3, 1.0, 0.9])
-    min_p = torch.tensor([0.0] * 10 + [0.2, 0.05])
+    top_k = torch.tensor([vocab, 40, vocab, 40, 3, 700, 1, vocab, vocab + 5, 2 * vocab, vocab, 25, 100, vocab // 2, 1])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95, 1.0, 1e-6, 1.0, 0.3, 1.0, 0.9, 0.7, 0.99, 0.5])
+    min_p = torch.tensor([0.0] * 10 + [0.2, 0.05, 0.0, 0.0, 0.0])
     want = filtered_sample_ref(logits, noise, top_k, top_p, min_p)
     got = filtered_sample(logits.to(device), noise.to(device), top_k.to(device), top_p.to(device), min_p.to(device))
     assert torch.equal(got.cpu(), want), (got, want)
@@ -441,6 +443,35 @@ def test_filtered_sample_draws_the_sorts_token(device, vocab):
     # no filter: the plain race over the row
     assert got[8].item() == (logits[8] - noise[8].log()).argmax().item()
     assert not torch.isinf(logits[3, got[3].item()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_filtered_sample_takes_top_p_of_exactly_the_top_k_mass(device):
+    """Top-p's denominator is the mass of exactly the k largest logits: each row's top-p is set a
+    hair under the mass that keeps rank r (so rank r + 1 is dropped, by 1e-5 of the mass), and the
+    noise makes rank r + 1 the race's first winner and rank r its second. A top-k mass off by one
+    logit keeps r + 1. Small k (the search's first bracket), k whose cut lies far below the largest
+    logit (past that bracket), and peaked and flat rows."""
+    vocab = 3000
+    gen = torch.Generator().manual_seed(5)
+    cases = [(5, 1.0), (40, 4.0), (300, 2.0), (1500, 1.0), (2999, 0.5), (200, 1.0)]  # (k, logit scale)
+    logits = torch.stack([torch.randn(vocab, generator=gen) * scale for _, scale in cases])
+    logits[5, 100:] = -250 + torch.randn(vocab - 100, generator=gen) * 50  # the k-th ~300 below the largest
+    top_k = torch.tensor([k for k, _ in cases])
+    noise = torch.ones(len(cases), vocab)
+    top_p = torch.empty(len(cases))
+    expected = []
+    for row, (k, _) in enumerate(cases):
+        values, order = logits[row].sort(descending=True)
+        probs = torch.softmax(values[:k].double(), dim=0)
+        r = min(k - 2, max(1, k // 3))  # a rank inside top-k, whose successor is in it too
+        top_p[row] = probs[: r + 1].sum().item() * (1 - 1e-5)
+        noise[row, order[r + 1]], noise[row, order[r]] = 1e-30, 1e-25
+        expected.append(order[r].item())
+    min_p = torch.zeros(len(cases))
+    assert filtered_sample_ref(logits, noise, top_k, top_p, min_p).tolist() == expected
+    got = filtered_sample(logits.to(device), noise.to(device), top_k.to(device), top_p.to(device), min_p.to(device))
+    assert got.tolist() == expected
 
 
 LINEAR_CASES = [
