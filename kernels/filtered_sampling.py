@@ -68,7 +68,7 @@ def _kth_largest_key(row_ptr, vocab, k, m, PIVOTS: tl.constexpr, PASSES: tl.cons
     # lowest pivot fewer than k reach (pivot 0, m itself, is reached by one logit at least).
     lo = tl.max(tl.where(ok, pivots, -(2**31)), axis=0)
     hi = tl.min(tl.where(~ok, pivots, 2**31), axis=0)
-    at_lo = tl.min(tl.where(ok, count, float(vocab)), axis=0)
+    at_lo = tl.min(tl.where(ok, count, 3.0e38), axis=0)  # (none reached: not exactly k)
     passes = 0
     while (at_lo != k) & (hi - lo > 1) & (passes < PASSES):
         step = tl.maximum((hi - lo + PIVOTS - 1) // PIVOTS, 1)
