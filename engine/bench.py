@@ -62,6 +62,7 @@ def add_bench_parser(sub) -> None:
                    help="sample at this temperature (default greedy; the bench's requests have no seed, so "
                         "they decode in pipelined runs on the sampling graphs)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--mode", choices=["offline", "online", "latency"], default="offline",
                    help="latency: the requests one after another, batch 1 (time to first token, time per token)")
     p.add_argument("--no-stop-on-eos", action="store_true", help="ignore EOS: every request makes max-new-tokens")
@@ -345,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         structured = StructuredOutputSpec.json_schema(text)
         llm.engine.structured.validate(structured)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            ignore_eos=args.no_stop_on_eos, structured_output=structured)
+                            top_k=args.top_k, ignore_eos=args.no_stop_on_eos, structured_output=structured)
     token_prompts = bench_prompts(args, llm.tokenizer, llm.engine.model_config.vocab_size)
     if token_prompts is not None:
         prompts = token_prompts

@@ -7,6 +7,7 @@
 
     python scripts/load_speed.py --model llama-3.1-8b --dir /tmp/ckpt --json out.json
     TRITON_CACHE_DIR=/tmp/fresh python scripts/load_speed.py --ready-only [--no-cascade-attention]   # step 1 alone
+    TRITON_CACHE_DIR=/tmp/fresh python scripts/load_speed.py --ready-only --compile-times   # which kernels compile, how long
 
 The first process on a machine compiles every Triton kernel (a cold cache): run step 1 twice with a
 fresh TRITON_CACHE_DIR to see cold and warm ready times apart.
@@ -58,6 +59,26 @@ def write_checkpoint(llm: LLM, path: str, shard_bytes: int = 5 * 10**9) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
+def time_triton_compiles() -> dict[str, list[float]]:
+    """Seconds of each Triton compile (a cache hit loads from disk: milliseconds), per kernel name,
+    from here on. Kernels bind `triton.compiler.compile` when first launched, so call this first."""
+    import triton.compiler
+
+    times: dict[str, list[float]] = {}
+    compile_kernel = triton.compiler.compile
+
+    def timed(src, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return compile_kernel(src, *args, **kwargs)
+        finally:
+            name = getattr(getattr(src, "fn", None), "__name__", None) or str(getattr(src, "name", src))[:60]
+            times.setdefault(name, []).append(time.perf_counter() - start)
+
+    triton.compiler.compile = timed
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.1-8b")
@@ -67,7 +88,9 @@ def main() -> None:
     p.add_argument("--ready-only", action="store_true", help="only step 1 (the dummy model's ready time)")
     p.add_argument("--no-cascade-attention", dest="cascade_attention", action="store_false",
                    help="without the cascade decode graphs (what capturing them costs)")
+    p.add_argument("--compile-times", action="store_true", help="print each Triton kernel's compiles (count, seconds)")
     args = p.parse_args()
+    compiles = time_triton_compiles() if args.compile_times else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = {"model": args.model, "device": torch.cuda.get_device_name(0)}
 
@@ -77,6 +100,11 @@ def main() -> None:
     report["dummy_ready_s"] = time.monotonic() - t
     print(f"LLM({args.model!r}, load_format='dummy', cascade_attention={args.cascade_attention}) ready in "
           f"{report['dummy_ready_s']:.1f} s", flush=True)
+    if compiles is not None:
+        report["compiles"] = {name: sum(t) for name, t in compiles.items()}
+        print(f"Triton compiles: {sum(map(len, compiles.values()))}, {sum(report['compiles'].values()):.1f} s", flush=True)
+        for name, seconds in sorted(compiles.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {name:40} {len(seconds):4d} x, {sum(seconds):6.2f} s (longest {max(seconds):.2f})", flush=True)
     if args.ready_only:
         return
 
