@@ -22,8 +22,8 @@ from engine.config import LOG_FORMAT, EngineConfig, default_max_num_batched_toke
 from engine.loader import LoadedModel, load_model
 from engine.models.layers import Fp8Linear, configure_decode_kernels
 from engine.parallel import TensorParallel
-from engine.sampler import (SamplerOutput, SamplingBatch, filters_in_use, row_sampling_values, sample,
-                            sample_rows, sampling_kernels)
+from engine.sampler import (PLAIN, SAMPLING_VARIANTS, TOP_K, SamplerOutput, SamplingBatch, row_sampling_values,
+                            sample, sample_rows, sampling_kernels, sampling_variant)
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -417,8 +417,7 @@ class ModelRunner:
             # nearest captured batch size do.
             graphs, n = self.graphs, len(seqs)
             size = graphs.padded_size(n) if graphs.fits(n) else graphs.batch_sizes[-1]
-            filtered = any(filters_in_use(params, self.model_config.vocab_size))
-            batch.kernel = graphs.sampling_kernel.get((size, filtered))
+            batch.kernel = graphs.sampling_kernel.get((size, sampling_variant(params, self.model_config.vocab_size)))
         if any(p.uses_penalties or p.min_tokens for p in params):
             batch.prompt_token_ids = [s.prompt_token_ids for s in seqs]
             batch.output_token_ids = [s.output_token_ids for s in seqs]
@@ -598,7 +597,7 @@ class GrammarRun:
             params = [s.params for s in seqs]
             self.graph_steps = (bool(graphs.grammar_graphs) and not b.needs_processing and b.max_logprobs is None
                                 and runner.graphs_pick_tokens(params))
-            self.sampling: bool | None = None  # None: argmax; else whether top-k/top-p/min-p apply
+            self.sampling: int | None = None  # None: argmax; else the sampling variant (engine.sampler)
             if self.graph_steps and not b.all_greedy:
                 self.sampling = graphs.set_row_params(params)
         if self.graph_steps:
@@ -756,10 +755,10 @@ class CudaGraphDecoder:
         # and the next forward's inputs from `sample_pos`, so two graphs per batch size and variant
         # serve every step (a step before another, a run's last step) rather than one per step
         # index, which had made the capture of the 8B's graphs seconds longer.
-        self.sample_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
-        # How the sampling graphs draw at each batch size, filtered or not: torch's sort and
-        # softmax or the sampling kernel, measured here once (engine.sampler.sampling_kernels).
-        self.sampling_kernel: dict[tuple[int, bool], object] = {}
+        self.sample_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
+        # How the sampling graphs draw at each batch size and variant: torch's sort and softmax or
+        # the sampling kernel, measured here once (engine.sampler.sampling_kernels).
+        self.sampling_kernel: dict[tuple[int, int], object] = {}
         if self.multi_steps > 1 and self.step_inputs_kernel is not None:
             self.sampling_kernel = sampling_kernels(dev, runner.model_config.vocab_size, self.batch_sizes)
             self.row_params = torch.ones(5, max_bs, dtype=torch.float32, device=dev)
@@ -815,14 +814,14 @@ class CudaGraphDecoder:
                         self.cascade_graphs[bs], self.cascade_tokens[bs] = self._warm_and_capture(
                             lambda: self._decode_steps_body(bs, cascade_meta), pool, stream, "cascade")
                     if self.step_inputs_kernel is not None:
-                        for filtered in (False, True):
+                        for variant in SAMPLING_VARIANTS:
                             self.sample_step.zero_()  # each warm run of a step before another advances it
-                            self.sample_graphs[(bs, filtered)] = tuple(
-                                self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(bs, filtered, n),
+                            self.sample_graphs[(bs, variant)] = tuple(
+                                self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(bs, variant, n),
                                                        pool, stream, "sampling")[0]
                                 for next_inputs in (True, False))
                 if self.step_inputs_kernel is not None:
-                    for sampling in ((None, False, True) if self.multi_steps > 1 else (None,)):
+                    for sampling in ((None, *SAMPLING_VARIANTS) if self.multi_steps > 1 else (None,)):
                         # (a step before another, a run's last step)
                         self.grammar_graphs[(bs, sampling)] = tuple(
                             self._warm_and_capture(lambda n=next_inputs: self._masked_step_body(bs, n, sampling),
@@ -883,12 +882,12 @@ class CudaGraphDecoder:
         self.step_inputs_kernel(base_pos[:bs], active[:bs], self.block_tables[:bs], step, self.runner.block_size,
                                 self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
 
-    def _sample_step_body(self, bs: int, filtered: bool, next_inputs: bool) -> None:
+    def _sample_step_body(self, bs: int, variant: int, next_inputs: bool) -> None:
         """Sample a step's tokens from the decode graph's logits with the rows' parameters
-        (`filtered`: top-k, top-p and min-p too) into `sampled_tokens[sample_step]` and
+        (the filters of sampling variant `variant`) into `sampled_tokens[sample_step]` and
         `input_ids`; with `next_inputs` (not the run's last step), also advance `sample_step` and
         `sample_pos` and derive the next forward's position, length and cache slot."""
-        ids = self._pick_tokens(bs, self.logits[bs], filtered)
+        ids = self._pick_tokens(bs, self.logits[bs], variant)
         self.sampled_tokens[:, :bs].index_copy_(0, self.sample_step, ids.unsqueeze(0))
         self.input_ids[:bs].copy_(ids)
         if next_inputs:
@@ -896,18 +895,19 @@ class CudaGraphDecoder:
             self.sample_pos[:bs].add_(1)
             self._derive_step_inputs(bs, 0, self.sample_pos)
 
-    def _pick_tokens(self, bs: int, logits: torch.Tensor, sampling: bool | None) -> torch.Tensor:
-        """Each row's token: the argmax (`sampling` None), or sampled with `row_params` (`sampling`:
-        with top-k, top-p and min-p too)."""
+    def _pick_tokens(self, bs: int, logits: torch.Tensor, sampling: int | None) -> torch.Tensor:
+        """Each row's token: the argmax (`sampling` None), or sampled with `row_params` and the
+        filters of sampling variant `sampling` (engine.sampler.SAMPLING_VARIANTS)."""
         if sampling is None:
             return logits.argmax(dim=-1)
         params = self.row_params[:, :bs]
         noise = torch.empty_like(logits).exponential_()
-        top_k, top_p, min_p = (params[2].long(), params[3], params[4]) if sampling else (None, None, None)
+        top_k = params[2].long() if sampling == TOP_K else None
+        top_p, min_p = (params[3], params[4]) if sampling != PLAIN else (None, None)
         return sample_rows(logits, params[0] > 0.5, params[1], top_k, top_p, min_p, noise,
                            self.sampling_kernel.get((bs, sampling)))
 
-    def _masked_step_body(self, bs: int, next_inputs: bool, sampling: bool | None) -> None:
+    def _masked_step_body(self, bs: int, next_inputs: bool, sampling: int | None) -> None:
         """The decode graph's logits masked by `grammar_bitmask`, their token (_pick_tokens) into
         `grammar_tokens`; with `next_inputs`, also the next forward's ids, position, length and
         cache slot."""
@@ -927,7 +927,7 @@ class CudaGraphDecoder:
         self.grammar_pos[:bs].copy_(self.positions[:bs])
         self.grammar_active[:bs].copy_(self.seq_lens[:bs] > 0)
 
-    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: bool | None) -> torch.Tensor:
+    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: int | None) -> torch.Tensor:
         """Upload a step's bitmask [n, words] (pinned) and replay its masked argmax (`sampling` None)
         or sample (with the parameters `set_row_params` set); unless `last`, the next forward's
         inputs are set on the device too (`replay_decode` then runs it). Returns the step's tokens
@@ -962,18 +962,18 @@ class CudaGraphDecoder:
         replays graphs; chained as greedy runs are."""
         params = [s.params for s in seqs]
         if chained:  # a chained run keeps its batch's parameters
-            filtered = self._filtered(params)
+            variant = self._variant(params)
         else:
-            filtered = self.set_row_params(params)
+            variant = self.set_row_params(params)
         self.sampled_runs += 1
-        return self._launch_steps(seqs, chained, filtered)
+        return self._launch_steps(seqs, chained, variant)
 
-    def _filtered(self, params: list[SamplingParams]) -> bool:
-        return any(filters_in_use(params, self.runner.model_config.vocab_size))
+    def _variant(self, params: list[SamplingParams]) -> int:
+        return sampling_variant(params, self.runner.model_config.vocab_size)
 
-    def set_row_params(self, params: list[SamplingParams]) -> bool:
+    def set_row_params(self, params: list[SamplingParams]) -> int:
         """Upload the rows' sampling parameters for the sampling graphs (padding rows greedy);
-        returns whether the filtered variant is needed. The previous upload has been consumed: a
+        returns the sampling variant they need. The previous upload has been consumed: a
         new batch starts after the last one's tokens were read."""
         vocab = self.runner.model_config.vocab_size
         host = self.row_params_host.numpy()
@@ -984,10 +984,11 @@ class CudaGraphDecoder:
         host[2, n:] = vocab
         host[4, n:] = 0.0
         self.row_params.copy_(self.row_params_host, non_blocking=True)
-        return self._filtered(params)
+        return self._variant(params)
 
-    def _launch_steps(self, seqs: list[Sequence], chained: bool, filtered: bool | None) -> PendingTokens:
-        """A greedy run's one graph (`filtered` None) or a sampled run's forward and sampling graphs."""
+    def _launch_steps(self, seqs: list[Sequence], chained: bool, variant: int | None) -> PendingTokens:
+        """A greedy run's one graph (`variant` None) or a sampled run's forward and sampling graphs
+        (of that sampling variant)."""
         n = len(seqs)
         bs = self.padded_size(n)
         if chained:  # one run further on than the host knows
@@ -1005,22 +1006,22 @@ class CudaGraphDecoder:
         rows = self.runner.block_rows
         row_ids = self.runner._block_table_row_ids(seqs)
         if not chained:
-            self.cascade_run = filtered is None and bs in self.cascade_graphs and self._stage_shared_prefix(seqs, row_ids)
+            self.cascade_run = variant is None and bs in self.cascade_graphs and self._stage_shared_prefix(seqs, row_ids)
         started = torch.cuda.Event(enable_timing=True)
         started.record()
         buffer = self._upload_block_tables(row_ids, rows.table.shape[1])
-        if filtered is None and self.cascade_run:
+        if variant is None and self.cascade_run:
             self.cascade_graphs[bs].replay()
             tokens = self.cascade_tokens[bs]
             self.cascade_runs += 1
-        elif filtered is None:
+        elif variant is None:
             self.multi_graphs[bs].replay()
             tokens = self.multi_tokens[bs]
         else:
             self._derive_step_inputs(bs, 0)
             self.sample_step.zero_()
             self.sample_pos[:bs].copy_(self.base_pos[:bs])
-            before_last, last = self.sample_graphs[(bs, filtered)]
+            before_last, last = self.sample_graphs[(bs, variant)]
             for step in range(self.multi_steps):
                 self.graphs[bs].replay()
                 (last if step + 1 == self.multi_steps else before_last).replay()

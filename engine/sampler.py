@@ -195,6 +195,22 @@ def filters_in_use(params: list[SamplingParams], vocab: int) -> tuple[bool, bool
             any(p.min_p > 0.0 for p in params))
 
 
+# The CUDA decoder's sampling graphs come in variants by the filters a batch's rows use: PLAIN
+# (temperature alone), FILTERED (top-p or min-p) and TOP_K (top-k, maybe with the others). Top-k
+# has its own because the sampling kernel's k-th logit search and rejection rounds can cost more
+# than the sort where logits are flat (GPT-2 with random weights, top-k 50 + top-p 0.95, H100:
+# 1.96 ms a step against 0.89 with top-p alone), while top-p alone gains most from the kernel; each
+# variant is decided apart (sampling_kernels).
+PLAIN, FILTERED, TOP_K = 0, 1, 2
+SAMPLING_VARIANTS = (PLAIN, FILTERED, TOP_K)
+
+
+def sampling_variant(params: list[SamplingParams], vocab: int) -> int:
+    """The sampling-graph variant that a batch of rows with these parameters needs."""
+    top_k, top_p, min_p = filters_in_use(params, vocab)
+    return TOP_K if top_k else FILTERED if top_p or min_p else PLAIN
+
+
 def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
                 top_p: torch.Tensor | None, min_p: torch.Tensor | None, noise: torch.Tensor,
                 kernel: Callable | None = None) -> torch.Tensor:
@@ -215,9 +231,8 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
                          full(1.0) if top_p is None else top_p, full(0.0) if min_p is None else min_p)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
     if top_k is not None or top_p is not None:
-        # One sort serves both filters (the sampling graphs pass top_k to every filtered step, so
-        # a sort each would double it): the logits' order is the probabilities' order, before
-        # top-k's cut and after it.
+        # One sort serves both filters (rows with both are common: the TOP_K sampling graphs pass
+        # top_p too): the logits' order is the probabilities' order, before top-k's cut and after.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if top_k is not None:
             kth = sorted_logits.gather(1, (top_k - 1)[:, None])
@@ -235,42 +250,48 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
-def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[tuple[int, bool], Callable | None]:
-    """For each batch size in `rows` and each variant of the sampling graphs (filtered: rows with
-    top-k, top-p or min-p, timed at top-p 0.95; or temperature only), how they draw: with
+def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[tuple[int, int], Callable | None]:
+    """For each batch size in `rows` and each sampling-graph variant (SAMPLING_VARIANTS: timed with
+    temperature alone, top-p 0.95, and top-k 50 with top-p 0.95), how the graphs draw: with
     kernels.filtered_sampling's race where it draws sample_rows' own tokens on random logits (but
     for a row in 64: where the mass crosses top_p within float rounding, the two summing in
-    different orders) and runs faster, else None (sample_rows' sort and softmax). Decided once at
-    capture by measuring in CUDA graphs on this device, at a few sizes (the smallest, the largest,
-    two between); each size takes the decision of the nearest timed one."""
+    different orders) and runs faster, else None (sample_rows' sort and softmax). Top-k takes the
+    kernel only where it is faster on peaked logits (random normal x 4) and on flat ones (x 1),
+    where its rounds are many. Decided once at capture by measuring in CUDA graphs on this device,
+    at a few sizes (the smallest, the largest, two between); each size takes the decision of the
+    nearest timed one."""
     from kernels.filtered_sampling import filtered_sample
     from kernels.tune import graph_us_per_call
 
     timed = sorted({rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]})
-    torch_everywhere: dict[tuple[int, bool], Callable | None] = {(b, f): None for b in rows for f in (False, True)}
-    faster: dict[tuple[int, bool], bool] = {}
+    torch_everywhere: dict[tuple[int, int], Callable | None] = {(b, v): None for b in rows for v in SAMPLING_VARIANTS}
+    faster: dict[tuple[int, int], bool] = {}
     for n in timed:
         gen = torch.Generator(device=device).manual_seed(n)
-        logits = torch.randn(n, vocab, device=device, generator=gen) * 4
         ones, greedy = torch.ones(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-        noise = torch.empty_like(logits).exponential_(generator=gen)
-        for filtered in (False, True):
-            top_p = torch.full((n,), 0.95, device=device) if filtered else None
-            draws = [partial(sample_rows, logits, greedy, ones, None, top_p, None, noise, kernel)
-                     for kernel in (None, filtered_sample)]
-            try:
-                want, got = (draw() for draw in draws)
-                agrees = int((got != want).sum()) <= n // 64
-            except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep torch's
-                logger.warning("sampling: the sampling kernel failed (%s); torch's draw everywhere", exc)
-                return torch_everywhere
-            if not agrees:
-                logger.warning("sampling: the sampling kernel disagrees with torch's draw at batch %d; torch's "
-                               "draw everywhere", n)
-                return torch_everywhere
-            torch_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
-            faster[(n, filtered)] = kernel_us < torch_us
-            logger.info("sampling at batch %d x %d%s: torch %.0f us, sampling kernel %.0f us", n, vocab,
-                        ", top-p" if filtered else "", torch_us, kernel_us)
-    return {(b, f): filtered_sample if faster[(min(timed, key=lambda t: abs(t - b)), f)] else None
-            for b in rows for f in (False, True)}
+        noise = torch.empty(n, vocab, device=device).exponential_(generator=gen)
+        for variant in SAMPLING_VARIANTS:
+            top_p = torch.full((n,), 0.95, device=device) if variant != PLAIN else None
+            top_k = torch.full((n,), min(50, vocab), dtype=torch.int64, device=device) if variant == TOP_K else None
+            faster[(n, variant)] = True
+            for scale in ((4.0, 1.0) if variant == TOP_K else (4.0,)):
+                logits = torch.randn(n, vocab, device=device, generator=gen) * scale
+                draws = [partial(sample_rows, logits, greedy, ones, top_k, top_p, None, noise, kernel)
+                         for kernel in (None, filtered_sample)]
+                try:
+                    want, got = (draw() for draw in draws)
+                    agrees = int((got != want).sum()) <= n // 64
+                except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: keep torch's
+                    logger.warning("sampling: the sampling kernel failed (%s); torch's draw everywhere", exc)
+                    return torch_everywhere
+                if not agrees:
+                    logger.warning("sampling: the sampling kernel disagrees with torch's draw at batch %d; torch's "
+                                   "draw everywhere", n)
+                    return torch_everywhere
+                torch_us, kernel_us = (graph_us_per_call([draw], rounds=3, replays=10) for draw in draws)
+                faster[(n, variant)] &= kernel_us < torch_us
+                logger.info("sampling at batch %d x %d, %s, logits x%g: torch %.0f us, sampling kernel %.0f us", n,
+                            vocab, ("temperature alone", "top-p", "top-k and top-p")[variant], scale, torch_us,
+                            kernel_us)
+    return {(b, v): filtered_sample if faster[(min(timed, key=lambda t: abs(t - b)), v)] else None
+            for b in rows for v in SAMPLING_VARIANTS}

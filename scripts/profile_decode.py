@@ -115,11 +115,11 @@ def main() -> None:
         # A sampled run's last-step sampling graph (engine.sampler.sample_rows on the step's
         # logits; it leaves the device-side step index alone, so it replays any number of times),
         # on its own: what sampling adds to a step on the device.
-        filtered = graphs.set_row_params([SamplingParams(temperature=0.8, top_p=args.top_p)] * len(seqs))
-        sample_step = graphs.sample_graphs[(bs, filtered)][1]
+        variant = graphs.set_row_params([SamplingParams(temperature=0.8, top_p=args.top_p)] * len(seqs))
+        sample_step = graphs.sample_graphs[(bs, variant)][1]
         sample_step.replay()
         torch.cuda.synchronize()
-        print(f"sampling graph (temperature 0.8, top-p {args.top_p}, filtered={filtered}): "
+        print(f"sampling graph (temperature 0.8, top-p {args.top_p}, sampling variant {variant}): "
               f"{replay_ms(sample_step, 20) * 1e3:.1f} us/step (GPU)")
         with profile(activities=[ProfilerActivity.CUDA]) as sprof:
             for _ in range(5):

@@ -78,32 +78,32 @@ def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, mo
 
 def test_sampling_kernels_are_decided_per_batch_size_and_sample_like_torch():
     """How the sampling graphs draw, measured once at capture (engine.sampler.sampling_kernels): a
-    choice for every batch size and variant, and whichever it is, rows whose filters leave one
-    token take the argmax, a top-k 5 row stays in its top 5, and the sampling kernel draws torch's
-    tokens (filtered or not)."""
-    from engine.sampler import sample_rows, sampling_kernels
+    choice for every batch size and sampling variant, and whichever it is, rows whose filters leave
+    one token take the argmax, a top-k 5 row stays in its top 5, and the sampling kernel draws
+    torch's tokens (each variant with its filters)."""
+    from engine.sampler import PLAIN, SAMPLING_VARIANTS, TOP_K, sample_rows, sampling_kernels
 
     sizes, vocab = [1, 4, 16, 64, 256], 50257
     choice = sampling_kernels(torch.device("cuda"), vocab, sizes)
-    assert set(choice) == {(n, f) for n in sizes for f in (False, True)}
+    assert set(choice) == {(n, v) for n in sizes for v in SAMPLING_VARIANTS}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for (n, filtered), kernel in choice.items():
+    for (n, variant), kernel in choice.items():
         logits = torch.randn(n, vocab, device="cuda", generator=gen) * 3
-        top_k = torch.tensor([1, 5, vocab, vocab] * (n // 4 + 1), device="cuda")[:n]
-        top_p = torch.tensor([1.0, 1.0, 1e-6, 0.9] * (n // 4 + 1), device="cuda")[:n]
+        top_k = torch.tensor([1, 5, vocab, vocab] * (n // 4 + 1), device="cuda")[:n] if variant == TOP_K else None
+        top_p = torch.tensor([1.0, 1.0, 1e-6, 0.9] * (n // 4 + 1), device="cuda")[:n] if variant != PLAIN else None
         noise = torch.empty_like(logits).exponential_(generator=gen)
         ones, greedy = torch.ones(n, device="cuda"), torch.zeros(n, dtype=torch.bool, device="cuda")
-        if not filtered:
-            got = sample_rows(logits, greedy, ones, None, None, None, noise, kernel)
+        got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, kernel)
+        if variant == PLAIN:
             assert int((got != (logits - noise.log()).argmax(dim=-1)).sum()) <= n // 64
             continue
-        got = sample_rows(logits, greedy, ones, top_k, top_p, None, noise, kernel)
         if kernel is not None:
             assert int((got != sample_rows(logits, greedy, ones, top_k, top_p, None, noise)).sum()) <= n // 64
-        single = (top_k == 1) | (top_p < 1e-3)
+        single = top_p < 1e-3 if top_k is None else (top_k == 1) | (top_p < 1e-3)
         assert torch.equal(got[single], logits.argmax(dim=-1)[single])
-        top5 = logits.topk(5, dim=-1).indices
-        assert all(int(got[i]) in top5[i].tolist() for i in range(n) if int(top_k[i]) == 5)
+        if top_k is not None:
+            top5 = logits.topk(5, dim=-1).indices
+            assert all(int(got[i]) in top5[i].tolist() for i in range(n) if int(top_k[i]) == 5)
 
 
 def test_fp16_paths_agree(saved_model):

@@ -94,11 +94,13 @@ class EagerGraphDecoder:
     def start_grammar_steps(self, n: int) -> None:
         self.grammar_offset = 0  # the run's step whose forward ran last
 
-    def set_row_params(self, params) -> bool:
-        self.row_pick = self._sampler(params)
-        return True  # the filtered variant: every filter on, as _sampler applies them
+    def set_row_params(self, params) -> int:
+        from engine.sampler import TOP_K
 
-    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: bool | None) -> torch.Tensor:
+        self.row_pick = self._sampler(params)
+        return TOP_K  # the variant with every filter on, as _sampler applies them
+
+    def masked_step(self, bitmask: torch.Tensor, last: bool, sampling: int | None) -> torch.Tensor:
         from engine.sampler import mask_disallowed_tokens_
 
         self.grammar_steps_replayed += 1
@@ -364,19 +366,21 @@ def test_unseeded_sampled_constrained_runs_take_the_masked_step_path(tiny_llama_
 
 def test_the_sampling_graphs_take_each_rows_parameters():
     """The CUDA decoder's sampling-graph code (`set_row_params`, `_pick_tokens`), run here on the
-    CPU: each row's parameters land in its column (padding rows greedy, unfiltered), the filtered
-    variant is picked when a row filters, and rows whose filters leave one token take the argmax."""
+    CPU: each row's parameters land in its column (padding rows greedy, unfiltered), the variant
+    follows the filters the rows use (top-k: TOP_K; top-p or min-p alone: FILTERED; none: PLAIN),
+    and rows whose filters leave one token take the argmax."""
     from types import SimpleNamespace
 
     from engine.model_runner import CudaGraphDecoder
+    from engine.sampler import FILTERED, PLAIN, SAMPLING_VARIANTS, TOP_K
 
     vocab, bs = 1000, 8
     fake = SimpleNamespace(runner=SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab)),
                            row_params=torch.zeros(5, bs), row_params_host=torch.zeros(5, bs), sampling_kernel={})
-    fake._filtered = lambda ps: CudaGraphDecoder._filtered(fake, ps)
+    fake._variant = lambda ps: CudaGraphDecoder._variant(fake, ps)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1),
               SamplingParams(temperature=1.3, top_p=1e-6), SamplingParams(temperature=0.9, top_k=5, min_p=0.2)]
-    assert CudaGraphDecoder.set_row_params(fake, params) is True
+    assert CudaGraphDecoder.set_row_params(fake, params) == TOP_K
     want = torch.tensor([[1, 0, 0, 0, 1, 1, 1, 1], [1.0, 0.7, 1.3, 0.9, 1, 1, 1, 1],
                          [vocab, 1, vocab, 5, vocab, vocab, vocab, vocab], [1, 1, 1e-6, 1, 1, 1, 1, 1],
                          [0, 0, 0, 0.2, 0, 0, 0, 0]], dtype=torch.float32)
@@ -386,16 +390,21 @@ def test_the_sampling_graphs_take_each_rows_parameters():
     if os.environ.get("TRITON_INTERPRET") == "1":
         from kernels.filtered_sampling import filtered_sample
 
-        samplers.append({(bs, True): filtered_sample, (bs, False): filtered_sample})
+        samplers.append({(bs, variant): filtered_sample for variant in SAMPLING_VARIANTS})
     for fake.sampling_kernel in samplers:
-        assert CudaGraphDecoder.set_row_params(fake, params) is True
+        assert CudaGraphDecoder.set_row_params(fake, params) == TOP_K
         for _ in range(5):
-            got = CudaGraphDecoder._pick_tokens(fake, bs, logits, True)
+            got = CudaGraphDecoder._pick_tokens(fake, bs, logits, TOP_K)
             assert torch.equal(got[[0, 1, 2, 4, 5, 6, 7]], logits.argmax(dim=-1)[[0, 1, 2, 4, 5, 6, 7]])
             assert int(got[3]) in logits[3].topk(5).indices.tolist()
+        # top-p alone: the tiny top-p row takes the argmax, the others draw beyond it
+        nucleus = [SamplingParams(temperature=1.0, top_p=1e-6), SamplingParams(temperature=5.0, top_p=0.99)]
+        assert CudaGraphDecoder.set_row_params(fake, nucleus) == FILTERED
+        draws = torch.stack([CudaGraphDecoder._pick_tokens(fake, bs, logits, FILTERED) for _ in range(5)])
+        assert (draws[:, 0] == logits[0].argmax()).all() and len(set(draws[:, 1].tolist())) > 1
         # temperature only: the greedy row (and the greedy padding) take the argmax
-        assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) is False
-        plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, False)
+        assert CudaGraphDecoder.set_row_params(fake, [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]) == PLAIN
+        plain = CudaGraphDecoder._pick_tokens(fake, bs, logits, PLAIN)
         assert torch.equal(plain[1:], logits.argmax(dim=-1)[1:])
 
 

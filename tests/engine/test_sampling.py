@@ -143,9 +143,11 @@ def test_eager_steps_draw_as_the_sampling_graphs_of_their_size_decided():
 
     from engine.model_runner import ModelRunner
 
+    from engine.sampler import FILTERED, PLAIN, TOP_K
+
     filtered_kernel, plain_kernel = object(), object()
-    graphs = SimpleNamespace(sampling_kernel={(4, True): filtered_kernel, (4, False): plain_kernel, (8, True): None,
-                                              (8, False): None},
+    graphs = SimpleNamespace(sampling_kernel={(4, FILTERED): filtered_kernel, (4, PLAIN): plain_kernel, (4, TOP_K): None,
+                                              (8, FILTERED): None, (8, PLAIN): None, (8, TOP_K): None},
                              batch_sizes=[4, 8], fits=lambda n: n <= 8, padded_size=lambda n: 4 if n <= 4 else 8)
     runner = SimpleNamespace(graphs=graphs, model_config=SimpleNamespace(vocab_size=100, eos_token_ids=(0,)),
                              _generator=lambda seq: None)
@@ -155,6 +157,7 @@ def test_eager_steps_draw_as_the_sampling_graphs_of_their_size_decided():
         return ModelRunner.sampling_batch(runner, [SimpleNamespace(params=p) for p in params]).kernel
 
     assert kernel_for([top_p, plain, plain]) is filtered_kernel and kernel_for([plain] * 3) is plain_kernel
+    assert kernel_for([top_p, SamplingParams(temperature=0.7, top_k=5)]) is None  # a top-k row: TOP_K's decision
     assert kernel_for([top_p] * 6) is None and kernel_for([top_p] * 20) is None  # past the largest: its decision
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
