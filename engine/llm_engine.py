@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import time
 from concurrent.futures import FIRST_COMPLETED, Future
@@ -13,11 +15,12 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceeded, InvalidRequest
-from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken
+from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken, compile_manifest_key
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
 from engine.structured_output import GrammarSteps, StructuredOutputs
+from kernels.precompile import manifest_path, record_compiles, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,21 @@ class LLMEngine:
     accepts_commands_while_stepping = False
 
     def __init__(self, config: EngineConfig) -> None:
+        recording = os.environ.get("ROSEINFER_RECORD_COMPILES") == "1"  # see _write_compile_manifest
+        with record_compiles() if recording else contextlib.nullcontext() as compiles:
+            self._start(config)
+        if recording:
+            self._write_compile_manifest(config, compiles)
+
+    def _write_compile_manifest(self, config: EngineConfig, compiles: list[dict]) -> None:
+        """ROSEINFER_RECORD_COMPILES=1: the Triton kernels this start-up (load, capture, warm-up)
+        compiled, merged into kernels.precompile's manifest, which a cold start of the same model
+        and settings then compiles in parallel ahead (commit the file: it ships with the package)."""
+        path = manifest_path()
+        count = write_manifest(path, compiles, compile_manifest_key(config))
+        logger.info("recorded %d Triton compiles into %s (%d entries)", len(compiles), path, count)
+
+    def _start(self, config: EngineConfig) -> None:
         self.runner = ModelRunner(config)
         self.config = config = self.runner.config  # with the device's defaults filled in
         self.tokenizer = self.runner.loaded.tokenizer

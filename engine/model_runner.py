@@ -9,6 +9,7 @@ the decode step captured as CUDA graphs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -185,7 +186,15 @@ class ModelRunner:
         """The model, its launch decisions, the KV cache and the CUDA graphs."""
         torch.manual_seed(config.seed)
         self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype, config.kv_cache_dtype)
+        precompiling = self._start_precompile(config) if self.attention.name == "triton" else None
         self.loaded: LoadedModel = load_model(config, self.device, self.attention, self.tp)
+        if precompiling is not None:  # before the launch decisions, which launch kernels
+            from kernels.precompile import finish_precompile
+
+            start = time.monotonic()
+            done = finish_precompile(precompiling)
+            logger.info("precompile: %d of %d kernels in the Triton cache (waited %.1f s)", done,
+                        len(precompiling[1]), time.monotonic() - start)
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype
@@ -238,6 +247,18 @@ class ModelRunner:
             "cuda graphs %s", self.num_blocks, self.block_size, self.kv_cache_bytes / 2**20, self.kv_dtype,
             self.max_model_len, self.attention.name, self.dtype, self.device, "on" if self.graphs else "off",
         )
+
+    def _start_precompile(self, config: EngineConfig):
+        """Compile this model's recorded Triton kernels (kernels.precompile's manifest) in worker
+        processes while the weights load: a cold start's compiles, which the first launches would
+        otherwise make one after another. None when the manifest has none for it."""
+        import triton
+
+        from kernels.precompile import load_manifest, manifest_path, start_precompile
+
+        target = triton.runtime.driver.active.get_current_target()
+        entries = load_manifest(manifest_path(), compile_manifest_key(config), dict(target.__dict__))
+        return start_precompile(entries)
 
     def one_sequence_meta(self, start: int, end: int) -> AttentionMetadata:
         """A step of tokens start..end-1 of one sequence whose K/V fill the cache's first blocks in
@@ -563,6 +584,14 @@ class PendingTokens:
         self.done.synchronize()
         self.gpu_s = self.started.elapsed_time(self.done) / 1e3
         return self.host.tolist()
+
+
+def compile_manifest_key(config: EngineConfig) -> str:
+    """What a compile manifest's entries are recorded under (kernels.precompile): the model and
+    the settings that pick kernel specialisations (dtypes, quantization, tensor parallel)."""
+    name = os.path.basename(config.model.rstrip("/")) or config.model
+    return (f"{name} dtype={config.dtype} quantization={config.quantization} kv={config.kv_cache_dtype} "
+            f"tp={config.tensor_parallel_size}")
 
 
 class GrammarRun:

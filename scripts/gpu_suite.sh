@@ -303,10 +303,16 @@ run_load() {
 # without the cascade decode graphs.
 run_ready() {
   local cache=/tmp/roseinfer-triton-cache-$$
+  if [ -n "${READY_RECORD:-}" ]; then  # first record the model's compile manifest (kernels.precompile), in a cache of its own,
+    # so that the cold start below compiles its kernels in worker processes; the manifest comes back in OUTDIR to commit
+    ROSEINFER_RECORD_COMPILES=1 TRITON_CACHE_DIR=$cache-record timeout 120 python3 scripts/load_speed.py --model "$big" \
+      --ready-only 2>&1 | grep -E "ready in|recorded" | sed "s/^/[record] /" | tee -a "$out/ready_$big.log"
+    cp kernels/compile_manifests/*.json "$out/"
+  fi
   for variant in cold warm nocascade; do
     local extra=(); [ $variant = nocascade ] && extra=(--no-cascade-attention)
     TRITON_CACHE_DIR=$cache timeout 120 python3 scripts/load_speed.py --model "$big" --ready-only "${extra[@]}" 2>&1 \
-      | grep -E "ready in|captured|model weights" | sed "s/^/[$variant] /" | tee -a "$out/ready_$big.log"
+      | grep -E "ready in|captured|model weights|precompile" | sed "s/^/[$variant] /" | tee -a "$out/ready_$big.log"
   done
 }
 

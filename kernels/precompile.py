@@ -1,0 +1,149 @@
+"""Compiling the engine's Triton kernels ahead of their first launch, in parallel processes.
+
+A cold start (an empty Triton cache: a new machine, a new Triton) compiles every kernel
+specialisation the engine launches, one after another on the main thread, because the first
+launch of each compiles it: the 8B architecture on an H100 compiles 16 in 6.6 s
+(`scripts/load_speed.py --compile-times`). Threads do not help (Triton's compiler holds the GIL).
+
+Which specialisations a model launches does not change from run to run, so a *manifest* lists
+them: `record_compiles` collects each compile's specialisation data (Triton's own serialised form,
+through its post-compile hook) while an engine starts, and `write_manifest` merges them into a
+JSON file. At a cold start `start_precompile` compiles a manifest's entries for this device in a
+pool of processes (spawned; they name the target, so they need no GPU) into Triton's on-disk
+cache while the main process loads weights; the launches then load the compiled kernels from the
+cache. An entry that no longer matches (a kernel's source changed) only costs a worker's time:
+the launch compiles its own specialisation as it would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_DIR = os.path.join(os.path.dirname(__file__), "compile_manifests")
+
+
+def manifest_path() -> str:
+    """This Triton version's manifest (specialisation data is Triton's own format)."""
+    import triton
+
+    return os.path.join(MANIFEST_DIR, f"triton-{triton.__version__}.json")
+
+
+@contextlib.contextmanager
+def record_compiles() -> Iterator[list[dict]]:
+    """Within: each Triton kernel specialisation compiled (or loaded from the on-disk cache) in
+    this process is appended to the yielded list as a manifest entry."""
+    from triton import knobs
+
+    entries: list[dict] = []
+
+    def hook(*, fn, compile, **_) -> None:
+        entries.append({"module": fn.module, "name": fn.name, "spec": compile["specialization_data"]})
+
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield entries
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+
+
+def write_manifest(path: str, entries: list[dict], model: str) -> int:
+    """Merge `entries`, tagged with `model` (the engine's key for a model and its launch
+    settings), into the manifest at `path` (created if missing); returns its entry count."""
+    entries = [{**e, "model": model} for e in entries]
+    known: list[dict] = []
+    if os.path.exists(path):
+        with open(path) as f:
+            known = json.load(f)["entries"]
+    seen = {json.dumps(e, sort_keys=True) for e in known}
+    for entry in entries:
+        text = json.dumps(entry, sort_keys=True)
+        if text not in seen:
+            seen.add(text)
+            known.append(entry)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"entries": known}, f, indent=1)
+    return len(known)
+
+
+def load_manifest(path: str, model: str, target: dict) -> list[dict]:
+    """The entries of the manifest at `path` (none if it is missing) recorded for `model` and
+    compiled for `target` (a GPUTarget's fields)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        entries = json.load(f)["entries"]
+    return [e for e in entries if e.get("model") == model and json.loads(e["spec"])["target"] == target]
+
+
+def _decode_constant(value):
+    import triton.language as tl
+
+    if isinstance(value, str) and tl.dtype.is_dtype(value):
+        return tl.dtype(value)
+    if isinstance(value, dict) and "constexpr" in value:
+        inner = value["constexpr"]
+        return tl.constexpr(tuple(inner) if isinstance(inner, list) else inner)
+    if isinstance(value, dict) and "jit_function" in value:
+        module, name = value["jit_function"].split(":")
+        return getattr(importlib.import_module(module), name)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def compile_entry(entry: dict) -> str:
+    """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed);
+    returns the kernel's name. The same key as the launch's own compile: the JIT's source, its
+    signature, constants, attributes and options, decoded as Triton's preload decodes them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    data = json.loads(entry["spec"])
+    fn = getattr(importlib.import_module(entry["module"]), entry["name"].rsplit(".", 1)[-1])
+    untuple = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 - JSON made the tuples lists
+    constexprs = {tuple(k): _decode_constant(v) for k, v in zip(data["constant_keys"], data["constant_vals"])}
+    attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
+    signature = {k: untuple(v) for k, v in data["signature"].items()}
+    options = {k: untuple(v) for k, v in data["options"].items()}
+    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(**data["target"]), options=options)
+    return entry["name"]
+
+
+def start_precompile(entries: list[dict], workers: int | None = None) -> tuple[ProcessPoolExecutor, list[Future]] | None:
+    """Compile `entries` in a pool of spawned processes (fork is unsafe after CUDA starts), in
+    the background; None when there is nothing to compile. The caller waits on the futures (or
+    not: a launch whose kernel is not in the cache yet compiles it itself) and shuts the pool down."""
+    if not entries:
+        return None
+    workers = workers or max(1, min(len(entries), (os.cpu_count() or 2) // 2))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return pool, [pool.submit(compile_entry, entry) for entry in entries]
+
+
+def finish_precompile(started: tuple[ProcessPoolExecutor, list[Future]] | None, timeout_s: float = 60.0) -> int:
+    """Wait for a `start_precompile` pool (at most `timeout_s`) and shut it down; returns how many
+    entries compiled. A failed entry is logged and skipped: its launch compiles it."""
+    if started is None:
+        return 0
+    pool, futures = started
+    done, deadline = 0, time.monotonic() + timeout_s
+    for future in futures:
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+            done += 1
+        except Exception as exc:  # noqa: BLE001 - a stale entry: the launch compiles its own
+            logger.info("precompile: an entry did not compile in time or at all (%s)", (str(exc) or repr(exc)).splitlines()[0][:200])
+    pool.shutdown(wait=False, cancel_futures=True)
+    return done

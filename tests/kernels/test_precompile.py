@@ -1,0 +1,70 @@
+"""kernels.precompile: a manifest entry, in Triton's serialised specialisation format, compiles in a
+spawned worker (for a named GPU target: no GPU here) into the on-disk cache under the key the
+launch's own compile then finds; manifests merge and filter by model and target."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from kernels.precompile import finish_precompile, load_manifest, start_precompile, write_manifest  # noqa: E402
+
+TARGET = {"backend": "cuda", "arch": 90, "warp_size": 32}
+
+
+def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
+    """The manifest entry Triton's post-compile hook would record for kernels.token_bitmask's
+    kernel at BLOCK=`block`, and the in-process compile's arguments for the same specialisation."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import serialize_specialization_data
+
+    from kernels.token_bitmask import _mask_logits_kernel
+
+    target = GPUTarget(**TARGET)
+    options = make_backend(target).parse_options({"num_warps": 4})
+    signature = {"logits_ptr": "*fp32", "bitmask_ptr": "*i32", "stride_logits": "i32", "stride_bitmask": "i32",
+                 "vocab": "i32", "BLOCK": "constexpr"}
+    constants = {(5,): block}
+    attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    spec = serialize_specialization_data("kernels.token_bitmask._mask_logits_kernel", signature, constants, attrs,
+                                         options, "key", target)
+    entry = {"module": "kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec}
+    return entry, (ASTSource(_mask_logits_kernel, signature, constants, attrs), target, options.__dict__)
+
+
+def _cached(cache_dir) -> set[str]:
+    return {d for d in os.listdir(cache_dir)} if os.path.isdir(cache_dir) else set()
+
+
+def test_a_manifest_entry_compiles_in_a_worker_under_the_launchs_cache_key(tmp_path, monkeypatch):
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    entry, (src, target, options) = _mask_logits_entry(512)
+    assert finish_precompile(start_precompile([entry], workers=1)) == 1
+    compiled = _cached(cache)
+    assert any(f.endswith(".cubin") for d in compiled for f in os.listdir(cache / d)), compiled
+    triton.compile(src, target=target, options=options)  # the launch's compile: a cache hit adds nothing
+    assert _cached(cache) == compiled
+    other, (src, target, options) = _mask_logits_entry(1024)  # another BLOCK: a new entry of its own
+    triton.compile(src, target=target, options=options)
+    assert len(_cached(cache)) > len(compiled)
+
+
+def test_a_stale_entry_is_skipped():
+    entry = {"module": "kernels.token_bitmask", "name": "no_such_kernel", "spec": _mask_logits_entry(512)[0]["spec"]}
+    assert finish_precompile(start_precompile([entry], workers=1)) == 0
+
+
+def test_manifests_merge_and_filter_by_model_and_target(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    entry, _ = _mask_logits_entry(512)
+    assert write_manifest(path, [entry, entry], "gpt2 dtype=auto") == 1
+    assert write_manifest(path, [entry], "llama-3.1-8b dtype=auto") == 2
+    assert write_manifest(path, [entry], "gpt2 dtype=auto") == 2
+    assert len(load_manifest(path, "gpt2 dtype=auto", TARGET)) == 1
+    assert load_manifest(path, "gpt2 dtype=auto", {**TARGET, "arch": 80}) == []
+    assert load_manifest(str(tmp_path / "missing.json"), "gpt2 dtype=auto", TARGET) == []
