@@ -186,7 +186,8 @@ class ModelRunner:
         """The model, its launch decisions, the KV cache and the CUDA graphs."""
         torch.manual_seed(config.seed)
         self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype, config.kv_cache_dtype)
-        precompiling = self._start_precompile(config) if self.attention.name == "triton" else None
+        cuda_triton = self.device.type == "cuda" and self.attention.name == "triton"  # (not the interpreter's)
+        precompiling = self._start_precompile(config) if cuda_triton else None
         self.loaded: LoadedModel = load_model(config, self.device, self.attention, self.tp)
         if precompiling is not None:  # before the launch decisions, which launch kernels
             from kernels.precompile import finish_precompile
@@ -256,9 +257,13 @@ class ModelRunner:
 
         from kernels.precompile import load_manifest, manifest_path, start_precompile
 
-        target = triton.runtime.driver.active.get_current_target()
-        entries = load_manifest(manifest_path(), compile_manifest_key(config), dict(target.__dict__))
-        return start_precompile(entries)
+        try:
+            target = triton.runtime.driver.active.get_current_target()
+            entries = load_manifest(manifest_path(), compile_manifest_key(config), dict(target.__dict__))
+            return start_precompile(entries)
+        except Exception as exc:  # noqa: BLE001 - only a head start: the launches compile what they need
+            logger.warning("precompile: not started (%s)", exc)
+            return None
 
     def one_sequence_meta(self, start: int, end: int) -> AttentionMetadata:
         """A step of tokens start..end-1 of one sequence whose K/V fill the cache's first blocks in
