@@ -106,6 +106,9 @@ def compile_entry(entry: dict) -> str:
     """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed);
     returns the kernel's name. The same key as the launch's own compile: the JIT's source, its
     signature, constants, attributes and options, decoded as Triton's preload decodes them."""
+    # A real compile for a real target, whatever the parent ran under (the kernels' modules
+    # import as interpreted functions with TRITON_INTERPRET=1, as the CPU tests run).
+    os.environ.pop("TRITON_INTERPRET", None)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -20,9 +20,12 @@ def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
     kernel at BLOCK=`block`, and the in-process compile's arguments for the same specialisation."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import serialize_specialization_data
+    from triton.runtime.jit import JITFunction, serialize_specialization_data
 
     from kernels.token_bitmask import _mask_logits_kernel
+
+    # (under TRITON_INTERPRET=1 the module holds the interpreted kernel: compile its function as the GPU would)
+    kernel = _mask_logits_kernel if isinstance(_mask_logits_kernel, JITFunction) else JITFunction(_mask_logits_kernel.fn)
 
     target = GPUTarget(**TARGET)
     options = make_backend(target).parse_options({"num_warps": 4})
@@ -33,7 +36,7 @@ def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
     spec = serialize_specialization_data("kernels.token_bitmask._mask_logits_kernel", signature, constants, attrs,
                                          options, "key", target)
     entry = {"module": "kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec}
-    return entry, (ASTSource(_mask_logits_kernel, signature, constants, attrs), target, options.__dict__)
+    return entry, (ASTSource(kernel, signature, constants, attrs), target, options.__dict__)
 
 
 def _cached(cache_dir) -> set[str]:
