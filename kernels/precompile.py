@@ -48,7 +48,11 @@ def record_compiles() -> Iterator[list[dict]]:
     entries: list[dict] = []
 
     def hook(*, fn, compile, **_) -> None:
-        entries.append({"module": fn.module, "name": fn.name, "spec": compile["specialization_data"]})
+        spec = compile["specialization_data"]
+        # Triton 3.6 leaves the target out of its specialisation data (later versions keep it):
+        # the entry names it, as the launching device reports it
+        target = json.loads(spec).get("target") or _current_target()
+        entries.append({"module": fn.module, "name": fn.name, "spec": spec, "target": target})
 
     previous = knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_post_compile_hook = hook
@@ -56,6 +60,12 @@ def record_compiles() -> Iterator[list[dict]]:
         yield entries
     finally:
         knobs.runtime.jit_post_compile_hook = previous
+
+
+def _current_target() -> dict:
+    import triton
+
+    return dict(triton.runtime.driver.active.get_current_target().__dict__)
 
 
 def write_manifest(path: str, entries: list[dict], model: str) -> int:
@@ -85,7 +95,7 @@ def load_manifest(path: str, model: str, target: dict) -> list[dict]:
         return []
     with open(path) as f:
         entries = json.load(f)["entries"]
-    return [e for e in entries if e.get("model") == model and json.loads(e["spec"])["target"] == target]
+    return [e for e in entries if e.get("model") == model and e.get("target") == target]
 
 
 def _decode_constant(value):
@@ -120,7 +130,7 @@ def compile_entry(entry: dict) -> str:
     attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
     signature = {k: untuple(v) for k, v in data["signature"].items()}
     options = {k: untuple(v) for k, v in data["options"].items()}
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(**data["target"]), options=options)
+    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(**entry["target"]), options=options)
     return entry["name"]
 
 

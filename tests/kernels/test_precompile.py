@@ -35,7 +35,7 @@ def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
     attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
     spec = serialize_specialization_data("kernels.token_bitmask._mask_logits_kernel", signature, constants, attrs,
                                          options, "key", target)
-    entry = {"module": "kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec}
+    entry = {"module": "kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec, "target": TARGET}
     return entry, (ASTSource(kernel, signature, constants, attrs), target, options.__dict__)
 
 
