@@ -59,6 +59,47 @@ def _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_ma
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
+def _widen_e4m3_asm(shift: int, keep: int, power: int, fma: str) -> str:
+    """PTX for `widen_e4m3`: four e4m3 bytes in $2 -> two registers of two 16-bit values each."""
+    half = (  # one register's two values: its bytes in the halves' high bytes -> the target format
+        "shr.b32 em, {r}, %d;\nand.b32 em, em, %#010x;\nand.b32 {r}, {r}, 0x80008000;\nor.b32 {r}, {r}, em;\n"
+        "%s {out}, {r}, pow, nz;\n" % (shift, keep, fma))
+    return ("{\n.reg .b32 lo, hi, em, pow, nz;\n"
+            "mov.b32 pow, %#010x;\n" % power +
+            "mov.b32 nz, 0x80008000;\n"  # -0.0 twice: the FMA's addend (x * 2^k + -0 == x * 2^k, signs kept)
+            "prmt.b32 lo, $2, 0, 0x1404;\n"  # bytes 0 and 1 into the high bytes of the two halves
+            "prmt.b32 hi, $2, 0, 0x3424;\n" +  # bytes 2 and 3
+            half.format(r="lo", out="$0") + half.format(r="hi", out="$1") + "}")
+
+
+# bf16: exponent and mantissa shifted down by 4, times 2^120 (0x7B80); fp16: by 1, times 2^8 (0x5C00)
+_WIDEN_E4M3_TO_BF16 = tl.constexpr(_widen_e4m3_asm(4, 0x07F007F0, 0x7B807B80, "fma.rn.bf16x2"))
+_WIDEN_E4M3_TO_FP16 = tl.constexpr(_widen_e4m3_asm(1, 0x3F803F80, 0x5C005C00, "fma.rn.f16x2"))
+
+
+@triton.jit
+def widen_e4m3(w, DTYPE: tl.constexpr):
+    """float8 e4m3 values -> DTYPE (bf16 or fp16), exactly, with integer ops and one packed FMA per
+    two values instead of the conversion instructions `w.to(DTYPE)` compiles to (e4m3 -> f16x2,
+    then f16 -> f32 -> bf16), whose issue rate bounds the skinny kernel's weight stream on Hopper
+    at about 2.5 TB/s of fp8 (docs/BENCHMARKS.md). CUDA only (inline PTX).
+
+    Four bytes come in one register. `prmt` puts each into the high byte of a 16-bit half (sign at
+    bit 15, the 4 exponent and 3 mantissa bits at 14..8); a shift moves the exponent and mantissa
+    down into the low exponent bits and top mantissa bits of DTYPE (by 4 for bf16, by 1 for fp16),
+    a mask keeps the sign; the value is then the e4m3 value times 2^-120 (bf16: exponent bias 127
+    against e4m3's 7) or 2^-8 (fp16: 15 against 7), which one multiply by the power of two puts
+    right, subnormals included. Zero stays zero; the NaN codes do not stay NaN (quantisation
+    clamps to the finite range, so weights hold none)."""
+    if DTYPE == tl.bfloat16:
+        out = tl.inline_asm_elementwise(_WIDEN_E4M3_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                        dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        out = tl.inline_asm_elementwise(_WIDEN_E4M3_TO_FP16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                        dtype=tl.float16, is_pure=True, pack=4)
+    return out
+
+
 # M (the batch) stays specialised (1, multiples of 16): every M the engine launches with on CUDA is
 # a captured graph's (decode batch sizes, mixed-step token buckets), compiled at capture, and
 # turning specialisation off cost the seed benchmark about 3% (same-call A/B, docs/BENCHMARKS.md).
@@ -67,7 +108,7 @@ def _linear_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ACT_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    ACT_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -115,7 +156,10 @@ def _linear_kernel(
             acc += part * x_scale[:, None]
         else:
             if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
-                w = w.to(x_ptr.dtype.element_ty)
+                if WIDEN_ASM:
+                    w = widen_e4m3(w, x_ptr.dtype.element_ty)
+                else:
+                    w = w.to(x_ptr.dtype.element_ty)
             if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -214,6 +258,7 @@ def skinny_linear(
         x, weight, weight_scale if scaled else out, bias if bias is not None else out, out, partials, counters,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
+        WIDEN_ASM=scaled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
         DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8) and os.environ.get("TRITON_INTERPRET") == "1",
         IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),

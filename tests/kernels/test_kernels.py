@@ -483,6 +483,33 @@ LINEAR_CASES = [
 ]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widen_e4m3_gives_every_finite_code_exactly(dtype):
+    """The skinny kernel's integer widening of float8 e4m3 weights (kernels.linear.widen_e4m3):
+    every one of the 254 finite codes (normals, subnormals, both zeros) bit for bit as torch's
+    conversion, in the order they came."""
+    import triton
+    import triton.language as tl
+
+    from kernels.linear import widen_e4m3
+
+    @triton.jit
+    def widen_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = tl.load(src_ptr + offs)
+        tl.store(dst_ptr + offs, widen_e4m3(w, dst_ptr.dtype.element_ty))
+
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8, device="cuda")
+    codes = torch.cat([codes, codes.flip(0), codes[:4]])  # 512 values, four to a register in every order
+    w = codes.view(torch.float8_e4m3fn)
+    out = torch.empty(w.shape, dtype=dtype, device="cuda")
+    widen_kernel[(1,)](w, out, BLOCK=w.numel())
+    want = w.to(dtype)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", LINEAR_CASES)
