@@ -66,6 +66,10 @@ class EngineConfig:
     # Greedy decode runs whose rows share a cached prompt prefix read it once for the batch
     # (cascade attention, extra CUDA graphs captured for batches of 16+; needs the prefix cache).
     cascade_attention: bool = True
+    # Processes holding constrained requests' grammar matchers, each accepting and filling its
+    # rows of a step in parallel (engine.grammar_workers); None: 1 per 4 cores up to 4 on CUDA
+    # hosts with 8+ cores, else 0 (the grammar runs in the engine's process).
+    grammar_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -153,6 +157,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cascade-attention", dest="cascade_attention", action="store_false",
                    help="decode batches that share a cached prompt prefix read it once per sequence, not once "
                         "for the batch (no cascade graphs: less capture time and memory)")
+    g.add_argument("--grammar-workers", type=int, default=None,
+                   help="processes that run constrained requests' grammars (token accepts and bitmask fills) in "
+                        "parallel (default: one per 4 cores up to 4 on CUDA hosts with 8+ cores, else 0: in the "
+                        "engine process)")
     g.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps run back to back on the GPU between host looks (CUDA graphs only)")
 
@@ -186,6 +194,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         master_port=args.master_port,
         num_scheduler_steps=args.num_scheduler_steps,
         cascade_attention=args.cascade_attention,
+        grammar_workers=args.grammar_workers,
     )
 
 

@@ -285,9 +285,10 @@ def start_engine_core(config: EngineConfig, num_clients: int = 1, visible_device
         results, child_results = ctx.Pipe(duplex=False)
         pipes.append((commands, results))
         child_pipes.append((child_commands, child_results))
-    # Daemonic unless it must start tensor-parallel workers of its own (a daemon may not have children).
+    # Daemonic unless it may start tensor-parallel or grammar workers of its own (a daemon may not
+    # have children; None grammar workers: decided by the device it finds).
     process = ctx.Process(target=run_engine_core, args=(config, child_pipes), name="roseinfer-engine-core",
-                          daemon=config.tensor_parallel_size == 1)
+                          daemon=config.tensor_parallel_size == 1 and config.grammar_workers == 0)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible_devices is not None:  # the child reads it when it first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices

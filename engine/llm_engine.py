@@ -15,11 +15,12 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceeded, InvalidRequest
+from engine.grammar_workers import GrammarWorkers, default_grammar_workers
 from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken, compile_manifest_key
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
-from engine.structured_output import GrammarSteps, StructuredOutputs
+from engine.structured_output import ACCEPTED, REJECTED, GrammarSteps, StructuredOutputs
 from kernels.precompile import manifest_path, record_compiles, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,10 @@ class LLMEngine:
                                                           self.model_config.eos_token_ids,
                                                           pin_bitmask=self.runner.device.type == "cuda")
         self._compiling: dict[str, Future] = {}
+        workers = config.grammar_workers
+        if workers is None:  # auto: only where the grammar has cores beside the step thread and a GPU
+            workers = default_grammar_workers(self.runner.device.type)
+        GrammarWorkers.start(self.structured, workers, config.max_num_seqs)
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
@@ -174,8 +179,9 @@ class LLMEngine:
             self.warm_up()
 
     def shutdown(self) -> None:
-        """Release what outlives a step: the tensor-parallel worker processes."""
+        """Release what outlives a step: the tensor-parallel and grammar worker processes."""
         self.runner.shutdown()
+        self.structured.close()
 
     def warm_up(self) -> None:
         """Serve a few throwaway requests, one at a time, so that every kernel variant and buffer
@@ -245,6 +251,8 @@ class LLMEngine:
         else:
             self.scheduler.finish(req.seq, "abort")
         self.runner.release(request_id)
+        if req.matcher is not None:
+            self.structured.release(req.matcher)
         return True
 
     def has_unfinished(self) -> bool:
@@ -271,7 +279,7 @@ class LLMEngine:
                 failed.append(RequestOutput(request_id, [], "", True, finish_reason="abort", stop_reason=message,
                                             num_prompt_tokens=req.seq.num_prompt_tokens))
                 continue
-            req.matcher = self.structured.matcher(future.result())
+            req.matcher = self.structured.matcher(future.result(), req.seq.params.structured_output)
             self.scheduler.add(req.seq)
         return failed
 
@@ -308,9 +316,25 @@ class LLMEngine:
         sampled = self.runner.execute(sched, self._bitmask_filler(sched))
         self.scheduler.on_step_done(sched)
         now = time.monotonic()
-        outputs = [self._process(tok.seq, [tok.token_id], now, tok) for tok in sampled]
+        ended = self._grammar_ends_of_step(sampled)
+        outputs = [self._process(tok.seq, [tok.token_id], now, tok, grammar_ended=ended[i]) for i, tok in enumerate(sampled)]
         self.last_step = self._stats(sched.num_batched_tokens)
         return failed + outputs
+
+    def _grammar_ends_of_step(self, sampled: list[SampledToken]) -> list[bool | None]:
+        """With grammar workers, a single step's tokens go to their matchers in one round trip (not
+        one a request, as `_process` would take them): whether each constrained row's grammar
+        ended (took its stop token, or rejected the token); None for the others (and without
+        workers, where `_process` feeds its matcher itself)."""
+        workers = self.structured.workers
+        matchers = [self.requests[tok.seq.request_id].matcher for tok in sampled]
+        if workers is None or not any(m is not None for m in matchers):
+            return [None] * len(sampled)
+        statuses = workers.step(matchers, [tok.token_id for tok in sampled], fill=False)[1]
+        for tok, m, status in zip(sampled, matchers, statuses):
+            if m is not None and status == REJECTED:  # the mask allows only tokens it accepts
+                logger.warning("request %s: token %d rejected by its grammar", tok.seq.request_id, tok.token_id)
+        return [None if m is None else status != ACCEPTED for m, status in zip(matchers, statuses)]
 
     def _can_admit(self) -> bool:
         """Someone waits (a constrained request whose grammar has compiled counts) and the batch has
@@ -509,6 +533,8 @@ class LLMEngine:
             self.scheduler.finish(seq, reason, stop_reason)  # type: ignore[arg-type]
             self.runner.release(seq.request_id)
             del self.requests[seq.request_id]
+            if req.matcher is not None:
+                self.structured.release(req.matcher)
 
         logprobs = None
         if sampled is not None and sampled.logprob is not None:

@@ -27,6 +27,9 @@ from engine.sampling_params import StructuredOutputSpec
 
 logger = logging.getLogger(__name__)
 
+# What a row's grammar did with a step's token, as grammar workers report it (engine.grammar_workers).
+ACCEPTED, TERMINATED, REJECTED = 0, 1, 2
+
 
 class StructuredOutputs:
     """Compiles specs against one tokenizer's vocabulary (built on first use) and hands out
@@ -37,9 +40,9 @@ class StructuredOutputs:
 
     def __init__(self, token_bytes: list[bytes] | None, vocab_size: int, stop_token_ids: tuple[int, ...],
                  threads: int = 2, pin_bitmask: bool = False, cache_limit_bytes: int = 256 * 2**20) -> None:
-        self._token_bytes = token_bytes
+        self.token_bytes = token_bytes
         self.vocab_size = vocab_size
-        self._stop_token_ids = list(stop_token_ids)
+        self.stop_token_ids = list(stop_token_ids)
         self.stop_token_set = frozenset(stop_token_ids)
         self._compiler = None
         # Two locks: building the compiler (0.5 s and more) must not hold up compile_async's
@@ -50,11 +53,12 @@ class StructuredOutputs:
         self._sizes: dict[StructuredOutputSpec, int] = {}  # compiled grammars' bytes, once known
         self.cache_limit_bytes = cache_limit_bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
-        self._pin_bitmask = pin_bitmask
+        self.pin_bitmask = pin_bitmask
         self._bitmask: torch.Tensor | None = None
         # Bitmask rows are filled on one thread or in parallel (half the cores, up to 8), whichever
         # the step's grammar states make cheaper: see FillThreads.
         self._fill = FillThreads(max(1, min(8, (os.cpu_count() or 2) // 2)))
+        self.workers = None  # engine.grammar_workers.GrammarWorkers once start_workers ran
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
@@ -67,14 +71,14 @@ class StructuredOutputs:
     def _get_compiler(self):
         with self._compiler_lock:
             if self._compiler is None:
-                if self._token_bytes is None:
+                if self.token_bytes is None:
                     raise InvalidRequest("structured outputs need a byte-level BPE vocabulary; this model's is not")
                 import xgrammar as xgr
 
-                vocab = list(self._token_bytes[: self.vocab_size])
+                vocab = list(self.token_bytes[: self.vocab_size])
                 vocab += [b""] * (self.vocab_size - len(vocab))
                 info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                         stop_token_ids=self._stop_token_ids)
+                                         stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)  # ours is bounded
             return self._compiler
 
@@ -85,26 +89,11 @@ class StructuredOutputs:
         time during the first seconds of serving: the import holds Python's import lock, which
         the request path's own first imports then wait on (client TTFT p99 1.4 s at 32 requests/s
         with the server's own TTFT under 10 ms, H200, docs/BENCHMARKS.md)."""
-        if self._token_bytes is not None:
+        if self.token_bytes is not None:
             self._get_compiler()
 
     def _compile(self, spec: StructuredOutputSpec):
-        compiler = self._get_compiler()
-        try:
-            if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.value)
-            if spec.kind == "choice":
-                return compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
-            if spec.kind == "grammar":
-                return compiler.compile_grammar(spec.value)
-        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for bad input
-            raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {_first_line(exc)}",
-                                 param=_PARAM.get(spec.kind)) from None
-        raise InvalidRequest(f"unknown structured output kind {spec.kind!r}")
+        return compile_spec(self._get_compiler(), spec)
 
     def compile_async(self, spec: StructuredOutputSpec) -> Future:
         """The compiled grammar, as a future: the cached one, or compiling on a worker thread."""
@@ -142,10 +131,28 @@ class StructuredOutputs:
         """Compile now (blocking: call off the event loop); InvalidRequest if the spec is bad."""
         self.compile_async(spec).result()
 
-    def matcher(self, compiled):
+    def attach_workers(self, workers) -> None:
+        """Hold new requests' matchers in these processes from now on (engine.grammar_workers.GrammarWorkers)."""
+        self.workers = workers
+
+    def matcher(self, compiled, spec: StructuredOutputSpec | None = None):
+        """A new matcher for a request: in a worker process when there are workers (the caller
+        releases it with `release`), else in this one."""
+        if self.workers is not None and spec is not None:
+            return self.workers.add(spec)
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(compiled)
+
+    def release(self, matcher) -> None:
+        """A finished request's matcher: a worker's is dropped there (one of ours is garbage)."""
+        if self.workers is not None and hasattr(matcher, "slot"):
+            self.workers.remove(matcher)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def fill_bitmask(self, matchers: list, before_fill: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The allowed-token bitmask of a step, [len(matchers), ceil(vocab / 32)] int32, one bit per
@@ -155,10 +162,12 @@ class StructuredOutputs:
         matcher all ones. `before_fill(lo, hi)` runs on this thread before rows lo..hi are filled
         and may set their matchers to None (GrammarSteps: the previous step's tokens). One buffer,
         reused (pinned when uploads are to a GPU): the caller uses it before the next call."""
+        if self.workers is not None and before_fill is None:
+            return self.workers.step(matchers, None, fill=True)[0]
         rows = len(matchers)
         if self._bitmask is None or self._bitmask.shape[0] < rows:
             self._bitmask = torch.empty(max(rows, 64), (self.vocab_size + 31) // 32, dtype=torch.int32,
-                                        pin_memory=self._pin_bitmask)
+                                        pin_memory=self.pin_bitmask)
         bitmask = self._bitmask[:rows]
         self._fill(matchers, bitmask, before_fill)
         return bitmask
@@ -261,6 +270,11 @@ class GrammarSteps:
         if tokens is None:
             return self._outputs.fill_bitmask(self._matchers)
         self._steps += 1
+        workers = self._outputs.workers
+        if workers is not None:  # the matchers' processes take the tokens and fill, in parallel
+            bitmask, statuses = workers.step(self._matchers, tokens, fill=True)
+            self._end_rows(statuses, tokens)
+            return bitmask
         return self._outputs.fill_bitmask(self._matchers, lambda lo, hi: self._accept_rows(tokens, lo, hi))
 
     def continued(self) -> GrammarSteps:
@@ -271,7 +285,21 @@ class GrammarSteps:
     def accept(self, tokens: list[int]) -> None:
         """A step's tokens, one a row, taken by the rows' matchers (fill(tokens) does this too)."""
         self._steps += 1
+        workers = self._outputs.workers
+        if workers is not None:
+            self._end_rows(workers.step(self._matchers, tokens, fill=False)[1], tokens)
+            return
         self._accept_rows(tokens, 0, len(self._matchers))
+
+    def _end_rows(self, statuses: list[int], tokens: list[int]) -> None:
+        """The workers' verdicts on a step's tokens (engine.grammar_workers): rows whose grammar
+        rejected its token or ended leave the run's grammar, as in _accept_rows."""
+        for j, status in enumerate(statuses):
+            if status != ACCEPTED and self._matchers[j] is not None:
+                if status == REJECTED:
+                    logger.warning("token %d rejected by its grammar inside a decode run", tokens[j])
+                self.ends[j] = self._steps
+                self._matchers[j] = None
 
     def _accept_rows(self, tokens: list[int], lo: int, hi: int) -> None:
         # A call a row: xgrammar's batch accept converts its result row by row through tvm-ffi's
@@ -290,6 +318,25 @@ class GrammarSteps:
             if not ok or (token in stops and matcher.is_terminated()):
                 self.ends[j] = self._steps
                 self._matchers[j] = None
+
+
+def compile_spec(compiler, spec: StructuredOutputSpec):
+    """`spec` compiled by an xgrammar GrammarCompiler; InvalidRequest if it is not valid."""
+    try:
+        if spec.kind == "json_schema":
+            return compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+        if spec.kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if spec.kind == "regex":
+            return compiler.compile_regex(spec.value)
+        if spec.kind == "choice":
+            return compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
+        if spec.kind == "grammar":
+            return compiler.compile_grammar(spec.value)
+    except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for bad input
+        raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {_first_line(exc)}",
+                             param=_PARAM.get(spec.kind)) from None
+    raise InvalidRequest(f"unknown structured output kind {spec.kind!r}")
 
 
 _PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",

@@ -181,3 +181,38 @@ def test_a_client_that_vanishes_has_its_requests_aborted(tiny_llama_dir):
     asyncio.run(main())
     handle.process.join(10)
     assert handle.process.exitcode == 0
+
+
+def test_an_engine_process_with_grammar_workers_serves_constrained_requests(tiny_llama_dir, tiny_llm):
+    """Grammar workers are the engine process's own children (it is then started non-daemonic):
+    constrained outputs match one process's, and shutting down stops the workers too."""
+    import json
+
+    from engine.sampling_params import StructuredOutputSpec
+
+    number = {"type": "integer", "minimum": 0, "maximum": 99}
+    spec = StructuredOutputSpec.json_schema({"type": "object", "properties": {"n": number}, "required": ["n"],
+                                             "additionalProperties": False})
+    params = SamplingParams(max_tokens=40, temperature=0.0, structured_output=spec)
+    prompts = ["a number please", "another one"]
+    expected = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    engine_process = EngineCoreClient(EngineConfig(model=tiny_llama_dir, device="cpu", num_kv_blocks=64, max_num_seqs=8,
+                                                   max_num_batched_tokens=256, grammar_workers=1))
+    assert not engine_process.process.daemon
+
+    async def main():
+        engine = AsyncEngine(engine=engine_process)
+        try:
+            async def tokens(rid, prompt):
+                outs = [o async for o in engine.generate(rid, prompt, params)]
+                assert outs[-1].finished and outs[-1].finish_reason == "stop"
+                return [t for o in outs for t in o.new_token_ids]
+
+            return await asyncio.gather(*(tokens(f"r{i}", p) for i, p in enumerate(prompts)))
+        finally:
+            await engine.shutdown()
+            assert not engine_process.process.is_alive()
+
+    got = asyncio.run(main())
+    assert got == expected
+    assert all("n" in json.loads(tiny_llm.tokenizer.decode(t)) for t in got)

@@ -9,10 +9,12 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from engine import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
+from engine.grammar_workers import GrammarWorkers
 from engine.structured_output import FillThreads, GrammarSteps, StructuredOutputs
 from engine import tool_calls
 
@@ -315,3 +317,67 @@ def test_tool_choice_errors():
     with pytest.raises(InvalidRequest):
         tool_calls.resolve_mode(None, "required")
     assert tool_calls.resolve_mode(None, None) == ("none", None) and tool_calls.resolve_mode(TOOLS, None) == ("auto", None)
+
+
+def test_grammar_workers_fill_and_end_rows_as_the_engine_process_does(tiny_llm):
+    """Matchers held in worker processes (engine.grammar_workers): the same bitmask rows and the
+    same row ends, step for step, as matchers in this process, for rows spread over two workers,
+    free rows between them, a rejection and a stop token; a released matcher leaves its worker."""
+    engine = tiny_llm.engine
+    tok, vocab, stop = engine.tokenizer, engine.model_config.vocab_size, 50256
+    here = StructuredOutputs.for_tokenizer(tok, vocab, (stop,))
+    there = StructuredOutputs.for_tokenizer(tok, vocab, (stop,))
+    GrammarWorkers.start(there, 2, max_rows=8)
+    try:
+        specs = [StructuredOutputSpec.json_schema(SCHEMAS[0]), None, StructuredOutputSpec.json_schema(SCHEMAS[3]),
+                 StructuredOutputSpec.choice(["yes", "no"]), StructuredOutputSpec.json_schema(SCHEMAS[2])]
+
+        def matchers(outputs, remote):
+            return [None if s is None else outputs.matcher(outputs.compile_async(s).result(), s if remote else None)
+                    for s in specs]
+
+        ours, theirs = matchers(here, False), matchers(there, True)
+        assert sorted(there.workers._load) == [2, 2]
+        steps_here, steps_there = GrammarSteps(here, ours), GrammarSteps(there, theirs)
+        assert torch.equal(steps_here.fill(), steps_there.fill())
+        rng = random.Random(0)
+        yes = tok.encode("yes")[0]
+        for step in range(12):
+            mask = steps_here.fill().clone() if step == 0 else mask
+            # each row's next token: an allowed one (the lowest, or a random one), except row 3,
+            # which takes "yes", then a token its grammar rejects
+            tokens = []
+            for row in range(len(specs)):
+                allowed = [t for t in range(vocab) if mask[row, t // 32] >> (t % 32) & 1]
+                tokens.append(min(allowed) if row % 2 else rng.choice(allowed))
+            tokens[3] = yes if step == 0 else tokens[0]
+            mask = steps_here.fill(tokens).clone()
+            assert torch.equal(mask, steps_there.fill(tokens)), step
+            assert steps_here.ends == steps_there.ends, step
+        assert 3 in steps_there.ends and steps_there.ends[3] == 2  # rejected at its second token
+        for m in theirs:
+            if m is not None:
+                there.release(m)
+        assert there.workers._load == [0, 0]
+    finally:
+        there.close()
+    assert there.workers is None
+
+
+def test_constrained_requests_through_grammar_workers_match_the_engine_process(tiny_llama_dir, tiny_llm):
+    """An engine whose matchers live in two worker processes gives the same constrained outputs,
+    greedy and seeded, beside free requests (single steps and multi-step runs alike), as one
+    that keeps them in its own process."""
+    from engine import LLM
+
+    prompts = [f"Request {i}: JSON please" for i in range(len(SCHEMAS))] + ["free text"]
+    params = [constrained(StructuredOutputSpec.json_schema(s), seed=None if i % 2 else i) for i, s in enumerate(SCHEMAS)]
+    params.append(SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    want = tiny_llm.generate(prompts, params)
+    with LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, grammar_workers=2) as llm:
+        got = llm.generate(prompts, params)
+        assert llm.engine.structured.workers._load == [0, 0]  # every finished request's matcher released
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for out, p in zip(got[:-1], params[:-1]):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), json.loads(p.structured_output.value))
