@@ -7,14 +7,15 @@ GIL). In one process the accepts of a 64-row batch run one after another however
 there are, and a fill thread waits for the GIL the accepting thread holds, so the step thread's
 grammar work stayed longer than GPT-2's whole forward on an H100/H200 (constrained decode at
 0.66-0.77 of free, docs/BENCHMARKS.md). Here each of N processes holds its requests' matchers;
-a step sends each process its rows (row, slot, token to accept), and each accepts and fills its
-rows into one shared-memory bitmask (pinned for the upload where CUDA allows), in parallel; the
-engine's step thread only sends and waits (the wait drops the GIL).
+a step posts each process its rows (row, slot, token to accept) in shared memory, and each
+accepts and fills its rows into one shared-memory bitmask (pinned for the upload where CUDA
+allows), in parallel; the engine's step thread only posts and waits.
 
 Each request gets a slot (an integer) on the least loaded worker when its grammar has compiled in
 the engine process (which also validated it); the worker compiles the same spec itself (cached by
-spec) and keeps the matcher until the request ends. Only worth it with cores to spare: the engine
-turns it on for CUDA hosts with 8 or more cores (EngineConfig.grammar_workers).
+spec) and keeps the matcher until the request ends. Only worth it with cores to spare (a worker
+spins on a core while constrained requests decode): the engine turns it on for CUDA hosts with
+8 or more cores (EngineConfig.grammar_workers).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import itertools
 import logging
 import multiprocessing
 import os
+import time
 import weakref
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 
 import torch
@@ -35,10 +37,11 @@ from engine.structured_output import ACCEPTED, REJECTED, TERMINATED, StructuredO
 logger = logging.getLogger(__name__)
 
 def default_grammar_workers(device_type: str, cpus: int | None = None) -> int:
-    """Grammar worker processes by default: on a CUDA host with 8+ cores, one per 4 cores up to 4
-    (64 rows of ~5 us each is ~80 us a step on 4); none on the CPU, whose cores run the model."""
+    """Grammar worker processes by default: two on a CUDA host with 8+ cores (on the 16-core H200
+    host, with the pipe protocol, 64 rows of the records schema took 425 / 346 / 358 us a step on
+    1 / 2 / 4 workers: docs/BENCHMARKS.md); none on the CPU, whose cores run the model."""
     cpus = cpus or os.cpu_count() or 1
-    return min(4, cpus // 4) if device_type == "cuda" and cpus >= 8 else 0
+    return 2 if device_type == "cuda" and cpus >= 8 else 0
 
 
 class RemoteMatcher:
@@ -62,7 +65,17 @@ class RemoteMatcher:
 
 class GrammarWorkers:
     """`workers` processes holding matchers; `step` accepts a step's tokens and fills its bitmask
-    rows across them. Rows whose matcher is None (unconstrained) are all ones."""
+    rows across them. Rows whose matcher is None (unconstrained) are all ones.
+
+    A step is posted through shared memory, not the pipe: a round trip through a pipe cost 40-65
+    us on the H200 host (the worker's wake-up, then the engine's), as much as 16 rows' grammar work
+    (H200, docs/BENCHMARKS.md). The engine writes each worker's rows (row, slot, token) and then a
+    new sequence number; the worker, which spins on it for SPIN_S after its last job, runs the rows
+    and writes its sequence number back, which the engine spins on. A worker idle for longer
+    blocks on its pipe, saying so in shared memory, and the engine then also wakes it through the
+    pipe. The pipe carries everything else (new matchers, released ones, exit), which the worker
+    reads before each job. Stores are ordered as x86 orders them (the payload before the sequence
+    number); these hosts are x86."""
 
     def __init__(self, token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...], workers: int,
                  max_rows: int, pin: bool = False) -> None:
@@ -70,6 +83,8 @@ class GrammarWorkers:
         self.max_rows = max_rows
         self._shm = SharedMemory(create=True, size=max_rows * self.words * 4)
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, self.words)
+        self._ctl_shm = SharedMemory(create=True, size=_Control.nbytes(workers, max_rows))
+        self._ctl = _Control(self._ctl_shm.buf, workers, max_rows)
         self._registered = False
         if pin and torch.cuda.is_available():
             # Page-locked in place, so the masked step's upload is an asynchronous DMA as from any
@@ -84,18 +99,19 @@ class GrammarWorkers:
         for i in range(workers):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, name=f"roseinfer-grammar-{i}", daemon=True,
-                               args=(theirs, self._shm.name, max_rows, self.words, token_bytes, vocab_size,
-                                     tuple(stop_token_ids)))
+                               args=(theirs, i, workers, self._shm.name, self._ctl_shm.name, max_rows, self.words,
+                                     token_bytes, vocab_size, tuple(stop_token_ids)))
             proc.start()
             theirs.close()
             self._conns.append(ours)
             self._procs.append(proc)
         self._load = [0] * workers  # live matchers per worker
         self._slots = itertools.count()
-        self._finalizer = weakref.finalize(self, GrammarWorkers._shut, self._conns, self._procs, self._shm)
+        self._finalizer = weakref.finalize(self, GrammarWorkers._shut, self._conns, self._procs,
+                                           [self._shm, self._ctl_shm])
 
     @staticmethod
-    def _shut(conns: list[Connection], procs: list, shm: SharedMemory) -> None:
+    def _shut(conns: list[Connection], procs: list, segments: list[SharedMemory]) -> None:
         for conn in conns:
             try:
                 conn.send(("exit",))
@@ -105,10 +121,11 @@ class GrammarWorkers:
             proc.join(timeout=2)
             if proc.is_alive():
                 proc.kill()
-        try:
-            shm.unlink()
-        except FileNotFoundError:
-            pass
+        for shm in segments:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
 
     @classmethod
     def start(cls, outputs: StructuredOutputs, workers: int, max_rows: int) -> GrammarWorkers | None:
@@ -147,43 +164,111 @@ class GrammarWorkers:
         and each row's ACCEPTED / TERMINATED / REJECTED (ACCEPTED for rows without a matcher)."""
         rows = len(matchers)
         assert rows <= self.max_rows
-        per_worker: dict[int, list[tuple[int, int, int]]] = {}
+        per_worker: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for i, m in enumerate(matchers):
             if m is not None:
-                per_worker.setdefault(m.worker, []).append((i, m.slot, -1 if tokens is None else tokens[i]))
-        for worker, work in per_worker.items():
-            self._conns[worker].send(("step", work, fill))
+                work = per_worker.setdefault(m.worker, ([], [], []))
+                work[0].append(i)
+                work[1].append(m.slot)
+                work[2].append(-1 if tokens is None else tokens[i])
+        ctl = self._ctl
+        for worker, (work_rows, slots, work_tokens) in per_worker.items():
+            if ctl.post(worker, work_rows, slots, work_tokens, fill):  # it was blocked on its pipe
+                self._conns[worker].send(("wake",))
         statuses = [ACCEPTED] * rows
         if fill:
             free = [i for i, m in enumerate(matchers) if m is None]
             if free:
                 self.bitmask[free] = -1
-        pending = {self._conns[w]: w for w in per_worker}
-        while pending:
-            for conn in wait(list(pending)):
-                del pending[conn]
-                reply = conn.recv()
-                if isinstance(reply, BaseException):
-                    raise RuntimeError("a grammar worker failed") from reply
-                for i, status in reply:
-                    statuses[i] = status
+        for worker, (work_rows, _, _) in per_worker.items():
+            self._wait(worker)
+            for i, status in zip(work_rows, ctl.status[worker, :len(work_rows)].tolist()):
+                statuses[i] = status
         return (self.bitmask[:rows] if fill else None), statuses
 
+    def _wait(self, worker: int) -> None:
+        """Until `worker` has run its posted job: spinning for a while (the job is tens of
+        microseconds), then sleeping in short naps, checking that the worker lives."""
+        ctl = self._ctl
+        spin_until = time.perf_counter() + 2e-3
+        while not ctl.done(worker):
+            if time.perf_counter() > spin_until:
+                time.sleep(20e-6)
+                if not self._procs[worker].is_alive():
+                    raise RuntimeError(f"grammar worker {worker} died (exit code {self._procs[worker].exitcode})")
+
     def close(self) -> None:
-        """Stop the workers and free the shared bitmask (also when the engine is collected)."""
+        """Stop the workers and free the shared memory (also when the engine is collected)."""
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.bitmask.data_ptr())
             self._registered = False
         self._finalizer()
 
 
-def _worker_main(conn: Connection, shm_name: str, max_rows: int, words: int, token_bytes: list[bytes],
-                 vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
-    """A grammar worker: compiles specs (cached), keeps matchers by slot, and runs steps."""
+class _Control:
+    """The shared-memory job slots: per worker a control row (posted and done sequence numbers,
+    the job's row count and fill flag, whether the worker sleeps on its pipe; 64 bytes, one cache
+    line a worker) and its job's rows, slots, tokens and statuses."""
+
+    POSTED, DONE, COUNT, FILL, SLEEPING = range(5)
+
+    @staticmethod
+    def nbytes(workers: int, max_rows: int) -> int:
+        return workers * (64 + max_rows * (4 + 8 + 8 + 4))
+
+    def __init__(self, buf, workers: int, max_rows: int) -> None:
+        import numpy as np
+
+        offset = 0
+
+        def take(dtype, cols: int):
+            nonlocal offset
+            arr = np.ndarray((workers, cols), dtype=dtype, buffer=buf, offset=offset)
+            offset += arr.nbytes
+            return arr
+
+        self.ctl = take(np.int64, 8)
+        self.slots = take(np.int64, max_rows)
+        self.tokens = take(np.int64, max_rows)
+        self.rows = take(np.int32, max_rows)
+        self.status = take(np.int32, max_rows)
+
+    def post(self, worker: int, rows: list[int], slots: list[int], tokens: list[int], fill: bool) -> bool:
+        """Write a job for `worker`, then publish it; True if the worker sleeps on its pipe."""
+        n = len(rows)
+        self.rows[worker, :n] = rows
+        self.slots[worker, :n] = slots
+        self.tokens[worker, :n] = tokens
+        ctl = self.ctl[worker]
+        ctl[self.COUNT] = n
+        ctl[self.FILL] = fill
+        ctl[self.POSTED] += 1  # last: the payload's stores are visible before it
+        return bool(ctl[self.SLEEPING])
+
+    def done(self, worker: int) -> bool:
+        ctl = self.ctl[worker]
+        return ctl[self.DONE] == ctl[self.POSTED]
+
+    def release(self) -> None:
+        self.ctl = self.slots = self.tokens = self.rows = self.status = None
+
+
+# How long an idle worker keeps spinning on its control row before it blocks on its pipe: longer
+# than the gap between two steps of a decoding batch.
+SPIN_S = 5e-3
+
+
+def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_name: str, max_rows: int, words: int,
+                 token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+    """A grammar worker: compiles specs (cached), keeps matchers by slot, and runs the jobs posted
+    on its control row."""
     import xgrammar as xgr
 
-    shm = SharedMemory(name=shm_name)  # (spawned: the engine's resource tracker, which its unlink clears)
+    # (spawned: the engine's resource tracker, which the engine's unlink clears)
+    shm, ctl_shm = SharedMemory(name=shm_name), SharedMemory(name=ctl_name)
     bitmask = torch.frombuffer(shm.buf, dtype=torch.int32).view(max_rows, words)
+    control = _Control(ctl_shm.buf, workers, max_rows)
+    ctl = control.ctl[index]
     vocab = list(token_bytes[:vocab_size]) + [b""] * max(0, vocab_size - len(token_bytes))
     info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -191,50 +276,88 @@ def _worker_main(conn: Connection, shm_name: str, max_rows: int, words: int, tok
     matchers: dict[int, object] = {}
     batch = xgr.BatchGrammarMatcher(1)
     stops = frozenset(stop_token_ids)
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the engine process is gone
-            break
-        try:
-            if msg[0] == "step":
-                _, work, fill = msg
-                reply, fill_rows, fill_matchers, open_rows = [], [], [], []
-                for row, slot, token in work:
-                    matcher = matchers.get(slot)
-                    status = ACCEPTED if matcher is not None else REJECTED
-                    if matcher is not None and token >= 0:
-                        if not matcher.accept_token(token):
-                            status = REJECTED
-                        elif token in stops and matcher.is_terminated():
-                            status = TERMINATED
-                    reply.append((row, status))
-                    if status == ACCEPTED:
-                        fill_rows.append(row)
-                        fill_matchers.append(matcher)
-                    else:
-                        open_rows.append(row)
-                if fill:
-                    if fill_rows:
-                        batch.batch_fill_next_token_bitmask(fill_matchers, bitmask, fill_rows)
-                    if open_rows:
-                        bitmask[open_rows] = -1
-                conn.send(reply)
-            elif msg[0] == "add":
-                _, slot, kind, value = msg
-                key = (kind, value)
+
+    def handle(msg) -> bool:
+        """A pipe message; False on exit."""
+        if msg[0] == "add":
+            _, slot, kind, value = msg
+            key = (kind, value)
+            try:
                 if key not in compiled:
                     if len(compiled) >= 64:  # a bound, as the engine's own cache has
                         compiled.pop(next(iter(compiled)))
                     compiled[key] = compile_spec(compiler, StructuredOutputSpec(kind, value))
                 matchers[slot] = xgr.GrammarMatcher(compiled[key])
-            elif msg[0] == "remove":
-                matchers.pop(msg[1], None)
-            elif msg[0] == "exit":
-                break
-        except Exception as exc:  # noqa: BLE001 - reported to the engine, which raises it
-            logger.exception("grammar worker")
-            if msg[0] == "step":
-                conn.send(exc)
-    bitmask = None
+            except Exception:  # noqa: BLE001 - its rows then report REJECTED: their requests end
+                logger.exception("grammar worker: compiling a spec the engine had compiled")
+        elif msg[0] == "remove":
+            matchers.pop(msg[1], None)
+        return msg[0] != "exit"
+
+    def run_job(n: int, fill: bool) -> None:
+        fill_rows, fill_matchers, open_rows = [], [], []
+        statuses = []
+        for row, slot, token in zip(control.rows[index, :n].tolist(), control.slots[index, :n].tolist(),
+                                    control.tokens[index, :n].tolist()):
+            matcher = matchers.get(slot)
+            status = ACCEPTED if matcher is not None else REJECTED
+            if matcher is not None and token >= 0:
+                if not matcher.accept_token(token):
+                    status = REJECTED
+                elif token in stops and matcher.is_terminated():
+                    status = TERMINATED
+            statuses.append(status)
+            if status == ACCEPTED:
+                fill_rows.append(row)
+                fill_matchers.append(matcher)
+            else:
+                open_rows.append(row)
+        if fill:
+            if fill_rows:
+                batch.batch_fill_next_token_bitmask(fill_matchers, bitmask, fill_rows)
+            if open_rows:
+                bitmask[open_rows] = -1
+        control.status[index, :n] = statuses
+
+    last = int(ctl[_Control.DONE])  # a job posted before this worker got here is pending
+    idle_since = time.perf_counter()
+    spins = 0
+    running = True
+    try:
+        while running:
+            posted = int(ctl[_Control.POSTED])
+            if posted != last:
+                while conn.poll():  # new matchers before the job that uses them
+                    running = handle(conn.recv()) and running
+                n, fill = int(ctl[_Control.COUNT]), bool(ctl[_Control.FILL])
+                try:
+                    run_job(n, fill)
+                except Exception:  # noqa: BLE001 - the rows' grammars end; the engine goes on
+                    logger.exception("grammar worker: a step failed")
+                    control.status[index, :n] = REJECTED
+                    if fill:
+                        bitmask[control.rows[index, :n].tolist()] = -1
+                last = posted
+                ctl[_Control.DONE] = posted
+                idle_since = time.perf_counter()
+                continue
+            spins += 1
+            if spins % 256 == 0:  # now and then: the pipe (exit, new matchers) and the idle time
+                while conn.poll():
+                    running = handle(conn.recv()) and running
+                if time.perf_counter() - idle_since > SPIN_S:  # asleep on the pipe until a job
+                    ctl[_Control.SLEEPING] = 1
+                    while running and int(ctl[_Control.POSTED]) == last:
+                        # the engine's wake-up or a message; and every 2 ms a look at the control row
+                        # (two stores and two loads can cross: a job posted as this worker fell asleep
+                        # waits that long)
+                        while running and conn.poll(2e-3):
+                            running = handle(conn.recv())
+                    ctl[_Control.SLEEPING] = 0
+                    idle_since = time.perf_counter()
+    except (EOFError, OSError):  # the engine process is gone
+        pass
+    bitmask = ctl = None
+    control.release()
     shm.close()
+    ctl_shm.close()

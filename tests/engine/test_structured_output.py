@@ -346,9 +346,10 @@ def test_grammar_workers_fill_and_end_rows_as_the_engine_process_does(tiny_llm):
             mask = steps_here.fill().clone() if step == 0 else mask
             # each row's next token: an allowed one (the lowest, or a random one), except row 3,
             # which takes "yes", then a token its grammar rejects
+            ids = torch.arange(vocab)
             tokens = []
             for row in range(len(specs)):
-                allowed = [t for t in range(vocab) if mask[row, t // 32] >> (t % 32) & 1]
+                allowed = ids[(mask[row, ids // 32] >> (ids % 32)) & 1 == 1].tolist()
                 tokens.append(min(allowed) if row % 2 else rng.choice(allowed))
             tokens[3] = yes if step == 0 else tokens[0]
             mask = steps_here.fill(tokens).clone()
@@ -381,3 +382,28 @@ def test_constrained_requests_through_grammar_workers_match_the_engine_process(t
     for out, p in zip(got[:-1], params[:-1]):
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), json.loads(p.structured_output.value))
+
+
+def test_a_sleeping_grammar_worker_wakes_and_a_dead_one_fails_the_step(tiny_llm):
+    """A worker idle past its spin blocks on its pipe and the next step wakes it; a step posted
+    to a worker that has died raises instead of waiting forever."""
+    import time
+
+    engine = tiny_llm.engine
+    outputs = StructuredOutputs.for_tokenizer(engine.tokenizer, engine.model_config.vocab_size, (50256,))
+    workers = GrammarWorkers.start(outputs, 1, max_rows=4)
+    try:
+        spec = StructuredOutputSpec.choice(["yes", "no"])
+        matcher = outputs.matcher(outputs.compile_async(spec).result(), spec)
+        first, _ = workers.step([matcher], None, fill=True)
+        first = first.clone()
+        time.sleep(0.2)  # past SPIN_S: asleep on the pipe
+        assert workers._ctl.ctl[0, workers._ctl.SLEEPING] == 1
+        again, statuses = workers.step([matcher, None], None, fill=True)
+        assert torch.equal(again[0], first[0]) and bool((again[1] == -1).all()) and statuses == [0, 0]
+        workers._procs[0].kill()
+        workers._procs[0].join()
+        with pytest.raises(RuntimeError, match="died"):
+            workers.step([matcher], None, fill=True)
+    finally:
+        outputs.close()
