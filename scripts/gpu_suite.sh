@@ -334,7 +334,14 @@ run_structured() {
       --output-json "$out/bench_structured_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[$tag] /"
   done
   # The grammar's host work per step on this host's CPU (it must hide behind a ~0.45 ms forward).
-  python3 scripts/grammar_cost.py --rows 64 --threads 1,8 --json "$out/grammar_cost.json" | sed "s/^/[grammar] /"
+  python3 scripts/grammar_cost.py --rows 64 --threads 1,8 --workers "${STRUCTURED_WORKERS_COST-1,2,4}" \
+    --json "$out/grammar_cost.json" | sed "s/^/[grammar] /"
+  # The records workload with the matchers in 0, 1, 2, 4 grammar worker processes (engine.grammar_workers).
+  for workers in ${STRUCTURED_WORKERS-}; do
+    timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --guided-json "$records" \
+      --grammar-workers "$workers" --output-json "$out/bench_structured_records_w$workers.json" 2>&1 \
+      | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[records, $workers grammar workers] /"
+  done
   # Sampled rows (no seed) run pipelined multi-step runs: the forward graph, then a sampling graph.
   timeout 200 "${roseinfer[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --temperature 0.8 --top-p 0.95 \
     --output-json "$out/bench_structured_sampled.json" 2>&1 | grep -E "Throughput\(completion,decode\)|TPOT" | sed "s/^/[sampled] /"

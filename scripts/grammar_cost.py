@@ -8,6 +8,10 @@ forward (engine.structured_output.GrammarSteps): it stays hidden while rows x (f
 shorter than a forward (GPT-2 at batch 64 on an H200: ~0.45 ms).
 
     python scripts/grammar_cost.py --rows 64 --threads 1,2,4
+    python scripts/grammar_cost.py --rows 64 --threads 1 --workers 1,2,4   # also the matchers in worker processes
+
+With --workers the same step runs with the matchers in engine.grammar_workers processes: the
+step thread only posts each worker its rows and waits for their accepts and fills.
 """
 
 from __future__ import annotations
@@ -72,11 +76,35 @@ def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows
             "steps": len(token_ids)}
 
 
+def measure_workers(tokenizer, schema: dict, text: str, rows: int, workers: int, steps: int) -> dict:
+    """The overlapped step (GrammarSteps.fill with the step before's tokens) with the matchers in
+    `workers` grammar worker processes."""
+    from engine.grammar_workers import GrammarWorkers
+
+    outputs = StructuredOutputs.for_tokenizer(tokenizer, 50257, (50256,))
+    GrammarWorkers.start(outputs, workers, rows)
+    try:
+        spec = StructuredOutputSpec.json_schema(schema)
+        compiled = outputs.compile_async(spec).result()
+        token_ids = tokenizer.encode(text, add_special_tokens=False)[:steps]
+        run = GrammarSteps(outputs, [outputs.matcher(compiled, spec) for _ in range(rows)])
+        run.fill()
+        start = time.perf_counter()
+        for token in token_ids:
+            run.fill([token] * rows)
+        took = time.perf_counter() - start
+        assert not run.ends
+    finally:
+        outputs.close()
+    return {"overlapped_step_us": took / len(token_ids) * 1e6, "steps": len(token_ids)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--workers", default="", help="also with the matchers in this many grammar worker processes, e.g. 1,2,4")
     p.add_argument("--json", default=None)
     p.add_argument("--switch-interval", type=float, default=STEP_THREAD_SWITCH_INTERVAL_S,
                    help="the GIL switch interval (s): the in-process engine's by default; a fill thread "
@@ -92,6 +120,10 @@ def main() -> None:
             r = measure(outputs, tokenizer, schema, text, args.rows, threads, args.steps)
             results[f"{name}/{threads}"] = r
             print(f"{name:10} {threads:>7} {r['fill_us_per_row']:>12.1f} {r['accept_us_per_row']:>14.2f} {r['step_us']:>9.0f} {r['overlapped_step_us']:>10.0f}")
+        for workers in (int(w) for w in args.workers.split(",") if w):
+            r = measure_workers(tokenizer, schema, text, args.rows, workers, args.steps)
+            results[f"{name}/workers{workers}"] = r
+            print(f"{name:10} {f'{workers} proc':>7} {'':>12} {'':>14} {'':>9} {r['overlapped_step_us']:>10.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
