@@ -33,6 +33,7 @@ import torch
 
 from engine.sampling_params import StructuredOutputSpec
 from engine.structured_output import ACCEPTED, REJECTED, TERMINATED, StructuredOutputs, compile_spec
+from kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class GrammarWorkers:
             proc = ctx.Process(target=_worker_main, name=f"roseinfer-grammar-{i}", daemon=True,
                                args=(theirs, i, workers, self._shm.name, self._ctl_shm.name, max_rows, self.words,
                                      token_bytes, vocab_size, tuple(stop_token_ids)))
-            proc.start()
+            with spawn_without_main():
+                proc.start()
             theirs.close()
             self._conns.append(ours)
             self._procs.append(proc)

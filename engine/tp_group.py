@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead
+from kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def start_workers(config: EngineConfig, port: int, ranks, target) -> list:
     joining = {rank: ctx.Event() for rank in ranks}
     workers = [ctx.Process(target=target, args=(config, rank, port, joining[rank]), daemon=True,
                            name=f"roseinfer-tp{rank}") for rank in ranks]
-    for w in workers:
-        w.start()
+    with spawn_without_main():  # a user's unguarded script must not run again in each rank
+        for w in workers:
+            w.start()
     for rank, w in zip(ranks, workers):
         while not joining[rank].wait(0.1):
             if not w.is_alive():

@@ -134,6 +134,28 @@ def compile_entry(entry: dict) -> str:
     return entry["name"]
 
 
+@contextlib.contextmanager
+def spawn_without_main() -> Iterator[None]:
+    """Within: processes started with the spawn method do not import the parent's `__main__`.
+    A spawned child runs the parent's main script again (as `__mp_main__`) unless it is a module
+    run with -m, so a user's script that builds an engine at its top level, without an `if
+    __name__ == "__main__"` guard, would build one again in every worker and then fail. The
+    engine's workers (these compile processes, grammar workers) run functions of importable
+    modules and need nothing from the script: its main module is hidden while they start."""
+    import sys
+    import types
+
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main.__spec__, "name", None) is not None:  # -m: imported by name, as it is guarded
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to run
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def start_precompile(entries: list[dict], workers: int | None = None) -> tuple[ProcessPoolExecutor, list[Future]] | None:
     """Compile `entries` in a pool of spawned processes (fork is unsafe after CUDA starts), in
     the background; None when there is nothing to compile. The caller waits on the futures (or
@@ -142,7 +164,8 @@ def start_precompile(entries: list[dict], workers: int | None = None) -> tuple[P
         return None
     workers = workers or max(1, min(len(entries), (os.cpu_count() or 2) // 2))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    return pool, [pool.submit(compile_entry, entry) for entry in entries]
+    with spawn_without_main():  # (the pool starts its processes as work is submitted)
+        return pool, [pool.submit(compile_entry, entry) for entry in entries]
 
 
 def finish_precompile(started: tuple[ProcessPoolExecutor, list[Future]] | None, timeout_s: float = 60.0) -> int:

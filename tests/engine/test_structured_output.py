@@ -4,6 +4,7 @@ formats: prompts, constraints, parsing whole and streamed outputs."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 
@@ -407,3 +408,31 @@ def test_a_sleeping_grammar_worker_wakes_and_a_dead_one_fails_the_step(tiny_llm)
             workers.step([matcher], None, fill=True)
     finally:
         outputs.close()
+
+
+def test_grammar_workers_start_from_a_script_without_a_main_guard(tmp_path):
+    """A user's script that starts an engine's grammar workers at its top level (no `if __name__
+    == "__main__"`) runs once: the spawned workers do not import it again (kernels.precompile.
+    spawn_without_main), and the step works."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "print('top level', flush=True)\n"
+        "from engine.grammar_workers import GrammarWorkers\n"
+        "from engine.sampling_params import StructuredOutputSpec\n"
+        "from engine.structured_output import StructuredOutputs\n"
+        "from engine.tokenizer import gpt2_tokenizer\n"
+        "outputs = StructuredOutputs.for_tokenizer(gpt2_tokenizer(), 50257, (50256,))\n"
+        "GrammarWorkers.start(outputs, 1, 4)\n"
+        "spec = StructuredOutputSpec.choice(['yes', 'no'])\n"
+        "matcher = outputs.matcher(outputs.compile_async(spec).result(), spec)\n"
+        "print('statuses', outputs.workers.step([matcher], None, fill=True)[1], flush=True)\n"
+        "outputs.close()\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("top level") == 1 and "statuses [0]" in done.stdout, done.stdout
