@@ -158,35 +158,32 @@ class GrammarWorkers:
         self._conns[matcher.worker].send(("remove", matcher.slot))
         matcher.slot = -1
 
-    def step(self, matchers: list[RemoteMatcher | None], tokens: list[int] | None, fill: bool
-             ) -> tuple[torch.Tensor | None, list[int]]:
+    def plan(self, matchers: list[RemoteMatcher | None]) -> StepPlan:
+        return StepPlan(matchers)
+
+    def step(self, matchers: list[RemoteMatcher | None], tokens: list[int] | None, fill: bool,
+             plan: StepPlan | None = None) -> tuple[torch.Tensor | None, list[int]]:
         """Row i's matcher takes tokens[i] (if `tokens`), then (if `fill`) fills bitmask row i; a
         row without a matcher, or whose matcher rejected its token or ended, is all ones. Returns
         the bitmask's first len(matchers) rows (valid until the next call; None without `fill`)
-        and each row's ACCEPTED / TERMINATED / REJECTED (ACCEPTED for rows without a matcher)."""
-        rows = len(matchers)
-        assert rows <= self.max_rows
-        per_worker: dict[int, tuple[list[int], list[int], list[int]]] = {}
-        for i, m in enumerate(matchers):
-            if m is not None:
-                work = per_worker.setdefault(m.worker, ([], [], []))
-                work[0].append(i)
-                work[1].append(m.slot)
-                work[2].append(-1 if tokens is None else tokens[i])
+        and each row's ACCEPTED / TERMINATED / REJECTED (ACCEPTED for rows without a matcher).
+        `plan`: `self.plan(matchers)`, kept by a caller that steps the same matchers again."""
+        import numpy as np
+
+        plan = plan or StepPlan(matchers)
+        assert plan.rows == len(matchers) <= self.max_rows
         ctl = self._ctl
-        for worker, (work_rows, slots, work_tokens) in per_worker.items():
-            if ctl.post(worker, work_rows, slots, work_tokens, fill):  # it was blocked on its pipe
-                self._conns[worker].send(("wake",))
-        statuses = [ACCEPTED] * rows
-        if fill:
-            free = [i for i, m in enumerate(matchers) if m is None]
-            if free:
-                self.bitmask[free] = -1
-        for worker, (work_rows, _, _) in per_worker.items():
+        token_ids = None if tokens is None else np.asarray(tokens, dtype=np.int64)
+        for worker, rows, slots in plan.per_worker:
+            if ctl.post(worker, rows, slots, -1 if token_ids is None else token_ids[rows], fill):
+                self._conns[worker].send(("wake",))  # it was blocked on its pipe
+        if fill and plan.free:
+            self.bitmask[plan.free] = -1
+        statuses = np.zeros(plan.rows, dtype=np.int32)  # ACCEPTED
+        for worker, rows, _ in plan.per_worker:
             self._wait(worker)
-            for i, status in zip(work_rows, ctl.status[worker, :len(work_rows)].tolist()):
-                statuses[i] = status
-        return (self.bitmask[:rows] if fill else None), statuses
+            statuses[rows] = ctl.status[worker, :len(rows)]
+        return (self.bitmask[:plan.rows] if fill else None), statuses.tolist()
 
     def _wait(self, worker: int) -> None:
         """Until `worker` has run its posted job: spinning for a while (the job is tens of
@@ -205,6 +202,26 @@ class GrammarWorkers:
             torch.cuda.cudart().cudaHostUnregister(self.bitmask.data_ptr())
             self._registered = False
         self._finalizer()
+
+
+class StepPlan:
+    """Which rows of a step each worker takes, as index arrays: built once for a batch's matchers
+    and reused while they stay (GrammarSteps makes a new one when a row leaves its grammar), so a
+    step's host work does not loop over the rows in Python."""
+
+    def __init__(self, matchers: list[RemoteMatcher | None]) -> None:
+        import numpy as np
+
+        self.rows = len(matchers)
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for i, m in enumerate(matchers):
+            if m is not None:
+                rows, slots = groups.setdefault(m.worker, ([], []))
+                rows.append(i)
+                slots.append(m.slot)
+        self.per_worker = [(w, np.array(rows, dtype=np.int64), np.array(slots, dtype=np.int64))
+                           for w, (rows, slots) in groups.items()]
+        self.free = [i for i, m in enumerate(matchers) if m is None]
 
 
 class _Control:
@@ -235,7 +252,7 @@ class _Control:
         self.rows = take(np.int32, max_rows)
         self.status = take(np.int32, max_rows)
 
-    def post(self, worker: int, rows: list[int], slots: list[int], tokens: list[int], fill: bool) -> bool:
+    def post(self, worker: int, rows, slots, tokens, fill: bool) -> bool:
         """Write a job for `worker`, then publish it; True if the worker sleeps on its pipe."""
         n = len(rows)
         self.rows[worker, :n] = rows

@@ -262,6 +262,7 @@ class GrammarSteps:
         self._matchers = list(matchers)  # None: an unconstrained row, or one whose grammar ended
         self._steps = 0
         self.ends: dict[int, int] = {}
+        self._plan = None  # engine.grammar_workers.StepPlan, with grammar workers
 
     def fill(self, tokens: list[int] | None = None) -> torch.Tensor:
         """The next step's bitmask. `tokens`: the step before's, not yet taken: each slice of rows
@@ -272,7 +273,7 @@ class GrammarSteps:
         self._steps += 1
         workers = self._outputs.workers
         if workers is not None:  # the matchers' processes take the tokens and fill, in parallel
-            bitmask, statuses = workers.step(self._matchers, tokens, fill=True)
+            bitmask, statuses = workers.step(self._matchers, tokens, fill=True, plan=self._plan_for(workers))
             self._end_rows(statuses, tokens)
             return bitmask
         return self._outputs.fill_bitmask(self._matchers, lambda lo, hi: self._accept_rows(tokens, lo, hi))
@@ -287,9 +288,15 @@ class GrammarSteps:
         self._steps += 1
         workers = self._outputs.workers
         if workers is not None:
-            self._end_rows(workers.step(self._matchers, tokens, fill=False)[1], tokens)
+            self._end_rows(workers.step(self._matchers, tokens, fill=False, plan=self._plan_for(workers))[1], tokens)
             return
         self._accept_rows(tokens, 0, len(self._matchers))
+
+    def _plan_for(self, workers):
+        """Which rows go to which grammar worker, kept while no row leaves."""
+        if self._plan is None:
+            self._plan = workers.plan(self._matchers)
+        return self._plan
 
     def _end_rows(self, statuses: list[int], tokens: list[int]) -> None:
         """The workers' verdicts on a step's tokens (engine.grammar_workers): rows whose grammar
@@ -300,6 +307,7 @@ class GrammarSteps:
                     logger.warning("token %d rejected by its grammar inside a decode run", tokens[j])
                 self.ends[j] = self._steps
                 self._matchers[j] = None
+                self._plan = None
 
     def _accept_rows(self, tokens: list[int], lo: int, hi: int) -> None:
         # A call a row: xgrammar's batch accept converts its result row by row through tvm-ffi's
