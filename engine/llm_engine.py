@@ -317,7 +317,7 @@ class LLMEngine:
         self.scheduler.on_step_done(sched)
         now = time.monotonic()
         ended = self._grammar_ends_of_step(sampled)
-        outputs = [self._process(tok.seq, [tok.token_id], now, tok, grammar_ended=ended[i]) for i, tok in enumerate(sampled)]
+        outputs = [self._process(tok.seq, [tok.token_id], now, tok, grammar_ended=end) for tok, end in zip(sampled, ended)]
         self.last_step = self._stats(sched.num_batched_tokens)
         return failed + outputs
 

@@ -58,7 +58,7 @@ class StructuredOutputs:
         # Bitmask rows are filled on one thread or in parallel (half the cores, up to 8), whichever
         # the step's grammar states make cheaper: see FillThreads.
         self._fill = FillThreads(max(1, min(8, (os.cpu_count() or 2) // 2)))
-        self.workers = None  # engine.grammar_workers.GrammarWorkers once start_workers ran
+        self.workers = None  # engine.grammar_workers.GrammarWorkers, once attached
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
