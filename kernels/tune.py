@@ -326,6 +326,8 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                 measured[key] = {"us": round(us, 2), "cublas_us": round(cublas_us, 2), "tb_s": round(nbytes / us / 1e6, 3),
                                  "ours": None if ours is None else {f: v for f, v in vars(ours).items() if f != "pdl"}}
         weights = scales = biases = None  # this shape's copies freed before the next
+        # Written after every shape: a run cut short by a time limit keeps what it measured.
+        write_table(out_path, entries, measured)
     return write_table(out_path, entries, measured)
 
 
