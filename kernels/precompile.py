@@ -137,16 +137,17 @@ def compile_entry(entry: dict) -> str:
 @contextlib.contextmanager
 def spawn_without_main() -> Iterator[None]:
     """Within: processes started with the spawn method do not import the parent's `__main__`.
-    A spawned child runs the parent's main script again (as `__mp_main__`) unless it is a module
-    run with -m, so a user's script that builds an engine at its top level, without an `if
-    __name__ == "__main__"` guard, would build one again in every worker and then fail. The
-    engine's workers (these compile processes, grammar workers) run functions of importable
-    modules and need nothing from the script: its main module is hidden while they start."""
+    A spawned child runs the parent's main script or -m module again (as `__mp_main__`), so a
+    user's script that builds an engine at its top level, without an `if __name__ == "__main__"`
+    guard, would build one again in every worker and then fail. The engine's workers (these
+    compile processes, grammar workers, tensor-parallel ranks) run functions of importable modules
+    on arguments from them and need nothing from the script: its main module is hidden while they
+    start."""
     import sys
     import types
 
     main = sys.modules.get("__main__")
-    if main is None or getattr(main.__spec__, "name", None) is not None:  # -m: imported by name, as it is guarded
+    if main is None:
         yield
         return
     sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to run
