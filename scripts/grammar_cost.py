@@ -40,6 +40,19 @@ WORKLOADS = {
 }
 
 
+def overlapped_steps_s(run: GrammarSteps, token_ids: list[int], rows: int) -> float:
+    """Seconds of the engine's constrained steps over the workload's tokens, each of the run's
+    `rows` taking the same one: GrammarSteps.fill with the step before's tokens (accepts, then the
+    next bitmask)."""
+    run.fill()
+    start = time.perf_counter()
+    for token in token_ids:
+        run.fill([token] * rows)
+    took = time.perf_counter() - start
+    assert not run.ends
+    return took
+
+
 def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows: int, threads: int, steps: int) -> dict:
     """Per step over the workload's text: the fill and the accept apart (fill on `threads`), and
     the engine's step as a constrained run does it (GrammarSteps.fill with the step before's
@@ -64,12 +77,7 @@ def measure(outputs: StructuredOutputs, tokenizer, schema: dict, text: str, rows
         assert not apart.ends, f"token {token} ({tokenizer.decode([token])!r}) rejected: fix the workload's text"
     outputs._fill = split  # the overlapped step, on the same number of threads
     together = GrammarSteps(outputs, [xgr.GrammarMatcher(compiled) for _ in range(rows)])
-    together.fill()
-    start = time.perf_counter()
-    for token in token_ids:
-        together.fill([token] * rows)
-    overlapped = time.perf_counter() - start
-    assert not together.ends
+    overlapped = overlapped_steps_s(together, token_ids, rows)
     n = len(token_ids) * rows
     return {"fill_us_per_row": fill / n * 1e6, "accept_us_per_row": accept / n * 1e6,
             "step_us": (fill + accept) / len(token_ids) * 1e6, "overlapped_step_us": overlapped / len(token_ids) * 1e6,
@@ -88,12 +96,7 @@ def measure_workers(tokenizer, schema: dict, text: str, rows: int, workers: int,
         compiled = outputs.compile_async(spec).result()
         token_ids = tokenizer.encode(text, add_special_tokens=False)[:steps]
         run = GrammarSteps(outputs, [outputs.matcher(compiled, spec) for _ in range(rows)])
-        run.fill()
-        start = time.perf_counter()
-        for token in token_ids:
-            run.fill([token] * rows)
-        took = time.perf_counter() - start
-        assert not run.ends
+        took = overlapped_steps_s(run, token_ids, rows)
     finally:
         outputs.close()
     return {"overlapped_step_us": took / len(token_ids) * 1e6, "steps": len(token_ids)}
