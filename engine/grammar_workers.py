@@ -46,22 +46,14 @@ def default_grammar_workers(device_type: str, cpus: int | None = None) -> int:
 
 
 class RemoteMatcher:
-    """A request's matcher as the engine holds it: where it lives. `accept_token` and
-    `is_terminated` (the engine's single-step path) are one round trip each to its worker."""
+    """A request's matcher as the engine holds it: where it lives. Its tokens reach it only through
+    `GrammarWorkers.step` (a constrained run's steps, and a single step's rows all at once:
+    LLMEngine._grammar_ends_of_step)."""
 
-    __slots__ = ("workers", "slot", "worker", "terminated")
+    __slots__ = ("slot", "worker")
 
-    def __init__(self, workers: GrammarWorkers, slot: int, worker: int) -> None:
-        self.workers, self.slot, self.worker = workers, slot, worker
-        self.terminated = False
-
-    def accept_token(self, token: int) -> bool:
-        status = self.workers.step([self], [token], fill=False)[1][0]
-        self.terminated = status == TERMINATED
-        return status != REJECTED
-
-    def is_terminated(self) -> bool:
-        return self.terminated
+    def __init__(self, slot: int, worker: int) -> None:
+        self.slot, self.worker = slot, worker
 
 
 class GrammarWorkers:
@@ -146,7 +138,7 @@ class GrammarWorkers:
     def add(self, spec: StructuredOutputSpec) -> RemoteMatcher:
         """A new matcher for `spec` (already validated) on the least loaded worker."""
         worker = min(range(len(self._conns)), key=self._load.__getitem__)
-        matcher = RemoteMatcher(self, next(self._slots), worker)
+        matcher = RemoteMatcher(next(self._slots), worker)
         self._load[worker] += 1
         self._conns[worker].send(("add", matcher.slot, spec.kind, spec.value))
         return matcher
