@@ -32,7 +32,8 @@ from multiprocessing.shared_memory import SharedMemory
 import torch
 
 from engine.sampling_params import StructuredOutputSpec
-from engine.structured_output import ACCEPTED, REJECTED, TERMINATED, StructuredOutputs, compile_spec
+from engine.structured_output import (ACCEPTED, REJECTED, TERMINATED, StructuredOutputs, compile_spec,
+                                     grammar_compiler)
 from kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
@@ -280,9 +281,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     bitmask = torch.frombuffer(shm.buf, dtype=torch.int32).view(max_rows, words)
     control = _Control(ctl_shm.buf, workers, max_rows)
     ctl = control.ctl[index]
-    vocab = list(token_bytes[:vocab_size]) + [b""] * max(0, vocab_size - len(token_bytes))
-    info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    compiler = grammar_compiler(token_bytes, vocab_size, list(stop_token_ids), threads=1)
     compiled: dict[tuple[str, str], object] = {}
     matchers: dict[int, object] = {}
     batch = xgr.BatchGrammarMatcher(1)

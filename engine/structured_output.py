@@ -73,13 +73,7 @@ class StructuredOutputs:
             if self._compiler is None:
                 if self.token_bytes is None:
                     raise InvalidRequest("structured outputs need a byte-level BPE vocabulary; this model's is not")
-                import xgrammar as xgr
-
-                vocab = list(self.token_bytes[: self.vocab_size])
-                vocab += [b""] * (self.vocab_size - len(vocab))
-                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                         stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)  # ours is bounded
+                self._compiler = grammar_compiler(self.token_bytes, self.vocab_size, self.stop_token_ids, threads=2)
             return self._compiler
 
     def prepare(self) -> None:
@@ -326,6 +320,17 @@ class GrammarSteps:
             if not ok or (token in stops and matcher.is_terminated()):
                 self.ends[j] = self._steps
                 self._matchers[j] = None
+
+
+def grammar_compiler(token_bytes: list[bytes], vocab_size: int, stop_token_ids: list[int], threads: int):
+    """An xgrammar GrammarCompiler over a byte-level vocabulary (padded with empty tokens up to
+    `vocab_size`), its own cache off: the callers keep bounded ones."""
+    import xgrammar as xgr
+
+    vocab = list(token_bytes[:vocab_size])
+    vocab += [b""] * (vocab_size - len(vocab))
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+    return xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
 
 
 def compile_spec(compiler, spec: StructuredOutputSpec):
