@@ -79,14 +79,12 @@ class GrammarWorkers:
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, self.words)
         self._ctl_shm = SharedMemory(create=True, size=_Control.nbytes(workers, max_rows))
         self._ctl = _Control(self._ctl_shm.buf, workers, max_rows)
-        self._registered = False
-        if pin and torch.cuda.is_available():
-            # Page-locked in place, so the masked step's upload is an asynchronous DMA as from any
-            # pinned buffer (else the upload copies through a staging buffer first).
-            err = torch.cuda.cudart().cudaHostRegister(self.bitmask.data_ptr(), self._shm.size, 0)
-            self._registered = int(err) == 0
-            if not self._registered:
-                logger.info("grammar workers: the shared bitmask could not be pinned (%s)", err)
+        # The pinned range (at most one), unregistered by _shut: CUDA keeps a registration after
+        # the memory is unmapped, and the next engine's segment, often mapped at the same address,
+        # could then not be pinned.
+        self._pinned: list[int] = []
+        if pin and torch.cuda.is_available() and _pin(self.bitmask.data_ptr(), self._shm.size):
+            self._pinned.append(self.bitmask.data_ptr())
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once CUDA has started
         self._conns: list[Connection] = []
         self._procs = []
@@ -103,10 +101,12 @@ class GrammarWorkers:
         self._load = [0] * workers  # live matchers per worker
         self._slots = itertools.count()
         self._finalizer = weakref.finalize(self, GrammarWorkers._shut, self._conns, self._procs,
-                                           [self._shm, self._ctl_shm])
+                                           [self._shm, self._ctl_shm], self._pinned)
 
     @staticmethod
-    def _shut(conns: list[Connection], procs: list, segments: list[SharedMemory]) -> None:
+    def _shut(conns: list[Connection], procs: list, segments: list[SharedMemory], pinned: list[int]) -> None:
+        while pinned:
+            torch.cuda.cudart().cudaHostUnregister(pinned.pop())
         for conn in conns:
             try:
                 conn.send(("exit",))
@@ -191,10 +191,23 @@ class GrammarWorkers:
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (also when the engine is collected)."""
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.bitmask.data_ptr())
-            self._registered = False
         self._finalizer()
+
+
+def _pin(address: int, size: int) -> bool:
+    """Page-lock host memory in place (cudaHostRegister), so that uploads from it are asynchronous
+    DMAs as from any pinned buffer (else each copies through a staging buffer first)."""
+    err = torch.cuda.cudart().cudaHostRegister(address, size, 0)
+    if int(err) == 0:
+        return True
+    # CUDA keeps a failed call's error as its last error, which torch's next kernel-launch check
+    # would raise as that launch's own: consume it with a launch here.
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
+    logger.info("grammar workers: the shared bitmask could not be pinned (%s)", err)
+    return False
 
 
 class StepPlan:

@@ -301,3 +301,31 @@ def test_sampled_constrained_runs_replay_the_masked_sampling_graphs(saved_model)
     for out in (got[0], got[2], got[3]):
         if out.finish_reason == "stop":
             jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_grammar_workers_pin_their_bitmask_engine_after_engine():
+    """Each engine's grammar workers page-lock their shared bitmask, also after an earlier engine's
+    were collected without close() (its registration is dropped with it, not left on the unmapped
+    range the next segment is often mapped over); a registration that fails anyway leaves no CUDA
+    error behind for the next kernel launch to raise."""
+    import gc
+
+    from engine.grammar_workers import GrammarWorkers, _pin
+    from engine.structured_output import StructuredOutputs
+    from engine.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    for _ in range(3):
+        outputs = StructuredOutputs.for_tokenizer(tok, 50257, (50256,), pin_bitmask=True)
+        workers = GrammarWorkers.start(outputs, 1, max_rows=8)
+        assert workers._pinned == [workers.bitmask.data_ptr()]
+        del workers, outputs  # no close(): collected
+        gc.collect()
+        assert torch.ones(4, device="cuda").sum().item() == 4
+    outputs = StructuredOutputs.for_tokenizer(tok, 50257, (50256,), pin_bitmask=True)
+    workers = GrammarWorkers.start(outputs, 1, max_rows=8)
+    try:
+        assert not _pin(workers.bitmask.data_ptr(), 4096)  # registered already: fails
+        assert torch.ones(4, device="cuda").sum().item() == 4  # and the next launch is clean
+    finally:
+        outputs.close()
