@@ -67,8 +67,8 @@ class EngineConfig:
     # (cascade attention, extra CUDA graphs captured for batches of 16+; needs the prefix cache).
     cascade_attention: bool = True
     # Processes holding constrained requests' grammar matchers, each accepting and filling its
-    # rows of a step in parallel (engine.grammar_workers); None: 2 on CUDA hosts with 8+ cores,
-    # else 0 (the grammar runs in the engine's process).
+    # rows of a step in parallel (engine.grammar_workers); None: on CUDA hosts with 8+ cores a
+    # quarter of the cores, at most 4, else 0 (the grammar runs in the engine's process).
     grammar_workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -159,7 +159,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "for the batch (no cascade graphs: less capture time and memory)")
     g.add_argument("--grammar-workers", type=int, default=None,
                    help="processes that run constrained requests' grammars (token accepts and bitmask fills) in "
-                        "parallel (default: 2 on CUDA hosts with 8+ cores, else 0: in the engine process)")
+                        "parallel (default: on CUDA hosts with 8+ cores a quarter of them, at most 4; else 0: in the engine process)")
     g.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps run back to back on the GPU between host looks (CUDA graphs only)")
 

@@ -39,11 +39,12 @@ from kernels.precompile import spawn_without_main
 logger = logging.getLogger(__name__)
 
 def default_grammar_workers(device_type: str, cpus: int | None = None) -> int:
-    """Grammar worker processes by default: two on a CUDA host with 8+ cores (on the 16-core H200
-    host, with the pipe protocol, 64 rows of the records schema took 425 / 346 / 358 us a step on
-    1 / 2 / 4 workers: docs/BENCHMARKS.md); none on the CPU, whose cores run the model."""
+    """Grammar worker processes by default: a quarter of the cores of a CUDA host, at most four
+    (on the 16-core H200 host, GPT-2's seed workload held to the records schema, 64 rows: a step
+    took 710 us on 2 workers and 654 on 4 against a free step's 577, `scripts/grammar_step_parts.py`;
+    docs/BENCHMARKS.md); none on a host under 8 cores, nor on the CPU, whose cores run the model."""
     cpus = cpus or os.cpu_count() or 1
-    return 2 if device_type == "cuda" and cpus >= 8 else 0
+    return min(4, cpus // 4) if device_type == "cuda" and cpus >= 8 else 0
 
 
 class RemoteMatcher:

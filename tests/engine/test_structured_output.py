@@ -436,3 +436,11 @@ def test_grammar_workers_start_from_a_script_without_a_main_guard(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("top level") == 1 and "statuses [0]" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("device, cpus, workers", [("cuda", 16, 4), ("cuda", 64, 4), ("cuda", 8, 2), ("cuda", 4, 0),
+                                                   ("cpu", 64, 0)])
+def test_default_grammar_workers_follow_the_host(device, cpus, workers):
+    from engine.grammar_workers import default_grammar_workers
+
+    assert default_grammar_workers(device, cpus) == workers
