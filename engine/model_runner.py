@@ -647,10 +647,12 @@ class GrammarRun:
         grammar side follows once the matchers have taken them)."""
         return GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens, predecessor=self)
 
-    def _launch(self, i: int, previous: list[int] | None = None) -> None:
+    def _launch(self, i: int, previous: list[int] | None = None, bitmask: torch.Tensor | None = None) -> None:
         """Step i's masked sampling (its forward is queued), then step i + 1's forward. `previous`:
-        step i - 1's tokens, which the matchers take first (slice by slice, overlapping the fill)."""
-        bitmask = self.grammar.fill(previous)  # while the device runs step i's forward
+        step i - 1's tokens, which the matchers take first (slice by slice, overlapping the fill);
+        `bitmask`: step i's, filled already (a chained run's first step)."""
+        if bitmask is None:
+            bitmask = self.grammar.fill(previous)  # while the device runs step i's forward
         last = i + 1 == self.num_steps
         if self.graph_steps:
             self.tokens = self.runner.graphs.masked_step(bitmask, last, self.sampling)
@@ -692,10 +694,12 @@ class GrammarRun:
                 # above has drained.
                 self.next = self._successor()
             previous = self.host[i].tolist()
-        self.grammar.accept(previous)
-        if self.next is not None:
+        if self.next is None:
+            self.grammar.accept(previous)
+        else:  # the matchers take our last tokens and fill the next run's first mask in one go
+            bitmask = self.grammar.fill(previous)  # (a row ending here is counted in this run's `ends`)
             self.next.grammar = self.grammar.continued()
-            self.next._launch(0)  # its first masked sample and second forward, before our outputs are read
+            self.next._launch(0, bitmask=bitmask)  # its first masked sample and second forward, before our outputs are read
         return self.host.tolist()
 
 
