@@ -212,6 +212,26 @@ async def run_once(base_url: str, model: str, specs: list[RequestSpec], offsets:
 
 
 def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
+    specs = _prompts(args)
+    extra = _extra_body(getattr(args, "extra_body", None))
+    for spec in specs:  # the same fields in every request (e.g. a JSON schema to hold them to)
+        spec.extra = {**extra, **spec.extra}
+    return specs
+
+
+def _extra_body(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--extra-body is not JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise SystemExit("--extra-body is a JSON object")
+    return extra
+
+
+def _prompts(args: argparse.Namespace) -> list[RequestSpec]:
     kind, *rest = args.dataset  # ["random"] or ["file", PATH]
     if kind not in ("random", "file") or len(rest) > 1:
         raise SystemExit("--dataset is 'random' or 'file PATH'")
@@ -283,6 +303,8 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson, <1 burstier")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--extra-body", default=None, metavar="JSON",
+                   help="fields merged into every request, e.g. '{\"response_format\": {...}}' or vLLM's '{\"guided_json\": {...}}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", default=None, help="goodput thresholds in ms, e.g. ttft=500,tpot=50")
     p.add_argument("--sweep-rates", default=None, help="comma-separated rates (inf allowed): one run each, plus plots")

@@ -135,6 +135,20 @@ def test_chat_endpoint_and_errors_are_counted(server):
     assert s["completed"] == 0 and s["errors_by_status"] == {"400": 3}  # over the 256-token context
 
 
+def test_extra_body_goes_into_every_request(server):
+    """--extra-body's fields reach the server: a choice ends each request after a word although the
+    random workload asks for ignore_eos (free requests make all 8 tokens), and a broken regex is a 400."""
+    held = run_from_args(_args(server.base_url, "--input-len", "8", "--output-len", "8", "--num-prompts", "3",
+                               "--extra-body", '{"guided_choice": ["yes", "no"]}'))
+    s = held["runs"][0]["summary"]
+    assert s["completed"] == 3 and all(r["output_tokens"] < 8 for r in held["runs"][0]["requests"])
+    bad = run_from_args(_args(server.base_url, "--input-len", "8", "--output-len", "8", "--num-prompts", "2",
+                              "--extra-body", '{"guided_regex": "(unclosed"}'))
+    assert bad["runs"][0]["summary"]["errors_by_status"] == {"400": 2}
+    with pytest.raises(SystemExit):
+        run_from_args(_args(server.base_url, "--extra-body", "[1]"))
+
+
 def test_python_m_load_tests_runs(server, tmp_path):
     import subprocess
     import sys
