@@ -359,7 +359,7 @@ run_structured() {
 # the GIL with the step thread) and over HTTP against `roseinfer serve` (the engine in its own
 # process, as served; the load harness with --extra-body). STRUCTURED_WORKERS picks the grammar
 # workers (default 4); BASE_TREE (an older commit, unpacked and carried) runs the offline and
-# online records runs again from that tree, in the same call.
+# online records runs again from that tree, in the same call; STRUCTURED_HTTP_ONLY skips to the HTTP leg.
 run_structured_modes() {
   local w=${STRUCTURED_WORKERS:-4}
   local trees=(new); [ -n "${BASE_TREE:-}" ] && trees=(new base)
@@ -376,6 +376,14 @@ run_structured_modes() {
           | sed "s/^/[$tree $mode $tag] /"
       done
     done
+  done
+  # STRUCTURED_SWITCH_INTERVALS (seconds, e.g. "1e-4 2.5e-4"): the online records run again with the step
+  # thread's GIL switch interval (engine.async_engine.STEP_THREAD_SWITCH_INTERVAL_S, 5e-4) set to each.
+  for iv in ${STRUCTURED_SWITCH_INTERVALS:-}; do
+    timeout 200 python3 -c "import sys, engine.async_engine as a; a.STEP_THREAD_SWITCH_INTERVAL_S = float(sys.argv.pop(1)); \
+from server.cli import main; sys.exit(main(sys.argv[1:]))" "$iv" bench --hf-model-id gpt2 "${seed_bench[@]}" --mode online \
+      --guided-json "$records_schema" --grammar-workers "$w" --output-json "$out/modes_online_records_switch$iv.json" 2>&1 \
+      | grep -E "Throughput\(completion,decode\)" | sed "s/^/[online records, switch interval $iv s] /"
   done
   start_server "$out/server_structured.log" --grammar-workers "$w"
   local http=(--model gpt2 --dataset random --input-len 8 --output-len 512 --num-prompts 64 --max-concurrency 64 --no-progress)
