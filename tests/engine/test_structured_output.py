@@ -444,3 +444,28 @@ def test_default_grammar_workers_follow_the_host(device, cpus, workers):
     from engine.grammar_workers import default_grammar_workers
 
     assert default_grammar_workers(device, cpus) == workers
+
+
+def test_grammar_workers_unpin_their_bitmask_when_collected(monkeypatch, tiny_llm):
+    """The shared bitmask's page-locking (cudaHostRegister, faked here) is undone when the workers
+    are collected without close(), before their memory is unmapped: CUDA would otherwise keep the
+    range registered and the next engine's segment, often mapped at the same address, could not be
+    pinned (the H200 run of the CUDA constrained tests failed that way). The CUDA test
+    test_grammar_workers_pin_their_bitmask_engine_after_engine checks it against the real driver."""
+    import gc
+    from types import SimpleNamespace
+
+    calls = []
+    fake = SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: calls.append(("register", ptr)) or 0,
+                           cudaHostUnregister=lambda ptr: calls.append(("unregister", ptr)) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    engine = tiny_llm.engine
+    outputs = StructuredOutputs.for_tokenizer(engine.tokenizer, engine.model_config.vocab_size, (50256,),
+                                              pin_bitmask=True)
+    workers = GrammarWorkers.start(outputs, 1, max_rows=4)
+    ptr = workers.bitmask.data_ptr()
+    assert calls == [("register", ptr)] and workers._pinned == [ptr]
+    del workers, outputs
+    gc.collect()
+    assert calls == [("register", ptr), ("unregister", ptr)]
