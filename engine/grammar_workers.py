@@ -137,6 +137,14 @@ class GrammarWorkers:
         outputs.attach_workers(started)
         return started
 
+    def prepare(self, spec: StructuredOutputSpec) -> None:
+        """Every worker starts compiling `spec` on a thread of its own (StructuredOutputs.compile_async
+        calls this as the engine starts its own compile): by the time the request is admitted and
+        its matcher added, its worker has the grammar, and the steps of the rows already on that
+        worker never wait behind a compile (tens of ms to seconds, scripts/grammar_cost.py)."""
+        for conn in self._conns:
+            conn.send(("prepare", spec.kind, spec.value))
+
     def add(self, spec: StructuredOutputSpec) -> RemoteMatcher:
         """A new matcher for `spec` (already validated) on the least loaded worker."""
         worker = min(range(len(self._conns)), key=self._load.__getitem__)
@@ -286,8 +294,11 @@ SPIN_S = 5e-3
 
 def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_name: str, max_rows: int, words: int,
                  token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
-    """A grammar worker: compiles specs (cached), keeps matchers by slot, and runs the jobs posted
-    on its control row."""
+    """A grammar worker: compiles specs (cached; on a thread, which xgrammar runs without the GIL,
+    so that jobs for the rows it holds go on meanwhile), keeps matchers by slot, and runs the jobs
+    posted on its control row."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import xgrammar as xgr
 
     # (spawned: the engine's resource tracker, which the engine's unlink clears)
@@ -296,26 +307,48 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     control = _Control(ctl_shm.buf, workers, max_rows)
     ctl = control.ctl[index]
     compiler = grammar_compiler(token_bytes, vocab_size, list(stop_token_ids), threads=1)
-    compiled: dict[tuple[str, str], object] = {}
+    compiling = ThreadPoolExecutor(1, thread_name_prefix="roseinfer-grammar-compile")
+    compiled: dict[tuple[str, str], Future] = {}  # done or under way, by (kind, value)
     matchers: dict[int, object] = {}
+    waiting: dict[int, tuple[str, str]] = {}  # slots added while their grammar compiles
     batch = xgr.BatchGrammarMatcher(1)
     stops = frozenset(stop_token_ids)
 
+    def compile_in_background(key: tuple[str, str]) -> None:
+        if key in compiled:
+            return
+        if len(compiled) >= 64:  # a bound, as the engine's own cache has (one under way stays)
+            oldest = next((k for k, f in compiled.items() if f.done() and k not in waiting.values()), None)
+            if oldest is not None:
+                del compiled[oldest]
+        compiled[key] = compiling.submit(compile_spec, compiler, StructuredOutputSpec(*key))
+
+    def make_matcher(slot: int, key: tuple[str, str]) -> None:
+        """The slot's matcher, once its grammar has compiled (this waits for it)."""
+        waiting.pop(slot, None)
+        try:
+            matchers[slot] = xgr.GrammarMatcher(compiled[key].result())
+        except Exception:  # noqa: BLE001 - its rows then report REJECTED: their requests end
+            logger.exception("grammar worker: compiling a spec the engine had compiled")
+
+    def settle() -> None:
+        """Matchers for the waiting slots whose grammar has compiled meanwhile."""
+        for slot, key in list(waiting.items()):
+            if compiled[key].done():
+                make_matcher(slot, key)
+
     def handle(msg) -> bool:
         """A pipe message; False on exit."""
-        if msg[0] == "add":
+        if msg[0] == "prepare":
+            compile_in_background((msg[1], msg[2]))
+        elif msg[0] == "add":
             _, slot, kind, value = msg
-            key = (kind, value)
-            try:
-                if key not in compiled:
-                    if len(compiled) >= 64:  # a bound, as the engine's own cache has
-                        compiled.pop(next(iter(compiled)))
-                    compiled[key] = compile_spec(compiler, StructuredOutputSpec(kind, value))
-                matchers[slot] = xgr.GrammarMatcher(compiled[key])
-            except Exception:  # noqa: BLE001 - its rows then report REJECTED: their requests end
-                logger.exception("grammar worker: compiling a spec the engine had compiled")
+            compile_in_background((kind, value))
+            waiting[slot] = (kind, value)
+            settle()
         elif msg[0] == "remove":
             matchers.pop(msg[1], None)
+            waiting.pop(msg[1], None)
         return msg[0] != "exit"
 
     def run_job(n: int, fill: bool) -> None:
@@ -323,6 +356,8 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
         statuses = []
         for row, slot, token in zip(control.rows[index, :n].tolist(), control.slots[index, :n].tolist(),
                                     control.tokens[index, :n].tolist()):
+            if slot in waiting:  # its grammar is still compiling (the engine's compile was faster)
+                make_matcher(slot, waiting[slot])
             matcher = matchers.get(slot)
             status = ACCEPTED if matcher is not None else REJECTED
             if matcher is not None and token >= 0:
@@ -369,6 +404,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
             if spins % 256 == 0:  # now and then: the pipe (exit, new matchers) and the idle time
                 while conn.poll():
                     running = handle(conn.recv()) and running
+                settle()
                 if time.perf_counter() - idle_since > SPIN_S:  # asleep on the pipe until a job
                     ctl[_Control.SLEEPING] = 1
                     while running and int(ctl[_Control.POSTED]) == last:
@@ -381,6 +417,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
                     idle_since = time.perf_counter()
     except (EOFError, OSError):  # the engine process is gone
         pass
+    compiling.shutdown(wait=False, cancel_futures=True)
     bitmask = ctl = None
     control.release()
     shm.close()

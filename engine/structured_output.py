@@ -98,7 +98,9 @@ class StructuredOutputs:
                 return future
             future = self._pool.submit(self._compile_and_cache, spec)
             self._cache[spec] = future
-            return future
+        if self.workers is not None:
+            self.workers.prepare(spec)
+        return future
 
     def _compile_and_cache(self, spec: StructuredOutputSpec):
         """Compile on a worker; count the grammar's bytes and drop the least recently used past

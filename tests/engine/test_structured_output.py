@@ -469,3 +469,43 @@ def test_grammar_workers_unpin_their_bitmask_when_collected(monkeypatch, tiny_ll
     del workers, outputs
     gc.collect()
     assert calls == [("register", ptr), ("unregister", ptr)]
+
+
+def test_a_grammar_compiling_on_a_worker_does_not_hold_up_its_other_rows(tiny_llm):
+    """A new request's grammar compiles on a worker's own thread (prepared as the engine starts its
+    compile): steps of the rows that worker already serves go on meanwhile, and the new row's first
+    step waits for its grammar and then masks as a matcher in this process does."""
+    import time
+
+    engine = tiny_llm.engine
+    tok, vocab = engine.tokenizer, engine.model_config.vocab_size
+    outputs = StructuredOutputs.for_tokenizer(tok, vocab, (50256,))
+    here = StructuredOutputs.for_tokenizer(tok, vocab, (50256,))
+    fields = 1500  # a schema xgrammar takes about a second to compile
+    slow = StructuredOutputSpec.json_schema({"type": "object", "required": [f"f{i}" for i in range(0, fields, 2)],
+                                             "properties": {f"f{i}": {"type": ["string", "integer", "null", "boolean"]}
+                                                            for i in range(fields)}})
+    started = time.perf_counter()
+    here_slow = here.compile_async(slow).result()
+    compile_s = time.perf_counter() - started
+    workers = GrammarWorkers.start(outputs, 1, max_rows=4)
+    try:
+        choice = StructuredOutputSpec.choice(["yes", "no"])
+        serving = outputs.matcher(outputs.compile_async(choice).result(), choice)
+        workers.step([serving], None, fill=True)  # the worker is up and holds a row
+        pending = outputs.compile_async(slow)  # the engine and the worker both start compiling it
+        time.sleep(0.05)
+        started = time.perf_counter()
+        for _ in range(5):
+            workers.step([serving], None, fill=True)
+        assert time.perf_counter() - started < compile_s / 3  # not behind the compile
+        compiled = pending.result()
+        time.sleep(compile_s)  # (the worker's compile, begun with the engine's, is done by now on any host)
+        new = outputs.matcher(compiled, slow)  # admitted once the engine's compile is done
+        started = time.perf_counter()
+        mask, statuses = workers.step([serving, new], None, fill=True)
+        assert time.perf_counter() - started < compile_s / 3  # the worker compiled it beforehand, not now
+        want = here.fill_bitmask([here.matcher(here.compile_async(choice).result()), here.matcher(here_slow)])
+        assert statuses == [0, 0] and torch.equal(mask, want)
+    finally:
+        outputs.close()
