@@ -91,6 +91,8 @@ class StructuredOutputs:
 
     def compile_async(self, spec: StructuredOutputSpec) -> Future:
         """The compiled grammar, as a future: the cached one, or compiling on a worker thread."""
+        if self.workers is not None:  # (their caches follow this one's order)
+            self.workers.prepare(spec)
         with self._lock:
             future = self._cache.get(spec)
             if future is not None:
@@ -98,9 +100,7 @@ class StructuredOutputs:
                 return future
             future = self._pool.submit(self._compile_and_cache, spec)
             self._cache[spec] = future
-        if self.workers is not None:
-            self.workers.prepare(spec)
-        return future
+            return future
 
     def _compile_and_cache(self, spec: StructuredOutputSpec):
         """Compile on a worker; count the grammar's bytes and drop the least recently used past
