@@ -7,6 +7,7 @@ which part keeps the step above the forward's time.
 
     python scripts/grammar_step_parts.py --json out.json
 
+`--online` sends the requests through the asyncio engine, as `roseinfer bench --mode online` does.
 `--trace OUT.json.gz` also records the device's side with torch.profiler (the last 64 steps of a
 free and of a records generate): how much of each step the device is busy, its idle gaps, and the
 kernels' shares, so a step above the free one says whether the device waits for the host or has
@@ -24,6 +25,8 @@ import torch
 
 import engine.model_runner as model_runner
 from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.bench import run_online
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import StructuredOutputSpec
 from engine.structured_output import GrammarSteps
@@ -60,12 +63,18 @@ def instrument() -> None:
     model_runner.GrammarRun.finish = timed("run (all of it)", model_runner.GrammarRun.finish)
 
 
+ONLINE: AsyncEngine | None = None  # --online: requests go through the asyncio engine, as `bench --mode online`
+
+
 def run(llm: LLM, params: SamplingParams, requests: int) -> float:
     prompts = [[15496]] * requests  # "Hello", as the seed bench
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     start = time.perf_counter()
-    llm.generate(prompts, params)
+    if ONLINE is not None:
+        run_online(ONLINE, prompts, params)
+    else:
+        llm.generate(prompts, params)
     sync()
     return time.perf_counter() - start
 
@@ -109,6 +118,7 @@ def device_profile(llm: LLM, params: SamplingParams, requests: int, trace_path: 
 
 
 def main() -> None:
+    global ONLINE
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -117,9 +127,13 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--grammar-workers", type=int, default=None, help="engine.grammar_workers (default: the engine's)")
     p.add_argument("--trace", default=None, help="also profile the device; the chrome trace goes here")
+    p.add_argument("--online", action="store_true",
+                   help="through the asyncio engine in this process (its event-loop thread shares the step thread's GIL)")
     args = p.parse_args()
     llm = LLM("gpt2", load_format="dummy", device=args.device, max_num_seqs=args.requests, enable_prefix_caching=False,
               grammar_workers=args.grammar_workers)
+    if args.online:
+        ONLINE = AsyncEngine(engine=llm.engine)
     free = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature)
     records = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature,
                              structured_output=StructuredOutputSpec.json_schema(json.dumps(SCHEMA)))
