@@ -11,12 +11,15 @@ serving, and `dead_cores` says which died (/health reports it). Gauges add up th
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
+from dataclasses import replace
 from multiprocessing.connection import wait as wait_connections
 
 from engine.config import EngineConfig
 from engine.engine_process import EngineCoreClient, EngineCoreHandle, start_engine_core
 from engine.errors import EngineDead
+from engine.grammar_workers import default_grammar_workers
 from engine.llm_engine import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -181,8 +184,11 @@ def core_devices(config: EngineConfig, size: int) -> list[str | None]:
 
 def start_engine_cores(config: EngineConfig, size: int, num_clients: int = 1) -> list[EngineCoreHandle]:
     """Start `size` engine processes, loading at the same time, each with `num_clients` pipe pairs."""
-    handles = [start_engine_core(config, num_clients, visible_devices=devices, wait=False)
-               for devices in core_devices(config, size)]
+    devices = core_devices(config, size)
+    if config.grammar_workers is None:  # the default per core, from its share of the host's cores
+        share = (os.cpu_count() or 1) // size
+        config = replace(config, grammar_workers=default_grammar_workers("cuda" if devices[0] else "cpu", share))
+    handles = [start_engine_core(config, num_clients, visible_devices=d, wait=False) for d in devices]
     try:
         for handle in handles:
             handle.wait_ready()

@@ -95,3 +95,26 @@ def test_a_dead_core_fails_only_its_requests(dp_engine):
             await engine.shutdown()
 
     assert len(asyncio.run(main())) == 12
+
+
+@pytest.mark.parametrize("gpus, cpus, size, workers", [(True, 16, 2, 2), (True, 16, 1, 4), (True, 8, 2, 0),
+                                                       (False, 64, 2, 0)])
+def test_each_core_gets_its_share_of_grammar_workers(monkeypatch, gpus, cpus, size, workers):
+    """By default each engine core starts grammar workers for its share of the host's cores, not
+    for all of them (data parallel cores would otherwise start as many each); a set count stays."""
+    import engine.data_parallel as dp
+
+    started = []
+
+    class Handle:
+        def wait_ready(self) -> None:
+            pass
+
+    monkeypatch.setattr(dp.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(dp, "core_devices", lambda config, n: [str(i) if gpus else None for i in range(n)])
+    monkeypatch.setattr(dp, "start_engine_core", lambda config, *a, **k: started.append(config) or Handle())
+    dp.start_engine_cores(EngineConfig(model="gpt2"), size)
+    assert [c.grammar_workers for c in started] == [workers] * size
+    started.clear()
+    dp.start_engine_cores(EngineConfig(model="gpt2", grammar_workers=3), size)
+    assert [c.grammar_workers for c in started] == [3] * size
