@@ -147,3 +147,47 @@ def test_each_rank_reads_only_its_slices(tiny_llama_dir, monkeypatch):
     with LLM(tiny_llama_dir, num_kv_blocks=16, tensor_parallel_size=2) as llm:
         assert len(tokens(llm, PROMPTS[:1])[0]) == 16
     assert whole_reads and all("norm" in name for name in whole_reads), whole_reads
+
+
+def test_fp8_weights_split_across_ranks(tiny_llama_dir, tmp_path):
+    """FP8 projections under tensor parallel, from an FP8 checkpoint (each rank reads its slice:
+    the rows of a column-parallel projection with their scales, the columns of a row-parallel one
+    with all of its per-row scales, so rank 0 holds exactly its part of one process's weights) and
+    quantized at load: both decode, and agree with one process on the first tokens (the
+    activations are quantized per token over each rank's slice of a row-parallel input, so later
+    tokens of this random model may part)."""
+    from engine.models.layers import Fp8Linear
+    from tests.engine.test_fp8 import _write_fp8_checkpoint
+
+    quantized = LLM(tiny_llama_dir, num_kv_blocks=48, quantization="fp8")
+    _write_fp8_checkpoint(tiny_llama_dir, str(tmp_path / "fp8"), quantized)
+    whole = dict(quantized.engine.runner.model.named_modules())
+    one = tokens(quantized)
+    with LLM(str(tmp_path / "fp8"), num_kv_blocks=48, tensor_parallel_size=2) as llm:
+        model = llm.engine.runner.model
+        checked = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, Fp8Linear):
+                continue
+            checked += 1
+            full = whole[name]
+            if name.endswith(("o_proj", "down_proj")):  # row-parallel: this rank's columns, every row's scale
+                cols = module.weight.shape[1]
+                want, scale = full.weight[:, :cols], full.weight_scale
+            elif name.endswith("gate_up_proj"):  # gate's first half, then up's
+                half = module.weight.shape[0] // 2
+                rows = torch.cat([torch.arange(half), full.weight.shape[0] // 2 + torch.arange(half)])
+                want, scale = full.weight[rows], full.weight_scale[rows]
+            else:  # qkv: this rank's q heads, then its k and v heads
+                attn = model.model.layers[0].self_attn
+                q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+                full_q = 2 * q
+                rows = torch.cat([torch.arange(q), full_q + torch.arange(kv), full_q + 2 * kv + torch.arange(kv)])
+                want, scale = full.weight[rows], full.weight_scale[rows]
+            assert torch.equal(module.weight.view(torch.uint8), want.view(torch.uint8)), name
+            assert torch.equal(module.weight_scale, scale), name
+        assert checked == sum(isinstance(m, Fp8Linear) for m in whole.values()) == 8  # 2 layers x 4
+        split = tokens(llm)
+    assert [t[:2] for t in split] == [t[:2] for t in one]
+    with LLM(tiny_llama_dir, num_kv_blocks=48, quantization="fp8", tensor_parallel_size=2) as llm:
+        assert [t[:1] for t in tokens(llm)] == [t[:1] for t in one]
