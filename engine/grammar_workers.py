@@ -316,20 +316,31 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     batch = xgr.BatchGrammarMatcher(1)
     stops = frozenset(stop_token_ids)
 
+    sizes: dict[tuple[str, str], int] = {}  # the compiled ones' bytes
+    unsized: set[tuple[str, str]] = set()  # submitted, not yet counted
+    cached_bytes = 0
+
     def compile_in_background(key: tuple[str, str]) -> None:
+        nonlocal cached_bytes
         if key in compiled:
             compiled[key] = compiled.pop(key)  # the most recently used
             return
         compiled[key] = compiling.submit(compile_spec, compiler, StructuredOutputSpec(*key))
+        unsized.add(key)
+        for done in [k for k in unsized if compiled[k].done()]:
+            unsized.discard(done)
+            if compiled[done].exception() is None:
+                sizes[done] = compiled[done].result().memory_size_bytes
+                cached_bytes += sizes[done]
         # The engine's bound (StructuredOutputs.cache_limit_bytes), least recently used out first;
         # grammars compiling or awaited by a slot stay.
-        sizes = {k: f.result().memory_size_bytes for k, f in compiled.items() if f.done() and f.exception() is None}
-        total = sum(sizes.values())
-        for old in [k for k in compiled if k in sizes and k not in waiting.values()]:
-            if total <= cache_limit_bytes:
+        awaited = set(waiting.values())
+        for old in list(compiled):
+            if cached_bytes <= cache_limit_bytes:
                 break
-            total -= sizes[old]
-            del compiled[old]
+            if old in sizes and old not in awaited:
+                cached_bytes -= sizes.pop(old)
+                del compiled[old]
 
     def make_matcher(slot: int, key: tuple[str, str]) -> None:
         """The slot's matcher, once its grammar has compiled (this waits for it)."""
