@@ -137,18 +137,11 @@ class GrammarWorkers:
         outputs.attach_workers(started)
         return started
 
-    def prepare(self, spec: StructuredOutputSpec) -> None:
-        """Every worker starts compiling `spec` on a thread of its own, or marks it recently used
-        in its cache (StructuredOutputs.compile_async calls this for every request, as the engine
-        starts its own compile or finds it in its cache, whose size and order the workers' caches
-        follow): by the time the request is admitted and its matcher added, its worker has the
-        grammar, and the steps of the rows already on that worker never wait behind a compile
-        (8-20 ms for an extraction schema, 0.75 s for a 1000-field one on the build box)."""
-        for conn in self._conns:
-            conn.send(("prepare", spec.kind, spec.value))
-
     def add(self, spec: StructuredOutputSpec) -> RemoteMatcher:
-        """A new matcher for `spec` (already validated) on the least loaded worker."""
+        """A new matcher for `spec` on the least loaded worker, which compiles it on a thread of its
+        own unless cached (the engine adds it as the request arrives, beside its own compile, so by
+        admission it is there; meanwhile the steps of the rows that worker holds go on: a compile
+        takes 8-20 ms for an extraction schema, 0.75 s for a 1000-field one on the build box)."""
         worker = min(range(len(self._conns)), key=self._load.__getitem__)
         matcher = RemoteMatcher(next(self._slots), worker)
         self._load[worker] += 1
@@ -347,8 +340,8 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
         waiting.pop(slot, None)
         try:
             matchers[slot] = xgr.GrammarMatcher(compiled[key].result())
-        except Exception:  # noqa: BLE001 - its rows then report REJECTED: their requests end
-            logger.exception("grammar worker: compiling a spec the engine had compiled")
+        except Exception as exc:  # noqa: BLE001 - its rows then report REJECTED (the engine's compile fails it first)
+            logger.warning("grammar worker: a %s spec did not compile: %s", key[0], exc)
 
     def settle() -> None:
         """Matchers for the waiting slots whose grammar has compiled meanwhile."""
@@ -358,9 +351,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
 
     def handle(msg) -> bool:
         """A pipe message; False on exit."""
-        if msg[0] == "prepare":
-            compile_in_background((msg[1], msg[2]))
-        elif msg[0] == "add":
+        if msg[0] == "add":
             _, slot, kind, value = msg
             compile_in_background((kind, value))
             waiting[slot] = (kind, value)

@@ -235,6 +235,7 @@ class LLMEngine:
             self.scheduler.add(seq)
         else:
             self._compiling[seq.request_id] = self.structured.compile_async(seq.params.structured_output)
+            self.requests[seq.request_id].matcher = self.structured.reserve(seq.params.structured_output)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         seq = self.make_sequence(request_id, prompt, params)
@@ -274,12 +275,15 @@ class LLMEngine:
             req = self.requests[request_id]
             if future.exception() is not None:
                 del self.requests[request_id]
+                if req.matcher is not None:
+                    self.structured.release(req.matcher)
                 req.seq.status, req.seq.finish_reason = SequenceStatus.FINISHED, "abort"
                 message = getattr(future.exception(), "message", str(future.exception()))
                 failed.append(RequestOutput(request_id, [], "", True, finish_reason="abort", stop_reason=message,
                                             num_prompt_tokens=req.seq.num_prompt_tokens))
                 continue
-            req.matcher = self.structured.matcher(future.result(), req.seq.params.structured_output)
+            if req.matcher is None:
+                req.matcher = self.structured.matcher(future.result(), req.seq.params.structured_output)
             self.scheduler.add(req.seq)
         return failed
 

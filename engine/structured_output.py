@@ -91,8 +91,6 @@ class StructuredOutputs:
 
     def compile_async(self, spec: StructuredOutputSpec) -> Future:
         """The compiled grammar, as a future: the cached one, or compiling on a worker thread."""
-        if self.workers is not None:  # (their caches follow this one's order)
-            self.workers.prepare(spec)
         with self._lock:
             future = self._cache.get(spec)
             if future is not None:
@@ -130,6 +128,12 @@ class StructuredOutputs:
     def attach_workers(self, workers) -> None:
         """Hold new requests' matchers in these processes from now on (engine.grammar_workers.GrammarWorkers)."""
         self.workers = workers
+
+    def reserve(self, spec: StructuredOutputSpec):
+        """With grammar workers, a request's matcher as it arrives (its worker compiles the grammar
+        while the engine does: engine.grammar_workers.GrammarWorkers.add); else None, and `matcher`
+        makes one once the grammar has compiled."""
+        return self.workers.add(spec) if self.workers is not None else None
 
     def matcher(self, compiled, spec: StructuredOutputSpec | None = None):
         """A new matcher for a request: in a worker process when there are workers (the caller

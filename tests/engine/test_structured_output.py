@@ -385,6 +385,28 @@ def test_constrained_requests_through_grammar_workers_match_the_engine_process(t
         jsonschema.validate(json.loads(out.text), json.loads(p.structured_output.value))
 
 
+def test_a_request_leaves_its_grammar_worker_however_it_ends(tiny_llama_dir):
+    """A constrained request's matcher is on its worker from arrival: finished, aborted while its
+    grammar compiles, or failed to compile, the request leaves no matcher behind there."""
+    from engine import LLM
+
+    with LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, grammar_workers=1) as llm:
+        engine = llm.engine
+        load = engine.structured.workers._load
+        engine.add_request("aborted", "JSON please", constrained(StructuredOutputSpec.json_schema(SCHEMAS[1])))
+        assert load == [1]
+        assert engine.abort_request("aborted") and load == [0]
+        bad = StructuredOutputSpec("regex", "(unclosed")  # (the API would have refused it)
+        engine.add_request("bad", "x", constrained(bad))
+        engine.add_request("done", "JSON please", constrained(StructuredOutputSpec.choice(["yes", "no"])))
+        finished = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.finish_reason
+        assert finished == {"bad": "abort", "done": "stop"} and load == [0]
+
+
 def test_a_sleeping_grammar_worker_wakes_and_a_dead_one_fails_the_step(tiny_llm):
     """A worker idle past its spin blocks on its pipe and the next step wakes it; a step posted
     to a worker that has died raises instead of waiting forever."""
@@ -472,9 +494,9 @@ def test_grammar_workers_unpin_their_bitmask_when_collected(monkeypatch, tiny_ll
 
 
 def test_a_grammar_compiling_on_a_worker_does_not_hold_up_its_other_rows(tiny_llm):
-    """A new request's grammar compiles on a worker's own thread (prepared as the engine starts its
-    compile): steps of the rows that worker already serves go on meanwhile, and the new row's first
-    step waits for its grammar and then masks as a matcher in this process does."""
+    """A request's matcher goes to a worker as the request arrives (StructuredOutputs.reserve), and
+    the worker compiles its grammar on a thread of its own: steps of the rows that worker already
+    serves go on meanwhile, and once compiled the new row masks as a matcher in this process does."""
     import time
 
     engine = tiny_llm.engine
@@ -493,18 +515,13 @@ def test_a_grammar_compiling_on_a_worker_does_not_hold_up_its_other_rows(tiny_ll
         choice = StructuredOutputSpec.choice(["yes", "no"])
         serving = outputs.matcher(outputs.compile_async(choice).result(), choice)
         workers.step([serving], None, fill=True)  # the worker is up and holds a row
-        pending = outputs.compile_async(slow)  # the engine and the worker both start compiling it
+        new = outputs.reserve(slow)  # a request arrives: its worker starts compiling
         time.sleep(0.05)
         started = time.perf_counter()
         for _ in range(5):
             workers.step([serving], None, fill=True)
         assert time.perf_counter() - started < compile_s / 3  # not behind the compile
-        compiled = pending.result()
-        time.sleep(compile_s)  # (the worker's compile, begun with the engine's, is done by now on any host)
-        new = outputs.matcher(compiled, slow)  # admitted once the engine's compile is done
-        started = time.perf_counter()
-        mask, statuses = workers.step([serving, new], None, fill=True)
-        assert time.perf_counter() - started < compile_s / 3  # the worker compiled it beforehand, not now
+        mask, statuses = workers.step([serving, new], None, fill=True)  # (waits for the compile)
         want = here.fill_bitmask([here.matcher(here.compile_async(choice).result()), here.matcher(here_slow)])
         assert statuses == [0, 0] and torch.equal(mask, want)
     finally:
