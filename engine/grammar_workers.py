@@ -32,8 +32,7 @@ from multiprocessing.shared_memory import SharedMemory
 import torch
 
 from engine.sampling_params import StructuredOutputSpec
-from engine.structured_output import (ACCEPTED, REJECTED, TERMINATED, StructuredOutputs, compile_spec,
-                                     grammar_compiler)
+from engine.structured_output import ACCEPTED, REJECTED, TERMINATED, StructuredOutputs
 from kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
@@ -292,7 +291,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     """A grammar worker: compiles specs (cached; on a thread, which xgrammar runs without the GIL,
     so that jobs for the rows it holds go on meanwhile), keeps matchers by slot, and runs the jobs
     posted on its control row."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future
 
     import xgrammar as xgr
 
@@ -301,60 +300,33 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     bitmask = torch.frombuffer(shm.buf, dtype=torch.int32).view(max_rows, words)
     control = _Control(ctl_shm.buf, workers, max_rows)
     ctl = control.ctl[index]
-    compiler = grammar_compiler(token_bytes, vocab_size, list(stop_token_ids), threads=1)
-    compiling = ThreadPoolExecutor(1, thread_name_prefix="roseinfer-grammar-compile")
-    compiled: dict[tuple[str, str], Future] = {}  # done or under way, by (kind, value), least recently used first
+    # Compiles run on its one thread, cached as the engine caches them (bound and order).
+    grammars = StructuredOutputs(token_bytes, vocab_size, stop_token_ids, threads=1, cache_limit_bytes=cache_limit_bytes)
+    grammars.prepare()  # its compiler, before the first request
     matchers: dict[int, object] = {}
-    waiting: dict[int, tuple[str, str]] = {}  # slots added while their grammar compiles
+    waiting: dict[int, tuple[str, Future]] = {}  # slots added while their grammar compiles: (kind, its compile)
     batch = xgr.BatchGrammarMatcher(1)
     stops = frozenset(stop_token_ids)
 
-    sizes: dict[tuple[str, str], int] = {}  # the compiled ones' bytes
-    unsized: set[tuple[str, str]] = set()  # submitted, not yet counted
-    cached_bytes = 0
-
-    def compile_in_background(key: tuple[str, str]) -> None:
-        nonlocal cached_bytes
-        if key in compiled:
-            compiled[key] = compiled.pop(key)  # the most recently used
-            return
-        compiled[key] = compiling.submit(compile_spec, compiler, StructuredOutputSpec(*key))
-        unsized.add(key)
-        for done in [k for k in unsized if compiled[k].done()]:
-            unsized.discard(done)
-            if compiled[done].exception() is None:
-                sizes[done] = compiled[done].result().memory_size_bytes
-                cached_bytes += sizes[done]
-        # The engine's bound (StructuredOutputs.cache_limit_bytes), least recently used out first;
-        # grammars compiling or awaited by a slot stay.
-        awaited = set(waiting.values())
-        for old in list(compiled):
-            if cached_bytes <= cache_limit_bytes:
-                break
-            if old in sizes and old not in awaited:
-                cached_bytes -= sizes.pop(old)
-                del compiled[old]
-
-    def make_matcher(slot: int, key: tuple[str, str]) -> None:
-        """The slot's matcher, once its grammar has compiled (this waits for it)."""
-        waiting.pop(slot, None)
+    def make_matcher(slot: int) -> None:
+        """A waiting slot's matcher, once its grammar has compiled (this waits for it)."""
+        kind, compiling = waiting.pop(slot)
         try:
-            matchers[slot] = xgr.GrammarMatcher(compiled[key].result())
+            matchers[slot] = xgr.GrammarMatcher(compiling.result())
         except Exception as exc:  # noqa: BLE001 - its rows then report REJECTED (the engine's compile fails it first)
-            logger.warning("grammar worker: a %s spec did not compile: %s", key[0], exc)
+            logger.warning("grammar worker: a %s spec did not compile: %s", kind, exc)
 
     def settle() -> None:
         """Matchers for the waiting slots whose grammar has compiled meanwhile."""
-        for slot, key in list(waiting.items()):
-            if compiled[key].done():
-                make_matcher(slot, key)
+        for slot, (_, compiling) in list(waiting.items()):
+            if compiling.done():
+                make_matcher(slot)
 
     def handle(msg) -> bool:
         """A pipe message; False on exit."""
         if msg[0] == "add":
             _, slot, kind, value = msg
-            compile_in_background((kind, value))
-            waiting[slot] = (kind, value)
+            waiting[slot] = (kind, grammars.compile_async(StructuredOutputSpec(kind, value)))
             settle()
         elif msg[0] == "remove":
             matchers.pop(msg[1], None)
@@ -367,7 +339,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
         for row, slot, token in zip(control.rows[index, :n].tolist(), control.slots[index, :n].tolist(),
                                     control.tokens[index, :n].tolist()):
             if slot in waiting:  # its grammar is still compiling (the engine's compile was faster)
-                make_matcher(slot, waiting[slot])
+                make_matcher(slot)
             matcher = matchers.get(slot)
             status = ACCEPTED if matcher is not None else REJECTED
             if matcher is not None and token >= 0:
@@ -427,7 +399,6 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
                     idle_since = time.perf_counter()
     except (EOFError, OSError):  # the engine process is gone
         pass
-    compiling.shutdown(wait=False, cancel_futures=True)
     bitmask = ctl = None
     control.release()
     shm.close()

@@ -52,6 +52,7 @@ class StructuredOutputs:
         self._cache: OrderedDict[StructuredOutputSpec, Future] = OrderedDict()  # least recently used first
         self._sizes: dict[StructuredOutputSpec, int] = {}  # compiled grammars' bytes, once known
         self.cache_limit_bytes = cache_limit_bytes
+        self._threads = threads  # compiles at once, and xgrammar's threads within one
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roseinfer-grammar")
         self.pin_bitmask = pin_bitmask
         self._bitmask: torch.Tensor | None = None
@@ -73,7 +74,8 @@ class StructuredOutputs:
             if self._compiler is None:
                 if self.token_bytes is None:
                     raise InvalidRequest("structured outputs need a byte-level BPE vocabulary; this model's is not")
-                self._compiler = grammar_compiler(self.token_bytes, self.vocab_size, self.stop_token_ids, threads=2)
+                self._compiler = grammar_compiler(self.token_bytes, self.vocab_size, self.stop_token_ids,
+                                                  threads=self._threads)
             return self._compiler
 
     def prepare(self) -> None:
