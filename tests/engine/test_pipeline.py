@@ -47,6 +47,7 @@ class EagerGraphDecoder:
         self.launches = {"fresh": 0, "chained": 0}
         self.steps_ahead = 0  # run_decode calls past a run's first step (sampled or constrained runs)
         self.chained_runs = 0  # runs started on a previous run's unread tokens (constrained runs)
+        self.chained_spans: list[int] = []  # steps of a constrained run and of the one chained onto it
         self.grammar_steps_replayed = 0  # constrained steps through the masked-step "graph"
         self.sampled_runs = 0
 
@@ -93,6 +94,14 @@ class EagerGraphDecoder:
 
     def start_grammar_steps(self, n: int) -> None:
         self.grammar_offset = 0  # the run's step whose forward ran last
+
+    def upload_block_tables_through(self, seqs, steps_ahead: int) -> None:
+        """A chained constrained run's next forwards continue on the device from the last masked
+        step (replay_decode), with the block tables as they are now: steps past the tables
+        uploaded before would index blocks they lack."""
+        self.run_tables = [list(s.block_table) for s in seqs]
+        self.chained_runs += 1
+        self.chained_spans.append(steps_ahead)
 
     def set_row_params(self, params) -> int:
         from engine.sampler import TOP_K
@@ -331,6 +340,34 @@ def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, refer
     for out in (got[0], got[3]):
         jsonschema.validate(json.loads(out.text), schema)
     llm.engine.step()  # a chained run may still be in flight: read it
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
+@pytest.mark.parametrize("run_target_s", [1e-9, 10.0])
+def test_constrained_runs_last_longer_when_steps_are_fast(tiny_llama_dir, reference, monkeypatch, run_target_s):
+    """A constrained run's steps are as many as fit in CONSTRAINED_RUN_TARGET_S at the last run's
+    pace, from num_scheduler_steps up to CONSTRAINED_RUN_FACTOR times that; runs of any length, and
+    chains from one length to another, give the single-step engine's tokens and free every block."""
+    import engine.llm_engine as llm_engine
+    from engine.config import CONSTRAINED_RUN_FACTOR
+
+    monkeypatch.setattr(llm_engine, "CONSTRAINED_RUN_TARGET_S", run_target_s)
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 8, "maxItems": 30}
+    spec = StructuredOutputSpec.json_schema(schema)
+    params = [SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True, structured_output=spec)] * 3 + \
+        [SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True)]
+    want = reference.generate(PROMPTS, params)
+    llm = pipelined_llm(tiny_llama_dir, steps=4)
+    got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    spans = llm.engine.runner.graphs.chained_spans
+    if run_target_s < 1:  # steps never fit: every run as long as num_scheduler_steps
+        assert spans and set(spans) == {8}
+    else:  # the first run's pace is not known before it ends: 4 steps, chained to 4, then 16
+        assert spans[:3] == [4 + 4, 4 + 4 * CONSTRAINED_RUN_FACTOR, 2 * 4 * CONSTRAINED_RUN_FACTOR]
+    llm.engine.step()
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
