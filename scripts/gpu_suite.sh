@@ -359,7 +359,8 @@ run_structured() {
 # the GIL with the step thread) and over HTTP against `roseinfer serve` (the engine in its own
 # process, as served; the load harness with --extra-body). STRUCTURED_WORKERS picks the grammar
 # workers (default 4); BASE_TREE (an older commit, unpacked and carried) runs the offline and
-# online records runs again from that tree, in the same call; STRUCTURED_HTTP_ONLY skips to the HTTP leg.
+# online records runs again from that tree, in the same call; STRUCTURED_MODES picks the bench modes
+# (default "offline online"); STRUCTURED_HTTP_ONLY skips to the HTTP leg, STRUCTURED_NO_HTTP skips it.
 run_structured_modes() {
   local w=${STRUCTURED_WORKERS:-4}
   local trees=(new); [ -n "${BASE_TREE:-}" ] && trees=(new base)
@@ -367,7 +368,7 @@ run_structured_modes() {
   for tree in "${trees[@]}"; do
     local cli=("${roseinfer[@]}")
     [ "$tree" = base ] && cli=(env "PYTHONPATH=/tmp/site:$(cd "$BASE_TREE" && pwd)" python3 -P -m server.cli)
-    for mode in offline online; do
+    for mode in ${STRUCTURED_MODES:-offline online}; do
       for tag in free records; do
         [ "$tree" = base ] && [ "$tag" = free ] && continue
         local extra=(); [ "$tag" = records ] && extra=(--guided-json "$records_schema" --grammar-workers "$w")
@@ -385,6 +386,7 @@ from server.cli import main; sys.exit(main(sys.argv[1:]))" "$iv" bench --hf-mode
       --guided-json "$records_schema" --grammar-workers "$w" --output-json "$out/modes_online_records_switch$iv.json" 2>&1 \
       | grep -E "Throughput\(completion,decode\)" | sed "s/^/[online records, switch interval $iv s] /"
   done
+  [ -n "${STRUCTURED_NO_HTTP:-}" ] && return
   start_server "$out/server_structured.log" --grammar-workers "$w"
   local http=(--model gpt2 --dataset random --input-len 8 --output-len 512 --num-prompts 64 --max-concurrency 64 --no-progress)
   timeout 60 python3 -m load_tests "${http[@]}" --num-prompts 16 > /dev/null 2>&1  # warm-up: graphs, the grammar workers
