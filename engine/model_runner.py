@@ -743,6 +743,17 @@ def shared_prefix_tokens(tables: np.ndarray, num_tokens: list[int], block_size: 
     return (filled if same.all() else int(same.argmin())) * block_size
 
 
+# Greedy multi-step runs replay one captured graph of all num_scheduler_steps forwards (and their
+# argmaxes) when a forward is short, where launching a graph a step would show; a model whose
+# largest batch's forward takes at least this long (timed once, at capture) replays each step's
+# forward graph and a small argmax graph instead, as sampled runs do (two graph launches a step
+# and the forward's fp32 logits: estimated well under 1% of an 8B's step; `scripts/gpu_suite.sh
+# stepgraphs` measures it). Its capture then records one forward per batch size rather than
+# num_scheduler_steps + 1 (and the cascade graphs one rather than num_scheduler_steps): seconds of
+# an 8B's start (issue 11's ready time).
+GREEDY_STEP_GRAPHS_MIN_FORWARD_S = 1e-3
+
+
 class CudaGraphDecoder:
     """The decode step (one token per sequence -> logits) captured once per batch size.
 
@@ -771,8 +782,9 @@ class CudaGraphDecoder:
         self.staging_np = self.staging.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        # Greedy multi-step decode: `multi_steps` whole decode steps in one graph, each step's
-        # argmax feeding the next, positions/slots/lengths derived on the device.
+        # Greedy multi-step decode: `multi_steps` whole decode steps in one graph (none captured
+        # with greedy_step_graphs), each step's argmax feeding the next, positions/slots/lengths
+        # derived on the device.
         self.multi_steps = runner.config.num_scheduler_steps
         self.base_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.active = torch.zeros(max_bs, dtype=torch.bool, device=dev)
@@ -826,8 +838,13 @@ class CudaGraphDecoder:
         # leaves a common system prompt so): a second multi-step graph per batch size whose
         # attention reads that prefix once per KV head for all rows (cascade_decode), its length
         # in `shared_prefix_len`, set when a run starts; runs chained to it keep it.
+        # With greedy_step_graphs, a cascade graph is one forward (its logits in cascade_logits),
+        # followed each step by an argmax graph of cascade_step_graphs, as sampled steps are.
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_tokens: dict[int, torch.Tensor] = {}
+        self.cascade_logits: dict[int, torch.Tensor] = {}
+        self.cascade_step_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
+        self.greedy_step_graphs = False  # decided in _capture (GREEDY_STEP_GRAPHS_MIN_FORWARD_S)
         self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
         self.cascade_run = False
         self.cascade_runs = 0  # for tests
@@ -861,15 +878,31 @@ class CudaGraphDecoder:
                 # (the first forward compiles the kernels, the second settles the allocator)
                 self.graphs[bs], self.logits[bs] = self._warm_and_capture(forward, pool, stream, "forward", warm_runs=2)
                 pool = self.graphs[bs].pool()
+                if bs == self.batch_sizes[-1] and self.multi_steps > 1 and self.step_inputs_kernel is not None:
+                    forward_s = self._replay_seconds(self.graphs[bs], stream)
+                    self.greedy_step_graphs = forward_s >= GREEDY_STEP_GRAPHS_MIN_FORWARD_S
+                    logger.info("decode forward at batch %d: %.2f ms; greedy runs replay %s", bs, forward_s * 1e3,
+                                "a forward and an argmax graph a step" if self.greedy_step_graphs else "one graph a run")
                 if self.multi_steps > 1:
-                    self.multi_graphs[bs], self.multi_tokens[bs] = self._warm_and_capture(
-                        lambda: self._decode_steps_body(bs, meta), pool, stream, "multi-step")
-                    if self._captures_cascade(bs):
-                        cascade_meta = replace(meta, shared_prefix_len=self.shared_prefix_len)
-                        self.cascade_graphs[bs], self.cascade_tokens[bs] = self._warm_and_capture(
-                            lambda: self._decode_steps_body(bs, cascade_meta), pool, stream, "cascade")
+                    cascade_meta = replace(meta, shared_prefix_len=self.shared_prefix_len)
+                    if not self.greedy_step_graphs:
+                        self.multi_graphs[bs], self.multi_tokens[bs] = self._warm_and_capture(
+                            lambda: self._decode_steps_body(bs, meta), pool, stream, "multi-step")
+                        if self._captures_cascade(bs):
+                            self.cascade_graphs[bs], self.cascade_tokens[bs] = self._warm_and_capture(
+                                lambda: self._decode_steps_body(bs, cascade_meta), pool, stream, "cascade")
+                    elif self._captures_cascade(bs):
+                        self.cascade_graphs[bs], self.cascade_logits[bs] = self._warm_and_capture(
+                            lambda: model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], caches,
+                                                               cascade_meta)), pool, stream, "cascade")
+                        self.sample_step.zero_()
+                        self.cascade_step_graphs[bs] = tuple(
+                            self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(
+                                bs, None, n, self.cascade_logits[bs]), pool, stream, "sampling")[0]
+                            for next_inputs in (True, False))
                     if self.step_inputs_kernel is not None:
-                        for variant in SAMPLING_VARIANTS:
+                        # variant None: the argmax step of greedy runs, when they replay one a step
+                        for variant in ((None,) if self.greedy_step_graphs else ()) + tuple(SAMPLING_VARIANTS):
                             self.sample_step.zero_()  # each warm run of a step before another advances it
                             self.sample_graphs[(bs, variant)] = tuple(
                                 self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(bs, variant, n),
@@ -905,6 +938,18 @@ class CudaGraphDecoder:
         self.capture_seconds[kind] = self.capture_seconds.get(kind, 0.0) + time.perf_counter() - start
         return graph, out
 
+    @staticmethod
+    def _replay_seconds(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, replays: int = 3) -> float:
+        """A graph's time on the device, after one replay to warm up (on the capture's static inputs)."""
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(replays):
+            graph.replay()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / replays
+
     def padded_size(self, n: int) -> int:
         """The captured batch size a batch of `n` rows replays (padding rows past n)."""
         return next(b for b in self.batch_sizes if b >= n)
@@ -937,12 +982,13 @@ class CudaGraphDecoder:
         self.step_inputs_kernel(base_pos[:bs], active[:bs], self.block_tables[:bs], step, self.runner.block_size,
                                 self.positions[:bs], self.seq_lens[:bs], self.slot_mapping[:bs])
 
-    def _sample_step_body(self, bs: int, variant: int, next_inputs: bool) -> None:
-        """Sample a step's tokens from the decode graph's logits with the rows' parameters
-        (the filters of sampling variant `variant`) into `sampled_tokens[sample_step]` and
-        `input_ids`; with `next_inputs` (not the run's last step), also advance `sample_step` and
-        `sample_pos` and derive the next forward's position, length and cache slot."""
-        ids = self._pick_tokens(bs, self.logits[bs], variant)
+    def _sample_step_body(self, bs: int, variant: int | None, next_inputs: bool, logits: torch.Tensor | None = None) -> None:
+        """Sample a step's tokens from the decode graph's logits (or `logits`) with the rows'
+        parameters (the filters of sampling variant `variant`; None: the argmax) into
+        `sampled_tokens[sample_step]` and `input_ids`; with `next_inputs` (not the run's last
+        step), also advance `sample_step` and `sample_pos` and derive the next forward's position,
+        length and cache slot."""
+        ids = self._pick_tokens(bs, self.logits[bs] if logits is None else logits, variant)
         self.sampled_tokens[:, :bs].index_copy_(0, self.sample_step, ids.unsqueeze(0))
         self.input_ids[:bs].copy_(ids)
         if next_inputs:
@@ -1006,9 +1052,10 @@ class CudaGraphDecoder:
         return bool(self.sample_graphs)
 
     def launch_greedy_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
-        """`multi_steps` greedy decode steps in one graph replay; the tokens land in pinned host
-        memory asynchronously. `chained`: continue the previous replay of this same batch, whose
-        last tokens the graph left in `input_ids`; its tokens need not have been read yet."""
+        """`multi_steps` greedy decode steps in one graph replay (with `greedy_step_graphs`, a
+        forward and an argmax graph a step); the tokens land in pinned host memory asynchronously.
+        `chained`: continue the previous replay of this same batch, whose last tokens the graph
+        left in `input_ids`; its tokens need not have been read yet."""
         return self._launch_steps(seqs, chained, None)
 
     def launch_sampled_steps(self, seqs: list[Sequence], chained: bool) -> PendingTokens:
@@ -1065,20 +1112,25 @@ class CudaGraphDecoder:
         started = torch.cuda.Event(enable_timing=True)
         started.record()
         buffer = self._upload_block_tables(row_ids, rows.table.shape[1])
-        if variant is None and self.cascade_run:
-            self.cascade_graphs[bs].replay()
-            tokens = self.cascade_tokens[bs]
-            self.cascade_runs += 1
-        elif variant is None:
-            self.multi_graphs[bs].replay()
-            tokens = self.multi_tokens[bs]
-        else:
+        if variant is None and not self.greedy_step_graphs:  # the whole run in one graph
+            if self.cascade_run:
+                self.cascade_graphs[bs].replay()
+                tokens = self.cascade_tokens[bs]
+                self.cascade_runs += 1
+            else:
+                self.multi_graphs[bs].replay()
+                tokens = self.multi_tokens[bs]
+        else:  # each step a forward graph, then its sampling (or argmax) graph
             self._derive_step_inputs(bs, 0)
             self.sample_step.zero_()
             self.sample_pos[:bs].copy_(self.base_pos[:bs])
+            forward = self.graphs[bs]
             before_last, last = self.sample_graphs[(bs, variant)]
+            if variant is None and self.cascade_run:
+                forward, (before_last, last) = self.cascade_graphs[bs], self.cascade_step_graphs[bs]
+                self.cascade_runs += 1
             for step in range(self.multi_steps):
-                self.graphs[bs].replay()
+                forward.replay()
                 (last if step + 1 == self.multi_steps else before_last).replay()
             tokens = self.sampled_tokens
         host = self.host_tokens[buffer][:, :n]

@@ -38,10 +38,20 @@ def load_hf(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
 
 
-@pytest.mark.parametrize("steps", [1, 8])
-def test_graphs_and_multistep_match_hf_fp32(saved_model, steps):
+def force_greedy_step_graphs(monkeypatch, per_step: bool) -> None:
+    """Greedy runs as a graph a step (as for models whose forward is slow), or one graph a run."""
+    from engine import model_runner
+
+    monkeypatch.setattr(model_runner, "GREEDY_STEP_GRAPHS_MIN_FORWARD_S", 0.0 if per_step else float("inf"))
+
+
+@pytest.mark.parametrize("steps, per_step", [(1, False), (8, False), (8, True)])
+def test_graphs_and_multistep_match_hf_fp32(saved_model, steps, per_step, monkeypatch):
+    force_greedy_step_graphs(monkeypatch, per_step)
     llm = LLM(saved_model, device="cuda", dtype="float32", num_scheduler_steps=steps, kv_cache_memory_bytes=256 * 2**20)
     assert llm.engine.runner.attention.name == "triton" and llm.engine.runner.cuda_graphs_enabled
+    graphs = llm.engine.runner.graphs
+    assert graphs.greedy_step_graphs == per_step and bool(graphs.multi_graphs) == (steps > 1 and not per_step)
     for kv in llm.engine.runner.kv_caches:
         kv.fill_(float("nan"))  # unwritten slots must never be read
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -53,12 +63,15 @@ def test_graphs_and_multistep_match_hf_fp32(saved_model, steps):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, monkeypatch):
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cascade_graphs_for_a_shared_prompt_prefix_match_hf_fp32(saved_model, monkeypatch, per_step):
     """Greedy runs whose rows start with the same cached prompt prefix replay the cascade graphs
-    (the prefix's K/V read once for the batch, then each row's own) and give HF's tokens. The
-    thresholds are lowered so that a small batch takes them."""
+    (the prefix's K/V read once for the batch, then each row's own; one graph a run, or a forward
+    and an argmax graph a step) and give HF's tokens. The thresholds are lowered so that a small
+    batch takes them."""
     from engine import model_runner
 
+    force_greedy_step_graphs(monkeypatch, per_step)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_BATCH", 16)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 64)
     llm = LLM(saved_model, device="cuda", dtype="float32", kv_cache_memory_bytes=256 * 2**20)
