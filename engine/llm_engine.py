@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 # (from the last such run's time a step), from num_scheduler_steps up to
 # EngineConfig.max_constrained_run_steps. Each run's end costs the device about a millisecond
 # (engine.config.CONSTRAINED_RUN_FACTOR); this bounds how long its streams wait for their next
-# tokens and an arriving request for its turn.
+# tokens, and an arriving request for its turn (about two runs: the one in flight and the one
+# chained onto it).
 CONSTRAINED_RUN_TARGET_S = 0.02
 
 
