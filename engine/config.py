@@ -13,7 +13,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # while the device has about one step queued (the next step's mask needs the last tokens), so a
 # boundary costs about a millisecond of device time: on fast steps such runs go on for up to this
 # many times num_scheduler_steps (GPT-2 on the H200, records schema: 0.79 of free at 8 steps, 0.87
-# at 16, 0.89 at 32; docs/BENCHMARKS.md).
+# at 16, 0.90 at 32; docs/BENCHMARKS.md).
 CONSTRAINED_RUN_FACTOR = 4
 
 
