@@ -751,7 +751,9 @@ def shared_prefix_tokens(tables: np.ndarray, num_tokens: list[int], block_size: 
 # stepgraphs` measures it). Its capture then records one forward per batch size rather than
 # num_scheduler_steps + 1 (and the cascade graphs one rather than num_scheduler_steps): seconds of
 # an 8B's start (issue 11's ready time).
-GREEDY_STEP_GRAPHS_MIN_FORWARD_S = 1e-3
+# (2 ms: reading an 8B's weights alone takes ~3.7 ms at the H200's copy rate, a 1B's ~0.6 ms, GPT-2's
+# 0.06 ms: far from the threshold, so a model's choice does not flip from start to start.)
+GREEDY_STEP_GRAPHS_MIN_FORWARD_S = 2e-3
 
 
 class CudaGraphDecoder:
