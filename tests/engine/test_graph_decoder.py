@@ -172,3 +172,26 @@ def test_constrained_runs_of_any_length_match_single_steps(graph_llm, single_ste
     llm.engine.step()  # a chained run may still be in flight: read it
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cascade_runs_for_a_shared_prompt_prefix_match_single_steps(graph_llm, single_steps, monkeypatch, per_step):
+    """Greedy rows that share a cached prompt prefix take the cascade graphs (the prefix read once for
+    the batch): one graph a run, or a cascade forward and an argmax graph on its logits a step; the
+    single-step engine's tokens. The thresholds are lowered so that three rows take them."""
+    from engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_BATCH", 2)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 32)
+    llm = graph_llm(forward_s=1.0 if per_step else 1e-4)
+    graphs = llm.engine.runner.graphs
+    assert 4 in graphs.cascade_graphs and (4 in graphs.cascade_step_graphs) == per_step
+    prefix = [(37 * i) % 1000 + 10 for i in range(32)]  # two blocks of 16
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm.generate([prefix + [5]], greedy)  # fills the prefix cache
+    prompts = [prefix + [100 + i] * (1 + i) for i in range(3)]
+    want = [o.token_ids for o in single_steps.generate(prompts, greedy)]
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+    assert graphs.cascade_runs > 0 and int(graphs.shared_prefix_len) == 32
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
