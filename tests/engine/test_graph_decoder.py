@@ -103,11 +103,11 @@ def graph_llm(monkeypatch, tiny_llama_dir):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: _Nothing())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
 
-    def build(forward_s: float, steps: int = 4, **kwargs) -> LLM:
+    def build(forward_s: float) -> LLM:
         monkeypatch.setattr(model_runner.CudaGraphDecoder, "_replay_seconds",
                             staticmethod(lambda graph, stream, replays=3: forward_s))
-        llm = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=4, num_scheduler_steps=steps,
-                  attention_backend="triton", dtype="float32", **kwargs)
+        llm = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=4, num_scheduler_steps=4,
+                  attention_backend="triton", dtype="float32")
         runner = llm.engine.runner
         runner.graphs = model_runner.CudaGraphDecoder(runner, [4])
         return llm
