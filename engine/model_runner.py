@@ -865,7 +865,6 @@ class CudaGraphDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        model, caches = self.runner.model, self.runner.kv_caches
         pool = self.pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -873,12 +872,9 @@ class CudaGraphDecoder:
         with torch.cuda.stream(stream):
             for bs in reversed(self.batch_sizes):
                 meta = self._meta(bs)
-
-                def forward():
-                    return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], caches, meta))
-
                 # (the first forward compiles the kernels, the second settles the allocator)
-                self.graphs[bs], self.logits[bs] = self._warm_and_capture(forward, pool, stream, "forward", warm_runs=2)
+                self.graphs[bs], self.logits[bs] = self._warm_and_capture(
+                    lambda: self._forward_body(bs, meta), pool, stream, "forward", warm_runs=2)
                 pool = self.graphs[bs].pool()
                 if bs == self.batch_sizes[-1] and self.multi_steps > 1 and self.step_inputs_kernel is not None:
                     forward_s = self._replay_seconds(self.graphs[bs], stream)
@@ -895,28 +891,21 @@ class CudaGraphDecoder:
                                 lambda: self._decode_steps_body(bs, cascade_meta), pool, stream, "cascade")
                     elif self._captures_cascade(bs):
                         self.cascade_graphs[bs], self.cascade_logits[bs] = self._warm_and_capture(
-                            lambda: model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], caches,
-                                                               cascade_meta)), pool, stream, "cascade")
-                        self.sample_step.zero_()
-                        self.cascade_step_graphs[bs] = tuple(
-                            self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(
-                                bs, None, n, self.cascade_logits[bs]), pool, stream, "sampling")[0]
-                            for next_inputs in (True, False))
+                            lambda: self._forward_body(bs, cascade_meta), pool, stream, "cascade")
+                        self.sample_step.zero_()  # each warm run of a step before another advances it
+                        self.cascade_step_graphs[bs] = self._capture_step_pair(
+                            self._sample_step_body, pool, stream, "sampling", bs=bs, variant=None,
+                            logits=self.cascade_logits[bs])
                     if self.step_inputs_kernel is not None:
                         # variant None: the argmax step of greedy runs, when they replay one a step
                         for variant in ((None,) if self.greedy_step_graphs else ()) + tuple(SAMPLING_VARIANTS):
-                            self.sample_step.zero_()  # each warm run of a step before another advances it
-                            self.sample_graphs[(bs, variant)] = tuple(
-                                self._warm_and_capture(lambda n=next_inputs: self._sample_step_body(bs, variant, n),
-                                                       pool, stream, "sampling")[0]
-                                for next_inputs in (True, False))
+                            self.sample_step.zero_()
+                            self.sample_graphs[(bs, variant)] = self._capture_step_pair(
+                                self._sample_step_body, pool, stream, "sampling", bs=bs, variant=variant)
                 if self.step_inputs_kernel is not None:
                     for sampling in ((None, *SAMPLING_VARIANTS) if self.multi_steps > 1 else (None,)):
-                        # (a step before another, a run's last step)
-                        self.grammar_graphs[(bs, sampling)] = tuple(
-                            self._warm_and_capture(lambda n=next_inputs: self._masked_step_body(bs, n, sampling),
-                                                   pool, stream, "masked")[0]
-                            for next_inputs in (True, False))
+                        self.grammar_graphs[(bs, sampling)] = self._capture_step_pair(
+                            self._masked_step_body, pool, stream, "masked", bs=bs, sampling=sampling)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s (%s)", self.batch_sizes,
@@ -939,6 +928,17 @@ class CudaGraphDecoder:
             out = body()
         self.capture_seconds[kind] = self.capture_seconds.get(kind, 0.0) + time.perf_counter() - start
         return graph, out
+
+    def _capture_step_pair(self, body, pool, stream, kind: str, **args) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+        """A step's two graphs of `body(next_inputs=..., **args)`: before another step (the next
+        forward's inputs derived too), and a run's last step."""
+        return tuple(self._warm_and_capture(lambda n=next_inputs: body(next_inputs=n, **args), pool, stream, kind)[0]
+                     for next_inputs in (True, False))
+
+    def _forward_body(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        """One decode forward of the static inputs' first `bs` rows; the logits."""
+        model = self.runner.model
+        return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], self.runner.kv_caches, meta))
 
     @staticmethod
     def _replay_seconds(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, replays: int = 3) -> float:
