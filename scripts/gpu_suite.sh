@@ -24,6 +24,9 @@ roseinfer=(python3 -m server.cli)
 # the load harness and scripts stay this tree's: the overhead mode then measures that build.
 [ -n "${SERVER_TREE:-}" ] && roseinfer=(env "PYTHONPATH=/tmp/site:$(cd "$SERVER_TREE" && pwd)" python3 -P -m server.cli)
 smol_tok=.gpu_assets/smollm2
+# roseinfer with one module constant set first: "${roseinfer_with[@]}" MODULE NAME FLOAT args... (an experiment's knob)
+roseinfer_with=(python3 -c "import importlib, sys; _, module, name, value = sys.argv[:4]; \
+setattr(importlib.import_module(module), name, float(value)); from server.cli import main; sys.exit(main(sys.argv[4:]))")
 
 run_tests() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
@@ -265,8 +268,8 @@ run_stepgraphs() {
       for workload in b1 b64; do
         local extra=(--input-len 8 --num-requests 3 --max-new-tokens 256 --mode latency --repeat-runs 1)
         [ $workload = b64 ] && extra=(--input-len 1 --num-requests 64 --max-new-tokens 512 --mode online --max-batch-size 64 --repeat-runs 2)
-        timeout 200 python3 -c "import sys, engine.model_runner as m; m.GREEDY_STEP_GRAPHS_MIN_FORWARD_S = float(sys.argv.pop(1)); \
-from server.cli import main; sys.exit(main(sys.argv[1:]))" "$threshold" bench "${common[@]}" "${extra[@]}" \
+        timeout 200 "${roseinfer_with[@]}" engine.model_runner GREEDY_STEP_GRAPHS_MIN_FORWARD_S "$threshold" \
+          bench "${common[@]}" "${extra[@]}" \
           --output-json "$out/stepgraphs_${workload}_$variant.json" 2>&1 | grep -E "ready|captured|Throughput\(completion,decode|TPOT|floor" \
           | cut -c1-400 | sed "s/^/[$workload $variant] /" | tee -a "$out/stepgraphs.log"
       done
@@ -402,8 +405,8 @@ run_structured_modes() {
   # STRUCTURED_SWITCH_INTERVALS (seconds, e.g. "1e-4 2.5e-4"): the online records run again with the step
   # thread's GIL switch interval (engine.async_engine.STEP_THREAD_SWITCH_INTERVAL_S, 5e-4) set to each.
   for iv in ${STRUCTURED_SWITCH_INTERVALS:-}; do
-    timeout 200 python3 -c "import sys, engine.async_engine as a; a.STEP_THREAD_SWITCH_INTERVAL_S = float(sys.argv.pop(1)); \
-from server.cli import main; sys.exit(main(sys.argv[1:]))" "$iv" bench --hf-model-id gpt2 "${seed_bench[@]}" --mode online \
+    timeout 200 "${roseinfer_with[@]}" engine.async_engine STEP_THREAD_SWITCH_INTERVAL_S "$iv" \
+      bench --hf-model-id gpt2 "${seed_bench[@]}" --mode online \
       --guided-json "$records_schema" --grammar-workers "$w" --output-json "$out/modes_online_records_switch$iv.json" 2>&1 \
       | grep -E "Throughput\(completion,decode\)" | sed "s/^/[online records, switch interval $iv s] /"
   done
