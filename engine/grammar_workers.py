@@ -33,7 +33,7 @@ import torch
 
 from engine.sampling_params import StructuredOutputSpec
 from engine.structured_output import ACCEPTED, REJECTED, TERMINATED, StructuredOutputs
-from kernels.precompile import spawn_without_main
+from roseinfer_kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
 from engine.structured_output import ACCEPTED, REJECTED, GrammarSteps, StructuredOutputs
-from kernels.precompile import manifest_path, record_compiles, write_manifest
+from roseinfer_kernels.precompile import manifest_path, record_compiles, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class LLMEngine:
 
     def _write_compile_manifest(self, config: EngineConfig, compiles: list[dict]) -> None:
         """ROSEINFER_RECORD_COMPILES=1: the Triton kernels this start-up (load, capture, warm-up)
-        compiled, merged into kernels.precompile's manifest, which a cold start of the same model
+        compiled, merged into roseinfer_kernels.precompile's manifest, which a cold start of the same model
         and settings then compiles in parallel ahead (commit the file: it ships with the package)."""
         path = manifest_path()
         count = write_manifest(path, compiles, compile_manifest_key(config))

@@ -136,7 +136,7 @@ def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-# GGUF block types the CPU kernels run as they are (kernels/gguf_linear.py), and our projections
+# GGUF block types the CPU kernels run as they are (roseinfer_kernels/gguf_linear.py), and our projections
 # with the GGUF tensors that fill them.
 _GGUF_BLOCK_SCHEMES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
 _GGUF_PROJECTIONS = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",),
@@ -175,7 +175,7 @@ def choose_gguf_blocks(config: EngineConfig, device: torch.device, model_config:
         if config.quantization == "gguf":
             raise UnknownModel("--quantization gguf runs GGUF blocks on the CPU with float32 activations only")
         return ()
-    from kernels.gguf_linear import blocks_speedup
+    from roseinfer_kernels.gguf_linear import blocks_speedup
 
     n, k = 2 * model_config.intermediate_size, model_config.hidden_size  # the largest projection
     try:

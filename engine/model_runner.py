@@ -29,8 +29,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp_group import TensorParallelGroup, init_group, receive_step
-from kernels.fp8 import FP8_MAX
-from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
+from roseinfer_kernels.fp8 import FP8_MAX
+from roseinfer_kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def make_attention_backend(name: str, device: torch.device, dtype: str = "auto",
         if device.type == "cuda":
             name = "triton"
         else:
-            from kernels.cpu_build import available
+            from roseinfer_kernels.cpu_build import available
 
             cpu_ok = dtype in ("auto", "float32") and kv_cache_dtype == "auto"
             name = "cpu" if cpu_ok and available() else "torch"
@@ -190,7 +190,7 @@ class ModelRunner:
         precompiling = self._start_precompile(config) if cuda_triton else None
         self.loaded: LoadedModel = load_model(config, self.device, self.attention, self.tp)
         if precompiling is not None:  # before the launch decisions, which launch kernels
-            from kernels.precompile import finish_precompile
+            from roseinfer_kernels.precompile import finish_precompile
 
             start = time.monotonic()
             done = finish_precompile(precompiling)
@@ -227,7 +227,7 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         self.prefill_block_m = 0  # the Triton prefill kernel's query rows per tile (0: another backend)
         if self.attention.name == "triton":
-            from kernels.launch_table import prefill_launch
+            from roseinfer_kernels.launch_table import prefill_launch
 
             self.prefill_block_m = prefill_launch(mc.head_dim).block_m
         if self.kv_dtype == torch.float8_e4m3fn:
@@ -250,12 +250,12 @@ class ModelRunner:
         )
 
     def _start_precompile(self, config: EngineConfig):
-        """Compile this model's recorded Triton kernels (kernels.precompile's manifest) in worker
+        """Compile this model's recorded Triton kernels (roseinfer_kernels.precompile's manifest) in worker
         processes while the weights load: a cold start's compiles, which the first launches would
         otherwise make one after another. None when the manifest has none for it."""
         import triton
 
-        from kernels.precompile import load_manifest, manifest_path, start_precompile
+        from roseinfer_kernels.precompile import load_manifest, manifest_path, start_precompile
 
         try:
             target = triton.runtime.driver.active.get_current_target()
@@ -339,7 +339,7 @@ class ModelRunner:
     def decode_launch(self, num_seqs: int):
         if self.attention.name != "triton":
             return None
-        from kernels.launch_table import decode_launch
+        from roseinfer_kernels.launch_table import decode_launch
 
         mc = self.model_config
         return decode_launch(str(self.dtype).removeprefix("torch."), mc.head_dim, mc.num_heads // mc.num_kv_heads,
@@ -592,7 +592,7 @@ class PendingTokens:
 
 
 def compile_manifest_key(config: EngineConfig) -> str:
-    """What a compile manifest's entries are recorded under (kernels.precompile): the model and
+    """What a compile manifest's entries are recorded under (roseinfer_kernels.precompile): the model and
     the settings that pick kernel specialisations (dtypes, quantization, tensor parallel)."""
     name = os.path.basename(config.model.rstrip("/")) or config.model
     return (f"{name} dtype={config.dtype} quantization={config.quantization} kv={config.kv_cache_dtype} "
@@ -793,7 +793,7 @@ class CudaGraphDecoder:
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.step_inputs_kernel = None
         if runner.attention.name == "triton":
-            from kernels.decode_step import decode_step_inputs
+            from roseinfer_kernels.decode_step import decode_step_inputs
 
             self.step_inputs_kernel = decode_step_inputs
         self.multi_tokens: dict[int, torch.Tensor] = {}
@@ -1014,7 +1014,7 @@ class CudaGraphDecoder:
         """The decode graph's logits masked by `grammar_bitmask`, their token (_pick_tokens) into
         `grammar_tokens`; with `next_inputs`, also the next forward's ids, position, length and
         cache slot."""
-        from kernels.token_bitmask import mask_logits_
+        from roseinfer_kernels.token_bitmask import mask_logits_
 
         ids = self._pick_tokens(bs, mask_logits_(self.logits[bs], self.grammar_bitmask[:bs]), sampling)
         self.grammar_tokens[:bs].copy_(ids)

@@ -32,7 +32,7 @@ class SamplingBatch:
     # Constrained rows (engine/structured_output.py): one bit per token, 1 = allowed; rows of
     # the batch without a constraint are all ones. [rows, ceil(vocab / 32)] int32 on the host.
     allowed_token_bitmask: torch.Tensor | None = None
-    # How sampled rows are drawn where the CUDA decoder measured kernels.filtered_sampling's race
+    # How sampled rows are drawn where the CUDA decoder measured roseinfer_kernels.filtered_sampling's race
     # faster than torch's draw at this batch size (sample_rows' `kernel`); None: torch's.
     kernel: Callable | None = None
     # Per-row values already on the device (row_values), kept for the batch's later steps: a
@@ -120,7 +120,7 @@ def mask_disallowed_tokens_(logits: torch.Tensor, bitmask: torch.Tensor) -> torc
     """-inf, in place, where a row's [rows, words] int32 host bitmask has a 0 bit (token t at bit
     t % 32 of word t // 32). On CUDA one Triton launch; on the CPU the bits unpacked with torch."""
     if logits.is_cuda:
-        from kernels.token_bitmask import mask_logits_
+        from roseinfer_kernels.token_bitmask import mask_logits_
 
         return mask_logits_(logits, bitmask.to(logits.device, non_blocking=True))
     shifts = torch.arange(32, dtype=torch.int32)
@@ -220,7 +220,7 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
     each filter skipped when None (top_k = vocab, top_p >= 1 and min_p = 0 keep every token). The
     draw is argmax(probs / noise) with `noise` ~ Exp(1), [rows, vocab]. Fixed shapes and no host
     decisions: the CUDA decoder captures it in graphs (CudaGraphDecoder's sampled runs). `kernel`
-    (kernels.filtered_sampling.filtered_sample, where `sampling_kernels` chose it) draws the rows'
+    (roseinfer_kernels.filtered_sampling.filtered_sample, where `sampling_kernels` chose it) draws the rows'
     tokens without a sort or a softmax, the same ones (it keeps every logit tied with the last one
     a filter keeps)."""
     logits = logits / temperature[:, None]
@@ -253,15 +253,15 @@ def sample_rows(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.T
 def sampling_kernels(device: torch.device, vocab: int, rows: list[int]) -> dict[tuple[int, int], Callable | None]:
     """For each batch size in `rows` and each sampling-graph variant (SAMPLING_VARIANTS: timed with
     temperature alone, top-p 0.95, and top-k 50 with top-p 0.95), how the graphs draw: with
-    kernels.filtered_sampling's race where it draws sample_rows' own tokens on random logits (but
+    roseinfer_kernels.filtered_sampling's race where it draws sample_rows' own tokens on random logits (but
     for a row in 64: where the mass crosses top_p within float rounding, the two summing in
     different orders) and runs faster, else None (sample_rows' sort and softmax). Top-k takes the
     kernel only where it is faster on peaked logits (random normal x 4) and on flat ones (x 1),
     where its rounds are many. Decided once at capture by measuring in CUDA graphs on this device,
     at a few sizes (the smallest, the largest, two between); each size takes the decision of the
     nearest timed one."""
-    from kernels.filtered_sampling import filtered_sample
-    from kernels.tune import graph_us_per_call
+    from roseinfer_kernels.filtered_sampling import filtered_sample
+    from roseinfer_kernels.tune import graph_us_per_call
 
     timed = sorted({rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]})
     torch_everywhere: dict[tuple[int, int], Callable | None] = {(b, v): None for b in rows for v in SAMPLING_VARIANTS}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead
-from kernels.precompile import spawn_without_main
+from roseinfer_kernels.precompile import spawn_without_main
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
-"""The CUDA attention backend: Triton kernels over the paged cache (see kernels/)."""
+"""The CUDA attention backend: Triton kernels over the paged cache (see roseinfer_kernels/)."""
 
 from __future__ import annotations
 
 import torch
 
 from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
-from kernels.kv_cache import write_kv
-from kernels.launch_table import cascade_prefix_launch, prefill_launch
-from kernels.paged_attention import DecodeLaunch, cascade_decode, paged_decode
-from kernels.prefill_attention import paged_prefill
-from kernels.rotary import rotary_write_kv
+from roseinfer_kernels.kv_cache import write_kv
+from roseinfer_kernels.launch_table import cascade_prefix_launch, prefill_launch
+from roseinfer_kernels.paged_attention import DecodeLaunch, cascade_decode, paged_decode
+from roseinfer_kernels.prefill_attention import paged_prefill
+from roseinfer_kernels.rotary import rotary_write_kv
 
 
 class TritonAttention(AttentionBackend):

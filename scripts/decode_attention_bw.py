@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from kernels.launch_table import cascade_prefix_launch, decode_launch
-from kernels.tune import SHAPES, candidates, graph_us_per_call, make_inputs
-from kernels.paged_attention import PrefixLaunch, cascade_decode, paged_decode
+from roseinfer_kernels.launch_table import cascade_prefix_launch, decode_launch
+from roseinfer_kernels.tune import SHAPES, candidates, graph_us_per_call, make_inputs
+from roseinfer_kernels.paged_attention import PrefixLaunch, cascade_decode, paged_decode
 
 
 def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype, block: int = 16):
@@ -73,7 +73,7 @@ def measure(args, prefix: int) -> dict:
               "table": {"launch": vars(tuned), "us": table_us, "unique_tb_s": unique_bytes / table_us / 1e6,
                         "read_tb_s": read_bytes / table_us / 1e6},
               "best": {"launch": vars(best), "us": best_us, "unique_tb_s": unique_bytes / best_us / 1e6}}
-    if prefix:  # the shared prefix read once per KV head for all queries (kernels.paged_attention.cascade_decode)
+    if prefix:  # the shared prefix read once per KV head for all queries (roseinfer_kernels.paged_attention.cascade_decode)
         cascade = []
         prefix_len = torch.tensor([prefix], dtype=torch.int32, device="cuda")
         for block_q, tokens, warps in itertools.product((16, 32, 64, 128), (32, 64), (4, 8)):
@@ -115,7 +115,7 @@ def sweep(args) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="gpt2", help="a name from kernels.tune.SHAPES")
+    p.add_argument("--shape", default="gpt2", help="a name from roseinfer_kernels.tune.SHAPES")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--context", type=int, default=600)
     p.add_argument("--shared-prefix", type=int, default=256, help="tokens every sequence shares (0: none)")

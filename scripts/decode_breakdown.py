@@ -20,7 +20,7 @@ from engine import LLM, SamplingParams
 from engine.architectures import decode_bytes_per_step
 from engine.bench import measure_copy_rate
 from engine.models.layers import AddNorm
-from kernels.tune import graph_us_per_call
+from roseinfer_kernels.tune import graph_us_per_call
 
 PARTS = ("norms", "rope", "attention", "act", "lm_head")
 

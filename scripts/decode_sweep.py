@@ -11,8 +11,8 @@ import itertools
 import torch
 import triton.testing
 
-from kernels.paged_attention import DecodeLaunch, paged_decode
-from kernels.tune import make_inputs
+from roseinfer_kernels.paged_attention import DecodeLaunch, paged_decode
+from roseinfer_kernels.tune import make_inputs
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """What a sampled decode step's filters cost on the GPU: engine.sampler.sample_rows as the sampling
 graphs run it (top-k as a tensor, top-p 0.95, temperature 0.8) with its sort, against the same draw
-by kernels.filtered_sampling (an exponential race with rejection per row, no sort), in CUDA graphs;
+by roseinfer_kernels.filtered_sampling (an exponential race with rejection per row, no sort), in CUDA graphs;
 and whether the two draw the same tokens; then the same for temperature alone (torch's softmax
 and division against the kernel's race). Logits are random (scaled by --scale: larger is more
 peaked, as a trained model's are). (The CUDA decoder makes the same measurement at capture:
@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from engine.sampler import sample_rows
-from kernels.filtered_sampling import filtered_sample
-from kernels.tune import graph_us_per_call
+from roseinfer_kernels.filtered_sampling import filtered_sample
+from roseinfer_kernels.tune import graph_us_per_call
 
 
 def main() -> None:

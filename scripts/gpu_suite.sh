@@ -38,7 +38,7 @@ run_tests() {
 }
 
 run_kernels() {
-  timeout 300 python3 -m kernels.tune --experiment --json "$out/kernel_experiment.json" 2>&1 | tee "$out/kernel_experiment.log" | tail -12
+  timeout 300 python3 -m roseinfer_kernels.tune --experiment --json "$out/kernel_experiment.json" 2>&1 | tee "$out/kernel_experiment.log" | tail -12
 }
 
 # The seed benchmark, as the issue gives it, plus --load-format dummy and the HF comparison.
@@ -226,14 +226,14 @@ run_ab() {
 }
 
 # The launch table for the named architectures' shapes (projections against cuBLAS at each batch
-# bucket, decode attention for their head shapes), written into kernels/tuned_launch.json here and
+# bucket, decode attention for their head shapes), written into roseinfer_kernels/tuned_launch.json here and
 # copied to OUTDIR (commit it from there). TUNE_BUCKETS (e.g. 1,4; also read by FP8_TUNE) measures
 # the projections at those batch buckets only; the table keeps the others' entries.
 run_tune() {
   timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" \
-    --attention "${TUNE_ATTENTION-}" --buckets "${TUNE_BUCKETS-}" --workers 14 --out kernels/tuned_launch.json 2>&1 \
+    --attention "${TUNE_ATTENTION-}" --buckets "${TUNE_BUCKETS-}" --workers 14 --out roseinfer_kernels/tuned_launch.json 2>&1 \
     | grep -v -i warn | tee "$out/tune.log" | grep -E "^linear|compiled|decode/" | cut -c1-220
-  cp kernels/tuned_launch.json "$out/"
+  cp roseinfer_kernels/tuned_launch.json "$out/"
 }
 
 big=${BIG_MODEL:-llama-3.1-8b}
@@ -290,7 +290,7 @@ run_fp8() {
     timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 --buckets "${TUNE_BUCKETS-}" --workers 14 2>&1 \
       | grep -E "^linear" | tee "$out/tune_fp8.log" | tail -40
     # first by name: the device tool returns only the first 8 files of OUTDIR
-    cp kernels/tuned_launch.json "$out/00_tuned_launch.json"
+    cp roseinfer_kernels/tuned_launch.json "$out/00_tuned_launch.json"
   fi
   local common=(--model "$big" --load-format dummy --device cuda --no-stop-on-eos --no-prefix-cache)
   for workload in ${FP8_WORKLOADS-b1 b64}; do
@@ -327,11 +327,11 @@ run_load() {
 # without the cascade decode graphs.
 run_ready() {
   local cache=/tmp/roseinfer-triton-cache-$$
-  if [ -n "${READY_RECORD:-}" ]; then  # first record the model's compile manifest (kernels.precompile), in a cache of its own,
+  if [ -n "${READY_RECORD:-}" ]; then  # first record the model's compile manifest (roseinfer_kernels.precompile), in a cache of its own,
     # so that the cold start below compiles its kernels in worker processes; the manifest comes back in OUTDIR to commit
     ROSEINFER_RECORD_COMPILES=1 TRITON_CACHE_DIR=$cache-record timeout 120 python3 scripts/load_speed.py --model "$big" \
       --ready-only 2>&1 | grep -E "ready in|recorded" | sed "s/^/[record] /" | tee -a "$out/ready_$big.log"
-    cp kernels/compile_manifests/*.json "$out/"
+    cp roseinfer_kernels/compile_manifests/*.json "$out/"
   fi
   for variant in cold warm nocascade; do
     local extra=(); [ $variant = nocascade ] && extra=(--no-cascade-attention)
@@ -489,7 +489,7 @@ run_attnbw() {
     --json "$out/attnbw_8b.json" 2>&1 | grep -v -i warn
 }
 
-# A sampled step's filters: sample_rows' sort against kernels/filtered_sampling.py's race (top-p
+# A sampled step's filters: sample_rows' sort against roseinfer_kernels/filtered_sampling.py's race (top-p
 # alone, then with top-k), and the cascade-decode sweep (where the shared-prefix path pays) at
 # GPT-2's shape.
 run_sampling() {

@@ -12,7 +12,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
-from kernels.tune import replay_ms
+from roseinfer_kernels.tune import replay_ms
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Decode-step parts on the GPU, timed the way a decode step runs them: inside a CUDA graph,
 over enough distinct weights / caches that nothing stays in L2 between uses.
 
-    python scripts/step_parts.py linear --batch 64 --json out.json      # cuBLAS vs kernels/linear.py
+    python scripts/step_parts.py linear --batch 64 --json out.json      # cuBLAS vs roseinfer_kernels/linear.py
     python scripts/step_parts.py attention --contexts 64,256,512         # decode-attention launches
     python scripts/step_parts.py layer --contexts 64,256                 # whole GPT-2 layers, 5 variants
 
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
-from kernels.paged_attention import LOG2E, DecodeLaunch, paged_decode
-from kernels.tune import graph_us_per_call, make_inputs
+from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
+from roseinfer_kernels.paged_attention import LOG2E, DecodeLaunch, paged_decode
+from roseinfer_kernels.tune import graph_us_per_call, make_inputs
 
 # (name, N, K, gelu) per model: the four decode projections of a layer
 LINEAR_SHAPES = {
@@ -197,8 +197,8 @@ def sweep_attention(contexts: list[int], batch: int, heads: int, kv_heads: int, 
 def sweep_layer(batch: int, context: int, linear: dict, json_out: dict) -> None:
     """GPT-2 layers (norm, qkv, KV write, attention, out, norm, fc1+GELU, fc2) as a decode step runs
     them, 12 layers of distinct weights and caches in one graph, in several variants."""
-    from kernels.kv_cache import write_kv
-    from kernels.norm import add_norm
+    from roseinfer_kernels.kv_cache import write_kv
+    from roseinfer_kernels.norm import add_norm
 
     hidden, heads, dim, inter, dtype = 768, 12, 64, 3072, torch.float16
     workspace = SplitKWorkspace()

@@ -1,6 +1,6 @@
 """Tune the launch table for named architectures on this GPU: every decode projection (and the LM
 head) against cuBLAS at each batch bucket, and optionally the decode-attention launch of their head
-shapes. Writes kernels/tuned_launch.json (entries for other shapes are kept).
+shapes. Writes roseinfer_kernels/tuned_launch.json (entries for other shapes are kept).
 
     python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
@@ -16,17 +16,17 @@ import torch
 
 from engine.architectures import decode_projection_shapes, named_architecture
 from engine.loader import GPT2_SIZES, gpt2_config
-from kernels.tune import parse_buckets, tune, tune_linear
+from roseinfer_kernels.tune import parse_buckets, tune, tune_linear
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="llama-3.1-8b")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--attention", default="", help="names from kernels.tune.SHAPES to tune attention for")
+    p.add_argument("--attention", default="", help="names from roseinfer_kernels.tune.SHAPES to tune attention for")
     p.add_argument("--contexts", default="64,256,1024")
     p.add_argument("--workers", type=int, default=12)
-    p.add_argument("--out", default="kernels/tuned_launch.json")
+    p.add_argument("--out", default="roseinfer_kernels/tuned_launch.json")
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
                    help="fp8: the float8 projections of --quantization fp8 (the LM head stays dense)")
     p.add_argument("--buckets", default="", help="batch buckets to measure the projections at (e.g. 1,4); "

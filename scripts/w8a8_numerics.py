@@ -22,9 +22,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import FP8, FP8_MAX, fake_quantize_slices_fp8
-from kernels.linear import SplitKWorkspace, skinny_linear
-from kernels.reference import quantize_kv_ref
+from roseinfer_kernels.fp8 import FP8, FP8_MAX, fake_quantize_slices_fp8
+from roseinfer_kernels.linear import SplitKWorkspace, skinny_linear
+from roseinfer_kernels.reference import quantize_kv_ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
 from test_kernels import LINEAR_CASES  # noqa: E402  (the cases the CUDA tests run)

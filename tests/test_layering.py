@@ -1,12 +1,14 @@
-"""The package layering of STYLE.md, read from the source: server -> engine -> kernels, kernels on
-torch and triton alone, and no import cycle anywhere (imports inside functions count too)."""
+"""The package layering of STYLE.md, read from the source: server -> engine -> roseinfer_kernels (the
+kernels), which depends on torch and triton alone; no import cycle anywhere (imports inside functions
+count too); and no top-level package of ours shares its name with one that an installed distribution
+provides."""
 
 import ast
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("server", "engine", "kernels", "load_tests")
+PACKAGES = ("server", "engine", "roseinfer_kernels", "load_tests")
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -44,10 +46,11 @@ def test_layers_point_one_way():
         for dep in deps:
             dep_top = dep.split(".")[0]
             assert not (top == "engine" and dep_top in ("server", "load_tests")), f"{name} imports {dep}"
-            assert not (top == "kernels" and dep_top != "kernels"), f"{name} imports {dep}"
-            assert not (top == "load_tests" and dep_top in ("engine", "kernels")), f"{name} imports {dep}"
-    kernel_files = [p for p in (ROOT / "kernels").rglob("*.py")]
-    allowed = {"torch", "triton", "numpy", "kernels", "__future__"} | set(sys.stdlib_module_names)  # numpy: host-side work lists
+            assert not (top == "roseinfer_kernels" and dep_top != "roseinfer_kernels"), f"{name} imports {dep}"
+            assert not (top == "load_tests" and dep_top in ("engine", "roseinfer_kernels")), f"{name} imports {dep}"
+    kernel_files = [p for p in (ROOT / "roseinfer_kernels").rglob("*.py")]
+    # numpy: host-side work lists
+    allowed = {"torch", "triton", "numpy", "roseinfer_kernels", "__future__"} | set(sys.stdlib_module_names)
     for path in kernel_files:
         for dep in imports_of(path):
             assert dep.split(".")[0] in allowed, f"{path.name} imports {dep}"
@@ -78,3 +81,17 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_no_installed_distribution_provides_our_top_level_names():
+    """Our packages import by their bare names, so one that another distribution also installs
+    shadows it or is shadowed, by path order: transformers 5.25 requires Hugging Face's `kernels`,
+    which is why the kernels live in `roseinfer_kernels` (under `kernels`, transformers' own
+    `from kernels import ...` found ours from the repository root and failed, and `roseinfer`
+    run from elsewhere imported Hugging Face's package under our name)."""
+    import importlib.metadata
+
+    owners = importlib.metadata.packages_distributions()
+    for name in PACKAGES:
+        others = [d for d in owners.get(name, []) if d.lower() != "roseinfer"]
+        assert not others, f"{name} is also installed by {others}"

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.fp8 import quantize_rows_fp8, scaled_mm_fp8
+from roseinfer_kernels.fp8 import quantize_rows_fp8, scaled_mm_fp8
 
 
 def padded_vocab_size(vocab_size: int, shards: int = 1) -> int:
@@ -82,8 +82,8 @@ def uses_cpu_kernels(attention) -> bool:
 
 
 def fused_kernel(module: str, name: str):
-    """A launcher from `kernels/`, imported only when used: the torch path needs no Triton."""
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+    """A launcher from `roseinfer_kernels/`, imported only when used: the torch path needs no Triton."""
+    return getattr(importlib.import_module(f"roseinfer_kernels.{module}"), name)
 
 
 class ProjectionLaunches:
@@ -113,7 +113,7 @@ class ProjectionLaunches:
 
 class GGUFBlockLinear(nn.Module):
     """A projection whose weight stays in GGUF blocks (Q4_1 or Q8_0), run by
-    `kernels.gguf_linear` on the CPU: the bytes a decode step reads are the file's 4.5 or 8.5
+    `roseinfer_kernels.gguf_linear` on the CPU: the bytes a decode step reads are the file's 4.5 or 8.5
     bits a weight, and the weights are exactly the ones dequantisation gives. `weight` holds the
     blocks, [out_features, in_features / 32 * block bytes] uint8, rows in output order (so fused
     projections concatenate rows, as dense ones do)."""
@@ -188,7 +188,7 @@ def projection(in_features: int, out_features: int, scheme: str | None, bias: bo
 
 class DecodeLinear(nn.Linear):
     """`nn.Linear` (optionally followed by tanh-GELU, GPT-2's MLP) whose small-batch calls run
-    `kernels.linear.skinny_linear` with the bias and GELU in its epilogue, as `projection` decides."""
+    `roseinfer_kernels.linear.skinny_linear` with the bias and GELU in its epilogue, as `projection` decides."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -206,9 +206,9 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     ends), and the launch of every projection, the LM head included (`model.lm_head_projection`
     over `model.lm_head_weight()`), for each batch bucket up to `max_rows`: the skinny kernel's
     from the launch table, or cuBLAS. Only for the CUDA path (the Triton attention backend)."""
-    from kernels.launch_table import BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch
-    from kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
-    from kernels.pdl import pdl_supported
+    from roseinfer_kernels.launch_table import BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch
+    from roseinfer_kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
+    from roseinfer_kernels.pdl import pdl_supported
 
     pdl = pdl_supported(device)
     attention.pdl = pdl
@@ -221,7 +221,7 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
         nonlocal need
         projection.launches = []
         for bucket in buckets:
-            # fp8 weights: their own measured launches where kernels/tune.py --weights fp8 wrote some,
+            # fp8 weights: their own measured launches where roseinfer_kernels/tune.py --weights fp8 wrote some,
             # else the model dtype's for the shape (half the bytes through the same tiles)
             table_dtype = "float8_e4m3fn" if fp8 and has_linear_entry("float8_e4m3fn", n, k, bucket) else dtype_name
             launch = linear_launch(table_dtype, n, k, bucket, heuristic=heuristic)

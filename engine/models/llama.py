@@ -215,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _cpu_decode_layers(self, kv_caches: list[torch.Tensor]):
         """On the CPU default path (C++ attention and norms, every projection in GGUF blocks, one
-        rank), a decode step's layers as one C++ call (kernels/cpu_layers.py): a function of (x,
+        rank), a decode step's layers as one C++ call (roseinfer_kernels/cpu_layers.py): a function of (x,
         positions, meta), built on first use; else None."""
         cached = self.__dict__.get("_decode_layers_call")
         if cached is not None and cached[0] is kv_caches:
@@ -228,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
                 and all(isinstance(p, GGUFBlockLinear) and p.bias is None for ps in projections for p in ps)
                 and len({tuple(p.scheme for p in ps) for ps in projections}) == 1
                 and all(l.input_layernorm.cpu_kernel is not None for l in layers)):
-            from kernels.cpu_layers import decode_layers
+            from roseinfer_kernels.cpu_layers import decode_layers
 
             tensors = [[l.input_layernorm.weight, ps[0].weight, ps[1].weight, l.post_attention_layernorm.weight,
                         ps[2].weight, ps[3].weight, kv] for l, ps, kv in zip(layers, projections, kv_caches)]

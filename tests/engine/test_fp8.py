@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.models.layers import Fp8Linear
-from kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8, quantize_tokens_fp8
+from roseinfer_kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8, quantize_tokens_fp8
 
 
 def decode_steps_close(want, got, tolerance: float = 0.15) -> int:

@@ -113,7 +113,7 @@ def test_smollm2_gguf_blocks_give_the_dequantised_models_tokens(smollm2_gguf):
 
 
 def test_smollm2_decode_layers_in_one_call_match_the_layer_loop(smollm2_gguf):
-    """The CPU default's decode steps run every layer in one C++ call (kernels/cpu_layers.py);
+    """The CPU default's decode steps run every layer in one C++ call (roseinfer_kernels/cpu_layers.py);
     the Python loop over the same kernels gives the same tokens and the same log-probabilities.
     The blocks are forced: `auto` keeps them only where they measure faster than dense float32,
     which an AVX2-only machine's did not (0.3x)."""

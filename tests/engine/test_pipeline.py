@@ -425,7 +425,7 @@ def test_the_sampling_graphs_take_each_rows_parameters():
     logits = torch.randn(bs, vocab, generator=torch.Generator().manual_seed(0)) * 3
     samplers = [{}]  # the sort; and, where Triton kernels run (the interpreter here), the sampling kernel
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from kernels.filtered_sampling import filtered_sample
+        from roseinfer_kernels.filtered_sampling import filtered_sample
 
         samplers.append({(bs, variant): filtered_sample for variant in SAMPLING_VARIANTS})
     for fake.sampling_kernel in samplers:

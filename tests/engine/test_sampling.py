@@ -107,7 +107,7 @@ SAMPLERS = ["sort"] + (["kernel"] if os.environ.get("TRITON_INTERPRET") == "1" e
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_top_p_cuts_the_distribution_top_k_left(sampler):
     """Top-k first, then top-p on the renormalised rest (as HF and vLLM order them), from one sort
-    or from kernels.filtered_sampling's race (what the sampling graphs may take instead, checked
+    or from roseinfer_kernels.filtered_sampling's race (what the sampling graphs may take instead, checked
     here draw for draw against the sort on the same noise, over fewer rows: the interpreter is
     slow): of 0.4 / 0.3 / 0.2 / 0.1, top-k 3 leaves 0.44 / 0.33 / 0.22, whose first two reach top-p
     0.75 (on the raw probabilities the first three would); min-p 0.8 then drops the second."""
@@ -122,7 +122,7 @@ def test_top_p_cuts_the_distribution_top_k_left(sampler):
              "top-p alone": (None, top_p, None)}
     tokens = {name: sample_rows(logits, greedy, temperature, *filters, noise) for name, filters in draws.items()}
     if sampler == "kernel":
-        from kernels.filtered_sampling import filtered_sample
+        from roseinfer_kernels.filtered_sampling import filtered_sample
 
         for name, filters in draws.items():
             assert torch.equal(sample_rows(logits, greedy, temperature, *filters, noise, filtered_sample),
@@ -161,7 +161,7 @@ def test_eager_steps_draw_as_the_sampling_graphs_of_their_size_decided():
     assert kernel_for([top_p] * 6) is None and kernel_for([top_p] * 20) is None  # past the largest: its decision
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
-    from kernels.filtered_sampling import filtered_sample
+    from roseinfer_kernels.filtered_sampling import filtered_sample
 
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=i) for i in range(3)] + \

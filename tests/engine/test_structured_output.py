@@ -434,7 +434,7 @@ def test_a_sleeping_grammar_worker_wakes_and_a_dead_one_fails_the_step(tiny_llm)
 
 def test_grammar_workers_start_from_a_script_without_a_main_guard(tmp_path):
     """A user's script that starts an engine's grammar workers at its top level (no `if __name__
-    == "__main__"`) runs once: the spawned workers do not import it again (kernels.precompile.
+    == "__main__"`) runs once: the spawned workers do not import it again (roseinfer_kernels.precompile.
     spawn_without_main), and the step works."""
     import subprocess
     import sys

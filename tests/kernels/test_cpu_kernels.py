@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (kernels/cpu/*.cpp) against their torch references, on fresh random inputs."""
+"""The C++ CPU kernels (roseinfer_kernels/cpu/*.cpp) against their torch references, on fresh random inputs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine.attention import paged_decode_torch
-from kernels.cpu_attention import paged_decode, rotary_write_kv
-from kernels.gguf_linear import BLOCK_BYTES, gguf_dequantize, gguf_linear, row_bytes
-from kernels.reference import gguf_dequantize_ref, rotary_write_kv_ref
+from roseinfer_kernels.cpu_attention import paged_decode, rotary_write_kv
+from roseinfer_kernels.gguf_linear import BLOCK_BYTES, gguf_dequantize, gguf_linear, row_bytes
+from roseinfer_kernels.reference import gguf_dequantize_ref, rotary_write_kv_ref
 
 
 def random_blocks(n: int, k: int, scheme: str, gen: torch.Generator) -> torch.Tensor:
@@ -99,8 +99,8 @@ def test_paged_decode_matches_the_gathering_reference(heads, kv_heads, dim, lens
 
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_rms_norm_matches_reference(with_residual):
-    from kernels.cpu_elementwise import add_rms_norm
-    from kernels.reference import add_norm_ref
+    from roseinfer_kernels.cpu_elementwise import add_rms_norm
+    from roseinfer_kernels.reference import add_norm_ref
 
     gen = torch.Generator().manual_seed(int(with_residual))
     x = torch.randn(5, 576, generator=gen) * 3 + 1
@@ -113,8 +113,8 @@ def test_add_rms_norm_matches_reference(with_residual):
 
 
 def test_silu_mul_matches_reference():
-    from kernels.cpu_elementwise import silu_mul
-    from kernels.reference import silu_and_mul_ref
+    from roseinfer_kernels.cpu_elementwise import silu_mul
+    from roseinfer_kernels.reference import silu_and_mul_ref
 
     x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4
     torch.testing.assert_close(silu_mul(x), silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)
@@ -127,13 +127,13 @@ def test_a_built_library_loads_past_a_dead_processs_lock_file():
     import subprocess
     import sys
 
-    from kernels.cpu_build import build_directory, extension
+    from roseinfer_kernels.cpu_build import build_directory, extension
 
     extension()  # built by make install; builds here otherwise
     stale = os.path.join(build_directory(), "lock")
     open(stale, "w").close()
     try:
-        code = "from kernels.cpu_build import extension; print(extension().__name__)"
+        code = "from roseinfer_kernels.cpu_build import extension; print(extension().__name__)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         assert done.returncode == 0, done.stderr

@@ -13,22 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul
-from kernels.decode_step import decode_step_inputs
-from kernels.embedding import embed_add
-from kernels.filtered_sampling import filtered_sample
-from kernels.fp8 import fake_quantize_slices_fp8
-from kernels.kv_cache import write_kv
-from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
-from kernels.norm import add_norm
-from kernels.paged_attention import DecodeLaunch, PrefixLaunch, cascade_decode, paged_decode
-from kernels.prefill_attention import PrefillLaunch, paged_prefill
-from kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
-from kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
+from roseinfer_kernels.activation import silu_and_mul
+from roseinfer_kernels.decode_step import decode_step_inputs
+from roseinfer_kernels.embedding import embed_add
+from roseinfer_kernels.filtered_sampling import filtered_sample
+from roseinfer_kernels.fp8 import fake_quantize_slices_fp8
+from roseinfer_kernels.kv_cache import write_kv
+from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
+from roseinfer_kernels.norm import add_norm
+from roseinfer_kernels.paged_attention import DecodeLaunch, PrefixLaunch, cascade_decode, paged_decode
+from roseinfer_kernels.prefill_attention import PrefillLaunch, paged_prefill
+from roseinfer_kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
+from roseinfer_kernels.reference import (add_norm_ref, decode_step_inputs_ref, embed_add_ref, linear_ref, paged_decode_ref,
                                paged_prefill_ref, rotary_write_kv_ref, silu_and_mul_ref, write_kv_ref,
                                mask_logits_ref, quantize_kv_ref, filtered_sample_ref)
-from kernels.rotary import rotary_write_kv
-from kernels.token_bitmask import mask_logits_
+from roseinfer_kernels.rotary import rotary_write_kv
+from roseinfer_kernels.token_bitmask import mask_logits_
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -487,13 +487,13 @@ LINEAR_CASES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_widen_e4m3_gives_every_finite_code_exactly(dtype):
-    """The skinny kernel's integer widening of float8 e4m3 weights (kernels.linear.widen_e4m3):
+    """The skinny kernel's integer widening of float8 e4m3 weights (roseinfer_kernels.linear.widen_e4m3):
     every one of the 254 finite codes (normals, subnormals, both zeros) bit for bit as torch's
     conversion, in the order they came."""
     import triton
     import triton.language as tl
 
-    from kernels.linear import widen_e4m3
+    from roseinfer_kernels.linear import widen_e4m3
 
     @triton.jit
     def widen_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):

@@ -1,4 +1,4 @@
-"""kernels.precompile: a manifest entry, in Triton's serialised specialisation format, compiles in a
+"""roseinfer_kernels.precompile: a manifest entry, in Triton's serialised specialisation format, compiles in a
 spawned worker (for a named GPU target: no GPU here) into the on-disk cache under the key the
 launch's own compile then finds; manifests merge and filter by model and target."""
 
@@ -10,19 +10,19 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from kernels.precompile import finish_precompile, load_manifest, start_precompile, write_manifest  # noqa: E402
+from roseinfer_kernels.precompile import finish_precompile, load_manifest, start_precompile, write_manifest  # noqa: E402
 
 TARGET = {"backend": "cuda", "arch": 90, "warp_size": 32}
 
 
 def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
-    """The manifest entry Triton's post-compile hook would record for kernels.token_bitmask's
+    """The manifest entry Triton's post-compile hook would record for roseinfer_kernels.token_bitmask's
     kernel at BLOCK=`block`, and the in-process compile's arguments for the same specialisation."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, serialize_specialization_data
 
-    from kernels.token_bitmask import _mask_logits_kernel
+    from roseinfer_kernels.token_bitmask import _mask_logits_kernel
 
     # (under TRITON_INTERPRET=1 the module holds the interpreted kernel: compile its function as the GPU would)
     kernel = _mask_logits_kernel if isinstance(_mask_logits_kernel, JITFunction) else JITFunction(_mask_logits_kernel.fn)
@@ -33,9 +33,9 @@ def _mask_logits_entry(block: int) -> tuple[dict, tuple]:
                  "vocab": "i32", "BLOCK": "constexpr"}
     constants = {(5,): block}
     attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
-    spec = serialize_specialization_data("kernels.token_bitmask._mask_logits_kernel", signature, constants, attrs,
+    spec = serialize_specialization_data("roseinfer_kernels.token_bitmask._mask_logits_kernel", signature, constants, attrs,
                                          options, "key", target)
-    entry = {"module": "kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec, "target": TARGET}
+    entry = {"module": "roseinfer_kernels.token_bitmask", "name": "_mask_logits_kernel", "spec": spec, "target": TARGET}
     return entry, (ASTSource(kernel, signature, constants, attrs), target, options.__dict__)
 
 
@@ -72,7 +72,7 @@ def test_a_manifest_entry_compiles_in_a_worker_under_the_launchs_cache_key(tmp_p
 
 
 def test_a_stale_entry_is_skipped():
-    entry = {"module": "kernels.token_bitmask", "name": "no_such_kernel", "spec": _mask_logits_entry(512)[0]["spec"]}
+    entry = {"module": "roseinfer_kernels.token_bitmask", "name": "no_such_kernel", "spec": _mask_logits_entry(512)[0]["spec"]}
     assert finish_precompile(start_precompile([entry], workers=1)) == 0
 
 

@@ -1,6 +1,6 @@
 """Launch parameters for the attention kernels, decided once per shape bucket.
 
-`kernels/tune.py` measures candidates on the current GPU and writes
+`roseinfer_kernels/tune.py` measures candidates on the current GPU and writes
 `tuned_launch.json` beside this file; without an entry, a heuristic picks.
 The engine looks parameters up once (at load or CUDA-graph capture) and
 passes them down, so no lookup or autotune wrapper runs per launch.
@@ -12,9 +12,9 @@ import json
 import os
 from functools import lru_cache
 
-from kernels.linear import LinearLaunch
-from kernels.paged_attention import DecodeLaunch, PrefixLaunch
-from kernels.prefill_attention import PrefillLaunch
+from roseinfer_kernels.linear import LinearLaunch
+from roseinfer_kernels.paged_attention import DecodeLaunch, PrefixLaunch
+from roseinfer_kernels.prefill_attention import PrefillLaunch
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_launch.json")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp8
-from kernels.pdl import pdl_launch, wait_for_previous_kernel
+from roseinfer_kernels import fp8
+from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # a global the kernels may read
 
@@ -30,7 +30,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_PAD: tl.constexpr,
     FP8_CACHE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)  # every program, also those with nothing to store (kernels/pdl.py)
+    wait_for_previous_kernel(USE_PDL)  # every program, also those with nothing to store (roseinfer_kernels/pdl.py)
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:  # negative slots pad a CUDA-graph batch: nothing to store

@@ -1,7 +1,7 @@
-"""The C++ CPU kernels (kernels/cpu/*.cpp), compiled once per machine and loaded on first use.
+"""The C++ CPU kernels (roseinfer_kernels/cpu/*.cpp), compiled once per machine and loaded on first use.
 
 torch's extension builder compiles them with `-O3 -march=native` (so the machine's vector units,
-AVX-512 here, are used). `make install` builds them ahead of time (`python -m kernels.cpu_build`).
+AVX-512 here, are used). `make install` builds them ahead of time (`python -m roseinfer_kernels.cpu_build`).
 
 Where they go, and why loading takes no lock: torch's own `load()` guards every call, even one that
 finds the library already built, with a lock *file* it removes when done. A process killed inside

@@ -1,11 +1,11 @@
 """Measure decode-kernel launch candidates on this GPU and write the launch table.
 
-    python -m kernels.tune --out kernels/tuned_launch.json       # tune attention, write the table
-    python -m kernels.tune --linear 6144x4096,4096x4096 --dtype bfloat16 --out kernels/tuned_launch.json
+    python -m roseinfer_kernels.tune --out roseinfer_kernels/tuned_launch.json       # tune attention, write the table
+    python -m roseinfer_kernels.tune --linear 6144x4096,4096x4096 --dtype bfloat16 --out roseinfer_kernels/tuned_launch.json
                                                                   # tune projections [N x K] (cuBLAS or ours)
-    python -m kernels.tune --experiment --json out.json           # the three-variant experiment + bandwidth
+    python -m roseinfer_kernels.tune --experiment --json out.json           # the three-variant experiment + bandwidth
 
-The table is read once by the engine (kernels/launch_table.py); nothing
+The table is read once by the engine (roseinfer_kernels/launch_table.py); nothing
 here runs on the serving path.
 """
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from kernels.launch_table import (
+from roseinfer_kernels.launch_table import (
     BATCH_BUCKETS,
     decode_key,
     heuristic_decode_launch,
@@ -32,10 +32,10 @@ from kernels.launch_table import (
     linear_key,
     load_table,
 )
-from kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, scaled_mm_fp8
-from kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
-from kernels.norm import add_norm
-from kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
+from roseinfer_kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, scaled_mm_fp8
+from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
+from roseinfer_kernels.norm import add_norm
+from roseinfer_kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
 
 TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)  # other batch sizes map to these buckets' neighbours or the heuristic
 # (name, num_heads, num_kv_heads, head_dim, dtype)
@@ -96,7 +96,7 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (),
     and a config that wins at one length can be several times slower at another (tokens=128, 4 warps,
     3 stages: tied for best at context 256, 3.4x the best at 64 on the H100). Launched with
     programmatic dependent launch where the GPU has it, as the engine launches them."""
-    from kernels.pdl import pdl_supported
+    from roseinfer_kernels.pdl import pdl_supported
 
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl = pdl_supported(torch.device("cuda"))
@@ -334,7 +334,7 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
 def experiment(json_path: str | None) -> dict:
     """Fixed num_warps=4 vs @triton.autotune on every call vs the tuned table, on one workload:
     GPT-2 decode attention (12 layers a step, batch 64, context 512, fp16), launched from a host loop."""
-    from kernels.launch_table import decode_launch
+    from roseinfer_kernels.launch_table import decode_launch
 
     heads, kv_heads, dim, dtype, layers, batch, context = 12, 12, 64, torch.float16, 12, 64, 512
     q, k, v, tables, lens = make_inputs(batch, context, heads, kv_heads, dim, dtype)
@@ -417,7 +417,7 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="kernels/tuned_launch.json")
+    p.add_argument("--out", default="roseinfer_kernels/tuned_launch.json")
     p.add_argument("--contexts", default="64,256,1024", help="context lengths the table is tuned over")
     p.add_argument("--shapes", default="", help="comma-separated names from SHAPES to tune (default: all)")
     p.add_argument("--linear", default="", help="projections to tune instead: NxK[+bias],... (e.g. 6144x4096)")

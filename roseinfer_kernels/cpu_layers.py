@@ -1,12 +1,12 @@
-"""A Llama decode step's decoder layers in one C++ call (kernels/cpu/decode_layers.cpp, built by
-kernels/cpu_build.py): the same kernels the Python path calls per layer, without the Python
+"""A Llama decode step's decoder layers in one C++ call (roseinfer_kernels/cpu/decode_layers.cpp, built by
+roseinfer_kernels/cpu_build.py): the same kernels the Python path calls per layer, without the Python
 between them. fp32, GGUF-block projections, the CPU attention's cache layout."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import extension
+from roseinfer_kernels.cpu_build import extension
 
 
 def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor]], q4_1: list[bool], slot_mapping: torch.Tensor,

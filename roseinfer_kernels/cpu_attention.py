@@ -1,12 +1,12 @@
-"""The CPU decode step's attention work (kernels/cpu/decode_attention.cpp, built by
-kernels/cpu_build.py): RoPE fused with the KV-cache write, and decode attention over the paged
+"""The CPU decode step's attention work (roseinfer_kernels/cpu/decode_attention.cpp, built by
+roseinfer_kernels/cpu_build.py): RoPE fused with the KV-cache write, and decode attention over the paged
 cache without gathering it. fp32."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import extension
+from roseinfer_kernels.cpu_build import extension
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

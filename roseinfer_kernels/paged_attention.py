@@ -11,7 +11,7 @@ A float8 (e4m3) cache is read at half the bytes and widened to q's dtype in
 registers; its scales cost nothing in the loop: k_scale folds into the softmax
 scale, v_scale multiplies the output once.
 
-Launch parameters come from `kernels.launch_table` (decided once, at load or
+Launch parameters come from `roseinfer_kernels.launch_table` (decided once, at load or
 warm-up): no autotune wrapper sits on this hot path.
 
 `cascade_decode` is the same attention for a batch that shares a prompt prefix in
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8_cache
-from kernels.pdl import pdl_launch, wait_for_previous_kernel
+from roseinfer_kernels.kv_cache import is_fp8_cache
+from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 LOG2E = 1.4426950408889634
 

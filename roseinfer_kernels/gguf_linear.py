@@ -1,5 +1,5 @@
-"""Linear layers over GGUF Q4_1 / Q8_0 blocks on the CPU (kernels/cpu/gguf_gemm.cpp, built by
-kernels/cpu_build.py). Up to MAX_KERNEL_ROWS rows run the block kernel, 8 rows a pass; larger
+"""Linear layers over GGUF Q4_1 / Q8_0 blocks on the CPU (roseinfer_kernels/cpu/gguf_gemm.cpp, built by
+roseinfer_kernels/cpu_build.py). Up to MAX_KERNEL_ROWS rows run the block kernel, 8 rows a pass; larger
 batches (long prefills) dequantise the matrix and run one sgemm.
 """
 
@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import extension
+from roseinfer_kernels.cpu_build import extension
 
 BLOCK = 32
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8_cache
-from kernels.paged_attention import LOG2E
-from kernels.prefill_tiles import TILE_SEQ_SHIFT
+from roseinfer_kernels.kv_cache import is_fp8_cache
+from roseinfer_kernels.paged_attention import LOG2E
+from roseinfer_kernels.prefill_tiles import TILE_SEQ_SHIFT
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def paged_prefill(
 ) -> torch.Tensor:
     """q [num_tokens, heads, head_dim] (sequences packed by query_start_loc [num_seqs + 1] int32);
     `tiles` int32 from `prefill_tiles` with the same `launch.block_m` (entries -1 do nothing). The
-    caches are in q's dtype or float8 e4m3 (K / k_scale, V / v_scale; see kernels.paged_attention)."""
+    caches are in q's dtype or float8 e4m3 (K / k_scale, V / v_scale; see roseinfer_kernels.paged_attention)."""
     num_tokens, num_heads, head_dim = q.shape
     _, kv_heads, block_size, cache_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]

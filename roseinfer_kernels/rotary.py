@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8_cache, to_fp8
-from kernels.pdl import pdl_launch, wait_for_previous_kernel
+from roseinfer_kernels.kv_cache import is_fp8_cache, to_fp8
+from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k rotated and v as is are stored at `slot_mapping` (negative: skipped) in the caches
     [blocks, kv_heads, block_size, head_dim]; k and v themselves are left unchanged. q, k, v may
     be strided views of a fused qkv row (heads contiguous). A float8 cache stores K / k_scale and
-    V / v_scale (kernels.kv_cache). Returns q."""
+    V / v_scale (roseinfer_kernels.kv_cache). Returns q."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     assert k.shape == v.shape == (tokens, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype

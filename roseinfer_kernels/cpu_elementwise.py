@@ -1,11 +1,11 @@
-"""Residual add + RMSNorm and SiLU * up on the CPU in one call each (kernels/cpu/elementwise.cpp,
-built by kernels/cpu_build.py). float32, HF's arithmetic."""
+"""Residual add + RMSNorm and SiLU * up on the CPU in one call each (roseinfer_kernels/cpu/elementwise.cpp,
+built by roseinfer_kernels/cpu_build.py). float32, HF's arithmetic."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import extension
+from roseinfer_kernels.cpu_build import extension
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -1,4 +1,4 @@
-// The CPU kernels as one Python extension module (built by kernels/cpu_build.py).
+// The CPU kernels as one Python extension module (built by roseinfer_kernels/cpu_build.py).
 #include <torch/extension.h>
 
 void register_gguf_gemm(pybind11::module& m);

@@ -10,7 +10,7 @@ workspace, and the last slice to finish a tile (counted with an atomic) sums
 them and runs the epilogue (bias, then tanh-GELU if asked). The counter is
 reset by that last slice, so the kernel can be replayed in a CUDA graph.
 
-Launch parameters come from `kernels.launch_table` per (N, K, batch bucket),
+Launch parameters come from `roseinfer_kernels.launch_table` per (N, K, batch bucket),
 decided once when the decode graphs are captured.
 """
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch, wait_for_previous_kernel
+from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ def _linear_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as kernels.fp8.fake_quantize_slices_fp8)
+        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
-            # IEEE divisions once a row, then products: as kernels.fp8.quantize_tokens_fp8 (values
+            # IEEE divisions once a row, then products: as roseinfer_kernels.fp8.quantize_tokens_fp8 (values
             # that land on a rounding tie round alike; `/` here is not IEEE-rounded)
             amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12)
             fp8_max = tl.full([BLOCK_M], 448.0, tl.float32)
@@ -160,7 +160,7 @@ def _linear_kernel(
                     w = widen_e4m3(w, x_ptr.dtype.element_ty)
                 else:
                     w = w.to(x_ptr.dtype.element_ty)
-            if DOT_FP32:  # the interpreter's bf16 dot is wrong (see kernels/paged_attention.py)
+            if DOT_FP32:  # the interpreter's bf16 dot is wrong (see roseinfer_kernels/paged_attention.py)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             if IEEE:  # fp32 inputs: full precision, not TF32

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch, wait_for_previous_kernel
+from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
