@@ -1308,8 +1308,10 @@ class MixedStepGraphs:
             for num_tokens in reversed(self.buckets):
                 meta = self._meta(num_tokens)
                 ids, pos = self.input_ids[:num_tokens], self.positions[:num_tokens]
-                for _ in range(2):  # compile the kernels and settle the allocator before capture
-                    model(ids, pos, caches, meta).index_select(0, self.logits_indices)
+                # One eager run loads the kernels and lets cuBLAS pick its algorithms for these shapes
+                # (neither may happen inside a capture); a second one had nothing left to settle and cost
+                # the 8B ~0.8 s of this capture's 2.6 s (H200, docs/BENCHMARKS.md, seventeenth session).
+                model(ids, pos, caches, meta).index_select(0, self.logits_indices)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                     self.sampled_hidden[num_tokens] = model(ids, pos, caches, meta).index_select(0, self.logits_indices)
