@@ -79,6 +79,11 @@ class GrammarWorkers:
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, self.words)
         self._ctl_shm = SharedMemory(create=True, size=_Control.nbytes(workers, max_rows))
         self._ctl = _Control(self._ctl_shm.buf, workers, max_rows)
+        # The vocabulary goes to the workers through shared memory, not as a spawn argument: pickled
+        # into the spawn pipe (a megabyte for a 128k vocabulary), it made each start wait until that
+        # child had imported torch and xgrammar, one after another (16 s for 4 workers on a fresh
+        # H200 host, the largest part of the 8B's ready time; docs/BENCHMARKS.md, seventeenth session).
+        self._vocab_shm = _share_token_bytes(token_bytes)
         # The pinned range (at most one), unregistered by _shut: CUDA keeps a registration after
         # the memory is unmapped, and the next engine's segment, often mapped at the same address,
         # could then not be pinned.
@@ -92,7 +97,8 @@ class GrammarWorkers:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, name=f"roseinfer-grammar-{i}", daemon=True,
                                args=(theirs, i, workers, self._shm.name, self._ctl_shm.name, max_rows, self.words,
-                                     token_bytes, vocab_size, tuple(stop_token_ids), cache_limit_bytes))
+                                     self._vocab_shm.name, len(token_bytes), vocab_size, tuple(stop_token_ids),
+                                     cache_limit_bytes))
             with spawn_without_main():
                 proc.start()
             theirs.close()
@@ -101,7 +107,7 @@ class GrammarWorkers:
         self._load = [0] * workers  # live matchers per worker
         self._slots = itertools.count()
         self._finalizer = weakref.finalize(self, GrammarWorkers._shut, self._conns, self._procs,
-                                           [self._shm, self._ctl_shm], self._pinned)
+                                           [self._shm, self._ctl_shm, self._vocab_shm], self._pinned)
 
     @staticmethod
     def _shut(conns: list[Connection], procs: list, segments: list[SharedMemory], pinned: list[int]) -> None:
@@ -197,6 +203,31 @@ class GrammarWorkers:
         self._finalizer()
 
 
+def _share_token_bytes(token_bytes: list[bytes]) -> SharedMemory:
+    """Every token's bytes in one shared segment: the end offsets (int64, one a token), then the bytes."""
+    import numpy as np
+
+    ends = np.cumsum([len(b) for b in token_bytes], dtype=np.int64)
+    blob = b"".join(token_bytes)
+    shm = SharedMemory(create=True, size=max(1, ends.nbytes + len(blob)))
+    shm.buf[:ends.nbytes] = ends.tobytes()
+    shm.buf[ends.nbytes:ends.nbytes + len(blob)] = blob
+    return shm
+
+
+def _read_token_bytes(name: str, count: int) -> list[bytes]:
+    """`_share_token_bytes`' table, read back (a copy: the segment is closed again)."""
+    import numpy as np
+
+    shm = SharedMemory(name=name)
+    try:
+        ends = np.frombuffer(shm.buf, dtype=np.int64, count=count).tolist()
+        blob = bytes(shm.buf[8 * count:8 * count + (ends[-1] if ends else 0)])
+    finally:
+        shm.close()
+    return [blob[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+
 def _pin(address: int, size: int) -> bool:
     """Page-lock host memory in place (cudaHostRegister), so that uploads from it are asynchronous
     DMAs as from any pinned buffer (else each copies through a staging buffer first)."""
@@ -287,7 +318,8 @@ SPIN_S = 5e-3
 
 
 def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_name: str, max_rows: int, words: int,
-                 token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...], cache_limit_bytes: int) -> None:
+                 vocab_name: str, vocab_count: int, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 cache_limit_bytes: int) -> None:
     """A grammar worker: compiles specs (cached; on a thread, which xgrammar runs without the GIL,
     so that jobs for the rows it holds go on meanwhile), keeps matchers by slot, and runs the jobs
     posted on its control row."""
@@ -301,6 +333,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     control = _Control(ctl_shm.buf, workers, max_rows)
     ctl = control.ctl[index]
     # Compiles run on its one thread, cached as the engine caches them (bound and order).
+    token_bytes = _read_token_bytes(vocab_name, vocab_count)
     grammars = StructuredOutputs(token_bytes, vocab_size, stop_token_ids, threads=1, cache_limit_bytes=cache_limit_bytes)
     grammars.prepare()  # its compiler, before the first request
     matchers: dict[int, object] = {}

@@ -366,6 +366,46 @@ def test_grammar_workers_fill_and_end_rows_as_the_engine_process_does(tiny_llm):
     assert there.workers is None
 
 
+def test_grammar_workers_start_without_waiting_for_each_other(tiny_llm, monkeypatch):
+    """A worker's spawn arguments stay small, so that starting it returns at once and the workers
+    import in parallel: the vocabulary (a megabyte for a 128k one) goes through shared memory, read
+    back byte for byte (empty, multi-byte and special tokens included). Pickled into the spawn pipe
+    it made each start wait for that child's imports (16 s for 4 workers on the H200 host)."""
+    import multiprocessing.context
+    import pickle
+
+    from engine import grammar_workers
+
+    table = [b"", b"a", "\u00e9".encode(), b"\xff\xfe", b"<|endoftext|>", b" the"] * 3
+    shm = grammar_workers._share_token_bytes(table)
+    try:
+        assert grammar_workers._read_token_bytes(shm.name, len(table)) == table
+    finally:
+        shm.close()
+        shm.unlink()
+    engine = tiny_llm.engine
+    outputs = StructuredOutputs.for_tokenizer(engine.tokenizer, engine.model_config.vocab_size, (50256,))
+    assert len(pickle.dumps(outputs.token_bytes)) > 64 * 1024  # GPT-2's would fill a pipe's buffer
+    arg_bytes = []
+    start = multiprocessing.context.SpawnProcess.start
+
+    def measured_start(proc):  # (start drops the arguments once sent)
+        arg_bytes.append(len(pickle.dumps(proc._args)))
+        start(proc)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", measured_start)
+    GrammarWorkers.start(outputs, 2, max_rows=8)
+    try:
+        assert len(arg_bytes) == 2 and max(arg_bytes) < 4096
+        matcher = outputs.matcher(outputs.compile_async(StructuredOutputSpec.choice(["yes"])).result(),
+                                  StructuredOutputSpec.choice(["yes"]))
+        mask, ends = outputs.workers.step([matcher], None, fill=True)
+        allowed = [t for t in range(engine.model_config.vocab_size) if (int(mask[0, t // 32]) >> (t % 32)) & 1]
+        assert allowed and all(b"yes".startswith(outputs.token_bytes[t]) and outputs.token_bytes[t] for t in allowed)
+    finally:
+        outputs.close()
+
+
 def test_constrained_requests_through_grammar_workers_match_the_engine_process(tiny_llama_dir, tiny_llm):
     """An engine whose matchers live in two worker processes gives the same constrained outputs,
     greedy and seeded, beside free requests (single steps and multi-step runs alike), as one
