@@ -385,6 +385,31 @@ def iter_dummy_weights(model_config: ModelConfig, attention: AttentionBackend, d
         yield name, tensor
 
 
+def _allocate(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """What `model.to(dtype).to_empty(device=device)` does (floating-point tensors in `dtype`, the
+    rest in their own; one tensor per shared one), through `torch.empty`: `to_empty` goes through
+    `empty_like` on meta tensors, whose Python reference imports sympy on first use (3.6 s of a cold
+    8B start on a fresh H200 host, under cProfile; docs/BENCHMARKS.md, seventeenth session). Nothing
+    else on the CPU path imports it; the CUDA path is not yet measured without it."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor, its replacement)
+
+    def replaced(t: torch.Tensor, make) -> torch.Tensor:
+        if id(t) not in made:  # the meta tensor is kept in `made`, so its id stays its own
+            made[id(t)] = (t, make(t))
+        return made[id(t)][1]
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = replaced(param, lambda p: nn.Parameter(empty(p), requires_grad=p.requires_grad))
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = replaced(buf, empty)
+
+
 def materialize(model_config: ModelConfig, attention: AttentionBackend, device: torch.device,
                 dtype: torch.dtype, tp: TensorParallel = SINGLE) -> nn.Module:
     """The model with its parameters allocated on `device` in `dtype` and zeroed: built on the meta
@@ -392,7 +417,7 @@ def materialize(model_config: ModelConfig, attention: AttentionBackend, device: 
     computed, not loaded (RoPE tables), are computed afterwards by the modules' `compute_buffers`."""
     with torch.device("meta"):
         model = build_model(model_config, attention, tp)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    _allocate(model, dtype, device)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # padding rows of the embedding stay zero; a missing tensor is not garbage

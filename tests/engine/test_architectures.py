@@ -169,3 +169,42 @@ def test_warm_up_leaves_no_trace(tiny_llm):
     assert bm.prefix_cache_queries == bm.prefix_cache_hits == 0 and engine.scheduler.num_preemptions == 0
     stats = engine.live_stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-7b"])
+def test_materialize_allocates_what_to_empty_would_without_importing_sympy(name):
+    """engine.loader.materialize allocates the meta-built model's tensors itself: the same names,
+    shapes, dtypes and kinds as `model.to(dtype).to_empty(device)`, one tensor each, zeroed, the
+    RoPE tables computed; and, in a fresh process, without the sympy import that `to_empty`
+    (`empty_like` on meta tensors) costs a cold start."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from engine.attention import TorchAttention
+    from engine.loader import materialize
+    from engine.models import build_model
+
+    config = small(ARCHITECTURES[name])
+    model = materialize(config, TorchAttention(), torch.device("cpu"), torch.bfloat16)
+    with torch.device("meta"):
+        reference = build_model(config, TorchAttention())
+    reference = reference.to(dtype=torch.bfloat16).to_empty(device="cpu")
+    ours, theirs = model.state_dict(keep_vars=True), reference.state_dict(keep_vars=True)
+    assert list(ours) == list(theirs)
+    for key, tensor in ours.items():
+        other = theirs[key]
+        assert (tensor.shape, tensor.dtype, tensor.device, type(tensor)) == \
+            (other.shape, other.dtype, other.device, type(other)), key
+    params = list(model.parameters())
+    assert len({p.data_ptr() for p in params}) == len(params) and not any(p.any() for p in params)
+    tables = [b for b in model.buffers() if b.is_floating_point()]
+    assert tables and all(b.abs().sum() > 0 for b in tables)  # RoPE's cos/sin
+    probe = ("import dataclasses, sys, torch\n"
+             "from engine.attention import TorchAttention\nfrom engine.architectures import ARCHITECTURES\n"
+             "from engine.loader import materialize\n"
+             f"config = dataclasses.replace(ARCHITECTURES[{name!r}], num_layers=1, vocab_size=1000)\n"
+             "materialize(config, TorchAttention(), torch.device('cpu'), torch.bfloat16)\n"
+             "assert 'sympy' not in sys.modules, 'sympy was imported'\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=pathlib.Path(__file__).parents[2])
