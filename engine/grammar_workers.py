@@ -57,6 +57,43 @@ class RemoteMatcher:
         self.slot, self.worker = slot, worker
 
 
+class SpawnedWorkers:
+    """Grammar worker processes started before the engine loads its model: a worker imports torch
+    and xgrammar first (about 4 s on a fresh H200 host), then waits on its pipe for `GrammarWorkers`
+    to hand it the vocabulary and the shared memory, so that by the time the engine is ready they
+    are too. Their arguments are only a pipe and an index: a spawn argument is pickled into the
+    spawn pipe, and one larger than its buffer (the vocabulary's bytes were a megabyte) made each
+    start wait for that child's imports, one after another (16 s of the 8B's ready time for 4
+    workers; docs/BENCHMARKS.md, seventeenth session)."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once CUDA has started
+        self.conns: list[Connection] = []
+        self.procs = []
+        for i in range(workers):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"roseinfer-grammar-{i}", daemon=True, args=(theirs, i))
+            with spawn_without_main():
+                proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+
+    @classmethod
+    def ahead(cls, workers: int) -> SpawnedWorkers | None:
+        """`workers` processes (None if 0, or if this process is daemonic and may not start any)."""
+        if workers < 1:
+            return None
+        if multiprocessing.current_process().daemon:  # (engine.engine_process starts it non-daemonic when needed)
+            logger.warning("grammar workers: a daemonic process may not start them; grammars run in this process")
+            return None
+        return cls(workers)
+
+    def close(self) -> None:
+        """Stop processes that were never set up (the engine failed to start, or has no grammars to run)."""
+        GrammarWorkers._shut(self.conns, self.procs, [], [])
+
+
 class GrammarWorkers:
     """`workers` processes holding matchers; `step` accepts a step's tokens and fills its bitmask
     rows across them. Rows whose matcher is None (unconstrained) are all ones.
@@ -71,39 +108,27 @@ class GrammarWorkers:
     reads before each job. Stores are ordered as x86 orders them (the payload before the sequence
     number); these hosts are x86."""
 
-    def __init__(self, token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...], workers: int,
-                 max_rows: int, pin: bool = False, cache_limit_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, token_bytes: list[bytes], vocab_size: int, stop_token_ids: tuple[int, ...],
+                 spawned: SpawnedWorkers, max_rows: int, pin: bool = False,
+                 cache_limit_bytes: int = 256 * 2**20) -> None:
+        workers = len(spawned.procs)
         self.words = (vocab_size + 31) // 32
         self.max_rows = max_rows
         self._shm = SharedMemory(create=True, size=max_rows * self.words * 4)
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, self.words)
         self._ctl_shm = SharedMemory(create=True, size=_Control.nbytes(workers, max_rows))
         self._ctl = _Control(self._ctl_shm.buf, workers, max_rows)
-        # The vocabulary goes to the workers through shared memory, not as a spawn argument: pickled
-        # into the spawn pipe (a megabyte for a 128k vocabulary), it made each start wait until that
-        # child had imported torch and xgrammar, one after another (16 s for 4 workers on a fresh
-        # H200 host, the largest part of the 8B's ready time; docs/BENCHMARKS.md, seventeenth session).
-        self._vocab_shm = _share_token_bytes(token_bytes)
+        self._vocab_shm = _share_token_bytes(token_bytes)  # a megabyte for a 128k vocabulary
         # The pinned range (at most one), unregistered by _shut: CUDA keeps a registration after
         # the memory is unmapped, and the next engine's segment, often mapped at the same address,
         # could then not be pinned.
         self._pinned: list[int] = []
         if pin and torch.cuda.is_available() and _pin(self.bitmask.data_ptr(), self._shm.size):
             self._pinned.append(self.bitmask.data_ptr())
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once CUDA has started
-        self._conns: list[Connection] = []
-        self._procs = []
-        for i in range(workers):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, name=f"roseinfer-grammar-{i}", daemon=True,
-                               args=(theirs, i, workers, self._shm.name, self._ctl_shm.name, max_rows, self.words,
-                                     self._vocab_shm.name, len(token_bytes), vocab_size, tuple(stop_token_ids),
-                                     cache_limit_bytes))
-            with spawn_without_main():
-                proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
+        self._conns, self._procs = spawned.conns, spawned.procs
+        for conn in self._conns:
+            conn.send(("setup", workers, self._shm.name, self._ctl_shm.name, max_rows, self.words,
+                       self._vocab_shm.name, len(token_bytes), vocab_size, tuple(stop_token_ids), cache_limit_bytes))
         self._load = [0] * workers  # live matchers per worker
         self._slots = itertools.count()
         self._finalizer = weakref.finalize(self, GrammarWorkers._shut, self._conns, self._procs,
@@ -129,18 +154,33 @@ class GrammarWorkers:
                 pass
 
     @classmethod
-    def start(cls, outputs: StructuredOutputs, workers: int, max_rows: int) -> GrammarWorkers | None:
-        """`workers` processes for `outputs`' vocabulary, attached to it (None if 0 or the
-        vocabulary is not byte-level: then there is no grammar to run)."""
-        if workers < 1 or outputs.token_bytes is None:
+    def start(cls, outputs: StructuredOutputs, workers: int | SpawnedWorkers | None, max_rows: int) -> GrammarWorkers | None:
+        """Grammar workers for `outputs`' vocabulary, attached to it: `workers` processes, or those
+        spawned ahead (None if there are none, or the vocabulary is not byte-level: then there is no
+        grammar to run, and processes spawned ahead are stopped)."""
+        spawned = SpawnedWorkers.ahead(workers) if isinstance(workers, int) else workers
+        if spawned is None:
             return None
-        if multiprocessing.current_process().daemon:  # (engine.engine_process starts it non-daemonic when needed)
-            logger.warning("grammar workers: a daemonic process may not start them; grammars run in this process")
+        if outputs.token_bytes is None:
+            spawned.close()
             return None
-        started = cls(outputs.token_bytes, outputs.vocab_size, tuple(outputs.stop_token_ids), workers, max_rows,
+        started = cls(outputs.token_bytes, outputs.vocab_size, tuple(outputs.stop_token_ids), spawned, max_rows,
                       pin=outputs.pin_bitmask, cache_limit_bytes=outputs.cache_limit_bytes)
         outputs.attach_workers(started)
         return started
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until every worker has its vocabulary's grammar compiler (xgrammar's tokenizer info, about
+        half a second for a 128k vocabulary), so that the first constrained request does not wait
+        for a worker's start-up."""
+        deadline = time.monotonic() + timeout_s
+        for worker, proc in enumerate(self._procs):
+            while not self._ctl.ctl[worker, _Control.READY]:
+                if not proc.is_alive():
+                    raise RuntimeError(f"grammar worker {worker} died while starting (exit code {proc.exitcode})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"grammar worker {worker} did not start within {timeout_s:.0f} s")
+                time.sleep(1e-3)
 
     def add(self, spec: StructuredOutputSpec) -> RemoteMatcher:
         """A new matcher for `spec` on the least loaded worker, which compiles it on a thread of its
@@ -269,7 +309,7 @@ class _Control:
     the job's row count and fill flag, whether the worker sleeps on its pipe; 64 bytes, one cache
     line a worker) and its job's rows, slots, tokens and statuses."""
 
-    POSTED, DONE, COUNT, FILL, SLEEPING = range(5)
+    POSTED, DONE, COUNT, FILL, SLEEPING, READY = range(6)
 
     @staticmethod
     def nbytes(workers: int, max_rows: int) -> int:
@@ -317,15 +357,22 @@ class _Control:
 SPIN_S = 5e-3
 
 
-def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_name: str, max_rows: int, words: int,
-                 vocab_name: str, vocab_count: int, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 cache_limit_bytes: int) -> None:
-    """A grammar worker: compiles specs (cached; on a thread, which xgrammar runs without the GIL,
-    so that jobs for the rows it holds go on meanwhile), keeps matchers by slot, and runs the jobs
-    posted on its control row."""
+def _worker_main(conn: Connection, index: int) -> None:
+    """A grammar worker: imports xgrammar, waits for its set-up (GrammarWorkers), then compiles specs
+    (cached; on a thread, which xgrammar runs without the GIL, so that jobs for the rows it holds go
+    on meanwhile), keeps matchers by slot, and runs the jobs posted on its control row."""
     from concurrent.futures import Future
 
     import xgrammar as xgr
+
+    try:
+        setup = conn.recv()
+    except (EOFError, OSError):  # the engine process is gone
+        return
+    if setup[0] != "setup":  # stopped before it was set up
+        return
+    (_, workers, shm_name, ctl_name, max_rows, words, vocab_name, vocab_count, vocab_size, stop_token_ids,
+     cache_limit_bytes) = setup
 
     # (spawned: the engine's resource tracker, which the engine's unlink clears)
     shm, ctl_shm = SharedMemory(name=shm_name), SharedMemory(name=ctl_name)
@@ -336,6 +383,7 @@ def _worker_main(conn: Connection, index: int, workers: int, shm_name: str, ctl_
     token_bytes = _read_token_bytes(vocab_name, vocab_count)
     grammars = StructuredOutputs(token_bytes, vocab_size, stop_token_ids, threads=1, cache_limit_bytes=cache_limit_bytes)
     grammars.prepare()  # its compiler, before the first request
+    ctl[_Control.READY] = 1
     matchers: dict[int, object] = {}
     waiting: dict[int, tuple[str, Future]] = {}  # slots added while their grammar compiles: (kind, its compile)
     batch = xgr.BatchGrammarMatcher(1)

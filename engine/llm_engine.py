@@ -15,8 +15,8 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceeded, InvalidRequest
-from engine.grammar_workers import GrammarWorkers, default_grammar_workers
-from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken, compile_manifest_key
+from engine.grammar_workers import GrammarWorkers, SpawnedWorkers, default_grammar_workers
+from engine.model_runner import GrammarRun, ModelRunner, PendingTokens, SampledToken, compile_manifest_key, resolve_device
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
@@ -154,7 +154,17 @@ class LLMEngine:
         logger.info("recorded %d Triton compiles into %s (%d entries)", len(compiles), path, count)
 
     def _start(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(config)
+        workers = config.grammar_workers
+        if workers is None:  # auto: only where the grammar has cores beside the step thread and a GPU
+            workers = default_grammar_workers(resolve_device(config.device).type)
+        # Started first: their imports run while the model loads and its graphs are captured.
+        spawned = SpawnedWorkers.ahead(workers)
+        try:
+            self.runner = ModelRunner(config)
+        except BaseException:
+            if spawned is not None:
+                spawned.close()
+            raise
         self.config = config = self.runner.config  # with the device's defaults filled in
         self.tokenizer = self.runner.loaded.tokenizer
         self.model_config = self.runner.model_config
@@ -172,10 +182,7 @@ class LLMEngine:
                                                           self.model_config.eos_token_ids,
                                                           pin_bitmask=self.runner.device.type == "cuda")
         self._compiling: dict[str, Future] = {}
-        workers = config.grammar_workers
-        if workers is None:  # auto: only where the grammar has cores beside the step thread and a GPU
-            workers = default_grammar_workers(self.runner.device.type)
-        GrammarWorkers.start(self.structured, workers, config.max_num_seqs)
+        grammar_workers = GrammarWorkers.start(self.structured, spawned, config.max_num_seqs)
         self.last_step = StepStats(0, 0, 0.0, 0, 0)
         # While set, the scheduler is bypassed: the next step reads this run (after chaining the
         # following run of the same batch onto the device, when nothing changed).
@@ -186,6 +193,8 @@ class LLMEngine:
         self.decode_run_gpu_s = 0.0
         if self.runner.device.type == "cuda":
             self.warm_up()
+        if grammar_workers is not None:
+            grammar_workers.wait_ready()
 
     def shutdown(self) -> None:
         """Release what outlives a step: the tensor-parallel and grammar worker processes."""

@@ -15,7 +15,7 @@ import torch
 from engine import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sampling_params import StructuredOutputSpec
-from engine.grammar_workers import GrammarWorkers
+from engine.grammar_workers import GrammarWorkers, SpawnedWorkers
 from engine.structured_output import FillThreads, GrammarSteps, StructuredOutputs
 from engine import tool_calls
 
@@ -370,7 +370,8 @@ def test_grammar_workers_start_without_waiting_for_each_other(tiny_llm, monkeypa
     """A worker's spawn arguments stay small, so that starting it returns at once and the workers
     import in parallel: the vocabulary (a megabyte for a 128k one) goes through shared memory, read
     back byte for byte (empty, multi-byte and special tokens included). Pickled into the spawn pipe
-    it made each start wait for that child's imports (16 s for 4 workers on the H200 host)."""
+    it made each start wait for that child's imports (16 s for 4 workers on the H200 host). Workers
+    spawned ahead and then not needed stop; set-up ones report ready."""
     import multiprocessing.context
     import pickle
 
@@ -394,9 +395,14 @@ def test_grammar_workers_start_without_waiting_for_each_other(tiny_llm, monkeypa
         start(proc)
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", measured_start)
-    GrammarWorkers.start(outputs, 2, max_rows=8)
+    spawned = SpawnedWorkers.ahead(2)  # as the engine does, before it loads its model
+    assert GrammarWorkers.start(StructuredOutputs(None, 100, (0,)), spawned, 4) is None  # no grammar to run:
+    for proc in spawned.procs:  # the processes spawned ahead stop, never set up
+        assert not proc.is_alive()
+    GrammarWorkers.start(outputs, 2, max_rows=8).wait_ready()
     try:
-        assert len(arg_bytes) == 2 and max(arg_bytes) < 4096
+        assert len(arg_bytes) == 4 and max(arg_bytes) < 4096
+        assert [int(outputs.workers._ctl.ctl[w, outputs.workers._ctl.READY]) for w in range(2)] == [1, 1]
         matcher = outputs.matcher(outputs.compile_async(StructuredOutputSpec.choice(["yes"])).result(),
                                   StructuredOutputSpec.choice(["yes"]))
         mask, ends = outputs.workers.step([matcher], None, fill=True)
