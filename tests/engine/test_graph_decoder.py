@@ -174,6 +174,41 @@ def test_constrained_runs_of_any_length_match_single_steps(graph_llm, single_ste
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
 
+def test_sampled_constrained_runs_replay_the_masked_sampling_graphs(graph_llm, single_steps, monkeypatch):
+    """Unseeded sampled rows held to a grammar sample inside the masked-step graphs (the mask, then
+    the sampling variant's filters, then the draw); with top-k 1 the draw is the masked argmax, so
+    the runs give the single-step engine's tokens, beside a free sampled row and a greedy constrained
+    one (which replays the masked argmax graph instead)."""
+    from engine.model_runner import CudaGraphDecoder
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                "tags": {"type": "array", "items": {"enum": ["a", "bb"]}}},
+              "required": ["n", "tags"], "additionalProperties": False}
+    spec = StructuredOutputSpec.json_schema(schema)
+    params = [SamplingParams(max_tokens=32, temperature=0.7, top_k=1, structured_output=spec),
+              SamplingParams(max_tokens=32, temperature=1.0, top_k=1, ignore_eos=True),
+              SamplingParams(max_tokens=32, temperature=0.0, structured_output=spec),
+              SamplingParams(max_tokens=32, temperature=1.3, top_k=1, top_p=0.9, structured_output=spec)]
+    prompts = PROMPTS + ["Once upon a time"]  # four rows: the captured batch size
+    want = single_steps.generate(prompts, params)
+    llm = graph_llm(forward_s=1e-4)
+    variants = []
+    masked_step = CudaGraphDecoder.masked_step
+    monkeypatch.setattr(CudaGraphDecoder, "masked_step",
+                        lambda self, bitmask, last, sampling: (variants.append(sampling),
+                                                               masked_step(self, bitmask, last, sampling))[1])
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    for out in (got[0], got[2], got[3]):
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), schema)
+    assert any(v is not None for v in variants)  # the masked sampling graphs ran
+    llm.engine.step()  # a chained run may still be in flight: read it
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
+
+
 @pytest.mark.parametrize("per_step", [False, True])
 def test_cascade_runs_for_a_shared_prompt_prefix_match_single_steps(graph_llm, single_steps, monkeypatch, per_step):
     """Greedy rows that share a cached prompt prefix take the cascade graphs (the prefix read once for
