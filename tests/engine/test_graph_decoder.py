@@ -84,7 +84,8 @@ class _TorchWithoutPinning:
 def graph_llm(monkeypatch, tiny_llama_dir):
     """Build an LLM whose runner decodes through a CudaGraphDecoder captured at batch size 4 (smaller
     batches padded to it; each capture runs its body under the interpreter);
-    `forward_s` stands for the timed forward (GREEDY_STEP_GRAPHS_MIN_FORWARD_S decides on it)."""
+    `forward_s` stands for the timed forward (GREEDY_STEP_GRAPHS_MIN_FORWARD_S decides on it); other
+    keyword arguments go to the LLM."""
     from engine import model_runner
 
     def capture(self, body, pool, stream, kind, warm_runs=1):
@@ -103,11 +104,11 @@ def graph_llm(monkeypatch, tiny_llama_dir):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: _Nothing())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
 
-    def build(forward_s: float) -> LLM:
+    def build(forward_s: float, **kwargs) -> LLM:
         monkeypatch.setattr(model_runner.CudaGraphDecoder, "_replay_seconds",
                             staticmethod(lambda graph, stream, replays=3: forward_s))
         llm = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=4, num_scheduler_steps=4,
-                  attention_backend="triton", dtype="float32")
+                  attention_backend="triton", dtype="float32", **kwargs)
         runner = llm.engine.runner
         runner.graphs = model_runner.CudaGraphDecoder(runner, [4])
         return llm
@@ -135,6 +136,24 @@ def test_greedy_and_sampled_runs_match_single_steps(graph_llm, single_steps, per
     top1 = SamplingParams(max_tokens=12, temperature=1.0, top_k=1, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(PROMPTS, top1)] == want
     assert graphs.sampled_runs > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_runs_over_an_fp8_cache_match_single_steps(graph_llm, tiny_llama_dir, per_step):
+    """With the KV cache in float8 e4m3 (`--kv-cache-dtype fp8`, its scales calibrated at load) the
+    decoder's graphs write and read the cache as the single-step engine's eager steps do: the same
+    greedy tokens, both ways of running greedy steps."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    single = LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=4, num_scheduler_steps=1,
+                 attention_backend="triton", dtype="float32", kv_cache_dtype="fp8")
+    want = [o.token_ids for o in single.generate(PROMPTS, params)]
+    del single
+    llm = graph_llm(forward_s=1.0 if per_step else 1e-4, kv_cache_dtype="fp8")
+    assert all(kv.dtype == torch.float8_e4m3fn for kv in llm.engine.runner.kv_caches)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == want
+    assert llm.engine.runner.graphs.greedy_step_graphs == per_step
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
