@@ -336,7 +336,7 @@ run_ready() {
   for variant in cold warm nocascade; do
     local extra=(); [ $variant = nocascade ] && extra=(--no-cascade-attention)
     TRITON_CACHE_DIR=$cache timeout 120 python3 scripts/load_speed.py --model "$big" --ready-only "${extra[@]}" 2>&1 \
-      | grep -E "ready in|captured|model weights|precompile" | sed "s/^/[$variant] /" | tee -a "$out/ready_$big.log"
+      | grep -E "ready in|captured|model weights|precompile|first requests|warm-up" | sed "s/^/[$variant] /" | tee -a "$out/ready_$big.log"
   done
 }
 

@@ -1,6 +1,8 @@
 """How long a model takes to be ready, and how fast a real checkpoint's weights stream in.
 
-1. `LLM(model, load_format="dummy")` to ready (weights, KV cache, CUDA graphs, warm-up).
+1. `LLM(model, load_format="dummy")` to ready (weights, KV cache, CUDA graphs, warm-up), then the
+   first free request and the first constrained one after it (neither should meet a cold path: a
+   compile, an allocation, a grammar worker still starting).
 2. Its weights written as an HF safetensors directory (shards of about 5 GB), read once so they
    sit in the page cache, then loaded by the engine's loader alone: GB/s from the page cache;
    then `LLM(directory)` to ready.
@@ -24,8 +26,9 @@ import time
 
 import torch
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from engine.sampling_params import StructuredOutputSpec
 
 
 def write_checkpoint(llm: LLM, path: str, shard_bytes: int = 5 * 10**9) -> int:
@@ -57,6 +60,23 @@ def write_checkpoint(llm: LLM, path: str, shard_bytes: int = 5 * 10**9) -> int:
     cfg.save_pretrained(path)
     standin_tokenizer(mc.vocab_size, mc.eos_token_ids, mc.bos_token_id).tokenizer.save(os.path.join(path, "tokenizer.json"))
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def first_requests_ms(llm: LLM) -> dict[str, float]:
+    """Wall milliseconds of the first free request after ready and then of the first constrained
+    one (8 greedy tokens each from a 4-token prompt; the constrained one held to a small schema),
+    after the engine's own grammar compiler is built, as the server builds it before serving
+    (`prepare`, also timed: an offline LLM builds it on its first constrained request)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    t = time.perf_counter()
+    llm.engine.structured.prepare()
+    out = {"grammar compiler (prepare)": (time.perf_counter() - t) * 1e3}
+    for name, spec in (("free", None), ("constrained", StructuredOutputSpec.json_schema(schema))):
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=spec is None, structured_output=spec)
+        t = time.perf_counter()
+        llm.generate([[5, 6, 7, 8]], params)
+        out[name] = (time.perf_counter() - t) * 1e3
+    return out
 
 
 def time_triton_compiles() -> dict[str, list[float]]:
@@ -100,6 +120,8 @@ def main() -> None:
     report["dummy_ready_s"] = time.monotonic() - t
     print(f"LLM({args.model!r}, load_format='dummy', cascade_attention={args.cascade_attention}) ready in "
           f"{report['dummy_ready_s']:.1f} s", flush=True)
+    report["first_requests_ms"] = first = first_requests_ms(llm)
+    print("first requests after ready: " + ", ".join(f"{k} {v:.0f} ms" for k, v in first.items()), flush=True)
     if compiles is not None:
         report["compiles"] = {name: sum(t) for name, t in compiles.items()}
         print(f"Triton compiles: {sum(map(len, compiles.values()))}, {sum(report['compiles'].values()):.1f} s", flush=True)
