@@ -44,8 +44,10 @@ class LinearLaunch:
 
 
 @triton.jit
-def _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask,
-                    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+def _epilogue_store(acc, s_ptr, xs_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, m_mask, n_mask,
+                    W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    if X_SCALED:  # float8 activations: each row's scale
+        acc *= tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[:, None]
     if W_SCALED:  # float8 weights: each output channel's scale
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -105,9 +107,10 @@ def widen_e4m3(w, DTYPE: tl.constexpr):
 # turning specialisation off cost the seed benchmark about 3% (same-call A/B, docs/BENCHMARKS.md).
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
-    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     ACT_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -140,7 +143,12 @@ def _linear_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
+        if X_SCALED:  # x arrived in e4m3 with a scale per row (quantized once, by the kernel before)
+            if DOT_FP32:  # the interpreter: e4m3 products are exact in fp32
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        elif ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
             # IEEE divisions once a row, then products: as roseinfer_kernels.fp8.quantize_tokens_fp8 (values
             # that land on a rounding tie round alike; `/` here is not IEEE-rounded)
@@ -170,7 +178,8 @@ def _linear_kernel(
 
     tile_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, W_SCALED, HAS_BIAS, GELU)
+        _epilogue_store(acc, s_ptr, xs_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, m_mask, n_mask,
+                            W_SCALED, X_SCALED, HAS_BIAS, GELU)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         m_pad = tl.num_programs(1) * BLOCK_M
@@ -182,7 +191,8 @@ def _linear_kernel(
             for s in range(SPLIT_K):
                 acc += tl.load(ws_ptr + (s * m_pad + rm[:, None]) * N + rn[None, :], mask=tile_mask, other=0.0,
                                cache_modifier=".cg")
-            _epilogue_store(acc, s_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, n_mask, W_SCALED, HAS_BIAS, GELU)
+            _epilogue_store(acc, s_ptr, xs_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, m_mask, n_mask,
+                            W_SCALED, X_SCALED, HAS_BIAS, GELU)
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (graph replay)
 
 
@@ -227,14 +237,21 @@ def skinny_linear(
     workspace: SplitKWorkspace | None = None,
     out: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N], then tanh-GELU if `gelu`; M is small (a decode batch).
     A float8 e4m3 weight comes with `weight_scale` [N] fp32 (weight ~= q * scale per output row):
     it is read at a byte a weight and widened to x's dtype in registers (no activation scaling), or,
-    with `launch.act_fp8`, multiplied with x quantised to e4m3 a BLOCK_K slice at a time."""
+    with `launch.act_fp8`, multiplied with x quantised to e4m3 a BLOCK_K slice at a time. x may also
+    come in e4m3 already, with `x_scale` [M] fp32 (x ~= q * scale per row, as
+    roseinfer_kernels.fp8.quantize_tokens_fp8 or a norm's fp8 output gives it): fp8 x fp8 products
+    with no quantizing in the loop; `out` then says the output dtype."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
     assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
     scaled = weight.dtype == torch.float8_e4m3fn
+    x_scaled = x.dtype == torch.float8_e4m3fn
+    assert not x_scaled or (scaled and x_scale is not None and x_scale.shape == (x.shape[0],) and out is not None
+                            and not launch.act_fp8), "e4m3 activations: e4m3 weights, a scale per row and `out`"
     assert (scaled and weight_scale is not None and weight_scale.shape == (weight.shape[0],)) or \
         (not scaled and weight_scale is None and x.dtype == weight.dtype)
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
@@ -243,7 +260,7 @@ def skinny_linear(
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
+    assert out.shape == (M, N) and out.stride(1) == 1 and (out.dtype == x.dtype or x_scaled)
     if M == 0:
         return out
     block_m = tile_rows(M)
@@ -255,11 +272,11 @@ def skinny_linear(
         partials = counters = out  # unused
     k_per_split = triton.cdiv(triton.cdiv(K, launch.block_k), launch.split_k) * launch.block_k
     _linear_kernel[grid](
-        x, weight, weight_scale if scaled else out, bias if bias is not None else out, out, partials, counters,
-        M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        W_SCALED=scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
+        x, weight, weight_scale if scaled else out, x_scale if x_scaled else out, bias if bias is not None else out,
+        out, partials, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+        W_SCALED=scaled, X_SCALED=x_scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
         WIDEN_ASM=scaled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
-        DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8) and os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8 or x_scaled) and os.environ.get("TRITON_INTERPRET") == "1",
         IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),
         LINE_ELEMS=128 // weight.element_size(),

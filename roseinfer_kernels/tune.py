@@ -32,7 +32,7 @@ from roseinfer_kernels.launch_table import (
     linear_key,
     load_table,
 )
-from roseinfer_kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, scaled_mm_fp8
+from roseinfer_kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8
 from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from roseinfer_kernels.norm import add_norm
 from roseinfer_kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
@@ -209,23 +209,55 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[i
     return out
 
 
-def _compile_linear(jobs: list[tuple[int, int, bool, str, bool, int, dict]]) -> int:
+def _compile_linear(jobs: list[tuple[int, int, bool, str, bool, int, dict, bool]]) -> int:
     """Compile launches into Triton's on-disk cache (a worker process: compilation is CPU work,
-    and the measuring process then only loads the binaries)."""
+    and the measuring process then only loads the binaries). The last field: activations in e4m3."""
     done = 0
-    for n, k, bias, dtype_name, fp8, rows, launch in jobs:
+    for n, k, bias, dtype_name, fp8, rows, launch, x_fp8 in jobs:
         dtype = getattr(torch, dtype_name)
-        x = torch.zeros(rows, k, device="cuda", dtype=dtype)
+        x = torch.zeros(rows, k, device="cuda", dtype=FP8 if x_fp8 else dtype)
         w = torch.zeros(n, k, device="cuda", dtype=FP8 if fp8 else dtype)
         scale = torch.ones(n, device="cuda") if fp8 else None
         b = torch.zeros(n, device="cuda", dtype=dtype) if bias else None
+        prequant = dict(x_scale=torch.ones(rows, device="cuda"), out=torch.empty(rows, n, device="cuda", dtype=dtype))
         try:
-            skinny_linear(x, w, b, False, LinearLaunch(**launch), SplitKWorkspace(), weight_scale=scale)
+            skinny_linear(x, w, b, False, LinearLaunch(**launch), SplitKWorkspace(), weight_scale=scale,
+                          **(prequant if x_fp8 else {}))
             done += 1
         except Exception:  # out of shared memory etc.: the measuring pass skips it too
             pass
     torch.cuda.synchronize()
     return done
+
+
+def prequantized_experiment(x, weights, scales, biases, candidates, pdl, workspace, out, chain_us, norms_us: float,
+                            nbytes: int, label: str) -> None:
+    """Print the best W8A8 time with the activations already in e4m3 (a scale per row, as a norm
+    that quantizes its output would hand them over): fp8 x fp8 products with nothing quantized in
+    the loop. The engine does not use this yet (issue 16: the norm and SiLU kernels would quantize
+    their outputs); this says whether wiring it in pays. The quantization itself is not timed."""
+    xq, x_scale = quantize_tokens_fp8(x)
+    x_scale = x_scale.view(-1)
+    want = F.linear(xq.float() * x_scale[:, None], weights[0].float() * scales[0][:, None],
+                    None if biases[0] is None else biases[0].float())
+    best = (math.inf, None)
+    for cand in candidates:
+        if cand.act_fp8:
+            continue
+        launch = dataclasses.replace(cand, pdl=pdl)
+
+        def project(w, s, b, la=launch):
+            return skinny_linear(xq, w, b, False, la, workspace, out=out, weight_scale=s, x_scale=x_scale)
+        try:
+            got = project(weights[0], scales[0], biases[0]).float()
+            if not ((got - want).norm() / want.norm()).item() < 1e-2:
+                print(f"  {label} prequantized {launch}: wrong result", flush=True)
+                continue
+            best = min(best, (chain_us(project) - norms_us, launch), key=lambda t: t[0])
+        except Exception as exc:  # out of resources
+            print(f"  {label} prequantized {launch}: {type(exc).__name__}", flush=True)
+    us, launch = best
+    print(f"linear-prequantized float8_e4m3fn {label}: {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s) {launch}", flush=True)
 
 
 def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
@@ -245,9 +277,11 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     if fp8:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
         plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
     # One job per compiled variant: buckets with the same row tile share a binary.
-    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())))
-                   for (n, k, bias, b), cands in plan.items() for c in cands})
-    jobs = [(n, k, bias, d, f, b, dict(launch)) for n, k, bias, d, f, b, launch in jobs]
+    # fp8: the W8A16 launches also with the activations arriving in e4m3 (quantized before: an experiment)
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())), x_fp8)
+                   for (n, k, bias, b), cands in plan.items() for c in cands
+                   for x_fp8 in ((False, True) if fp8 and not c.act_fp8 else (False,))})
+    jobs = [(n, k, bias, d, f, b, dict(launch), x8) for n, k, bias, d, f, b, launch, x8 in jobs]
     _compile_in_workers(_compile_linear, jobs, workers)
 
     entries, measured = {}, {}
@@ -307,6 +341,9 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                     continue
                 timed.append((us, launch))
             timed.sort(key=lambda t: t[0])
+            if fp8:
+                prequantized_experiment(x, weights, scales, biases, plan[(n, k, bias, bucket)], pdl, workspace, out,
+                                        chain_us, norms_us, nbytes, f"{n}x{k} b{bucket}")
             ours_us, ours = timed[0] if timed else (math.inf, None)
             winner = ours if ours_us < cublas_us else None
             best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours)

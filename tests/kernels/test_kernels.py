@@ -580,6 +580,40 @@ def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_skinny_linear_with_fp8_weights_and_prequantized_activations(device, dtype, case):
+    """Activations that arrive in e4m3 with a scale per row (quantized once, before the projection,
+    as quantize_tokens_fp8 does): fp8 x fp8 products with nothing quantized in the loop, the row's
+    and the output channel's scales, bias and GELU in the epilogue, split-K slices summed first;
+    the output in the dtype `out` has. Rows at very different magnitudes: a wrong or missing row
+    scale is off by far more than the tolerance."""
+    from roseinfer_kernels.fp8 import quantize_tokens_fp8
+
+    rows, n, k, has_bias, gelu, launch = case
+    torch.manual_seed(rows + 7 * k)
+    x = torch.randn(rows, k, device=device) * torch.logspace(-2, 2, rows, device=device)[:, None]
+    xq, x_scale = quantize_tokens_fp8(x)
+    x_scale = x_scale.view(-1)
+    weight = quantize_kv_ref(torch.randn(n, k, device=device) * 100, 1.0)
+    scale = torch.rand(n, device=device) * 0.02 / k**0.5 + 1e-4
+    bias = torch.randn(n, device=device).to(dtype) if has_bias else None
+    x_seen = xq.float() * x_scale[:, None]  # the activations the kernel multiplies, in fp32
+    ref = linear_ref(x_seen, weight, None if bias is None else bias.float(), gelu, weight_scale=scale).to(dtype)
+    workspace = SplitKWorkspace()
+    for _ in range(2):
+        out = torch.full((rows, n), float("nan"), device=device, dtype=dtype)
+        got = skinny_linear(xq, weight, bias, gelu, launch, workspace, out=out, weight_scale=scale, x_scale=x_scale)
+        assert got is out
+        for row in range(rows):
+            assert rel_err(got[row], ref[row]) < 2 * TOL[dtype], row
+        if launch.split_k > 1:
+            assert int(workspace.counters.abs().sum()) == 0
+    with pytest.raises(AssertionError, match="e4m3 activations"):
+        skinny_linear(xq, weight, bias, gelu, launch, workspace, out=out, weight_scale=scale)  # no row scales
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LINEAR_CASES)
 def test_skinny_linear_matches_reference(device, dtype, case):
