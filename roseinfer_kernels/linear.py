@@ -61,6 +61,17 @@ def _epilogue_store(acc, s_ptr, xs_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_ma
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _dot_e4m3(x, w, DOT_FP32: tl.constexpr):
+    """x [M, K] @ w [N, K]^T, both float8 e4m3, accumulated in fp32 (under the interpreter in fp32
+    arithmetic, where e4m3 products are exact)."""
+    if DOT_FP32:
+        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        part = tl.dot(x, tl.trans(w))
+    return part
+
+
 def _widen_e4m3_asm(shift: int, keep: int, power: int, fma: str) -> str:
     """PTX for `widen_e4m3`: four e4m3 bytes in $2 -> two registers of two 16-bit values each."""
     half = (  # one register's two values: its bytes in the halves' high bytes -> the target format
@@ -144,10 +155,7 @@ def _linear_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if X_SCALED:  # x arrived in e4m3 with a scale per row (quantized once, by the kernel before)
-            if DOT_FP32:  # the interpreter: e4m3 products are exact in fp32
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+            acc += _dot_e4m3(x, w, DOT_FP32)
         elif ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
             # IEEE divisions once a row, then products: as roseinfer_kernels.fp8.quantize_tokens_fp8 (values
@@ -157,11 +165,7 @@ def _linear_kernel(
             x_scale = tl.math.div_rn(amax, fp8_max)
             inv = tl.math.div_rn(fp8_max, amax)
             xq = tl.clamp(xf * inv[:, None], -448.0, 448.0).to(tl.float8e4nv)
-            if DOT_FP32:  # the interpreter: e4m3 products are exact in fp32
-                part = tl.dot(xq.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(xq, tl.trans(w))
-            acc += part * x_scale[:, None]
+            acc += _dot_e4m3(xq, w, DOT_FP32) * x_scale[:, None]
         else:
             if W_SCALED:  # float8 weights, widened in registers: the bytes read are a byte a weight
                 if WIDEN_ASM:
