@@ -230,6 +230,21 @@ def _compile_linear(jobs: list[tuple[int, int, bool, str, bool, int, dict, bool]
     return done
 
 
+def time_if_right(project, first: tuple, want: torch.Tensor, chain_us, norms_us: float, label: str) -> float | None:
+    """A candidate projection's microseconds in the timed chain (the chain's less the norms' alone),
+    or None, said why, when its result on `first` (weight, scale, bias) is 1% or more off `want` or
+    it does not launch."""
+    try:
+        got = project(*first).float()
+        if not ((got - want).norm() / want.norm()).item() < 1e-2:
+            print(f"  {label}: wrong result", flush=True)
+            return None
+        return chain_us(project) - norms_us
+    except Exception as exc:  # out of resources
+        print(f"  {label}: {type(exc).__name__}", flush=True)
+        return None
+
+
 def prequantized_experiment(x, weights, scales, biases, candidates, pdl, workspace, out, chain_us, norms_us: float,
                             nbytes: int, label: str) -> None:
     """Print the best W8A8 time with the activations already in e4m3 (a scale per row, as a norm
@@ -248,14 +263,10 @@ def prequantized_experiment(x, weights, scales, biases, candidates, pdl, workspa
 
         def project(w, s, b, la=launch):
             return skinny_linear(xq, w, b, False, la, workspace, out=out, weight_scale=s, x_scale=x_scale)
-        try:
-            got = project(weights[0], scales[0], biases[0]).float()
-            if not ((got - want).norm() / want.norm()).item() < 1e-2:
-                print(f"  {label} prequantized {launch}: wrong result", flush=True)
-                continue
-            best = min(best, (chain_us(project) - norms_us, launch), key=lambda t: t[0])
-        except Exception as exc:  # out of resources
-            print(f"  {label} prequantized {launch}: {type(exc).__name__}", flush=True)
+        us = time_if_right(project, (weights[0], scales[0], biases[0]), want, chain_us, norms_us,
+                           f"{label} prequantized {launch}")
+        if us is not None and us < best[0]:
+            best = (us, launch)
     us, launch = best
     print(f"linear-prequantized float8_e4m3fn {label}: {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s) {launch}", flush=True)
 
@@ -328,18 +339,13 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                 want = ref
                 if launch.act_fp8:  # the product of the activations as the kernel quantizes them
                     want = F.linear(fake_quantize_slices_fp8(x, launch.block_k).to(dtype), w0, biases[0]).float()
-                try:
-                    got = skinny_linear(x, weights[0], biases[0], False, launch, workspace, out=out,
-                                        weight_scale=scales[0]).float()
-                    if not ((got - want).norm() / want.norm()).item() < 1e-2:
-                        print(f"  {n}x{k} b{bucket} {launch}: wrong result", flush=True)
-                        continue
-                    us = chain_us(lambda w, s, b, la=launch: skinny_linear(x, w, b, False, la, workspace, out=out,
-                                                                          weight_scale=s)) - norms_us
-                except Exception as exc:  # out of resources
-                    print(f"  {n}x{k} b{bucket} {launch}: {type(exc).__name__}", flush=True)
-                    continue
-                timed.append((us, launch))
+
+                def project(w, s, b, la=launch):
+                    return skinny_linear(x, w, b, False, la, workspace, out=out, weight_scale=s)
+                us = time_if_right(project, (weights[0], scales[0], biases[0]), want, chain_us, norms_us,
+                                   f"{n}x{k} b{bucket} {launch}")
+                if us is not None:
+                    timed.append((us, launch))
             timed.sort(key=lambda t: t[0])
             if fp8:
                 prequantized_experiment(x, weights, scales, biases, plan[(n, k, bias, bucket)], pdl, workspace, out,
