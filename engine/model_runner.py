@@ -260,7 +260,10 @@ class ModelRunner:
         try:
             target = triton.runtime.driver.active.get_current_target()
             entries = load_manifest(manifest_path(), compile_manifest_key(config), dict(target.__dict__))
-            return start_precompile(entries)
+            started = start_precompile(entries)
+            if entries and started is None:
+                logger.info("precompile: all %d kernels already in the Triton cache", len(entries))
+            return started
         except Exception as exc:  # noqa: BLE001 - only a head start: the launches compile what they need
             logger.warning("precompile: not started (%s)", exc)
             return None

@@ -112,14 +112,9 @@ def _decode_constant(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def compile_entry(entry: dict) -> str:
-    """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed);
-    returns the kernel's name. The same key as the launch's own compile: the JIT's source, its
-    signature, constants, attributes and options, decoded as Triton's preload decodes them."""
-    # A real compile for a real target, whatever the parent ran under (the kernels' modules
-    # import as interpreted functions with TRITON_INTERPRET=1, as the CPU tests run).
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
+def _entry_source(entry: dict):
+    """(ASTSource, GPUTarget, options) of a manifest entry: the JIT's source, its signature,
+    constants, attributes and options, decoded as Triton's preload decodes them."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -130,8 +125,46 @@ def compile_entry(entry: dict) -> str:
     attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
     signature = {k: untuple(v) for k, v in data["signature"].items()}
     options = {k: untuple(v) for k, v in data["options"].items()}
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(**entry["target"]), options=options)
+    return ASTSource(fn, signature, constexprs, attrs), GPUTarget(**entry["target"]), options
+
+
+def compile_entry(entry: dict) -> str:
+    """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed);
+    returns the kernel's name. The same key as the launch's own compile."""
+    # A real compile for a real target, whatever the parent ran under (the kernels' modules
+    # import as interpreted functions with TRITON_INTERPRET=1, as the CPU tests run).
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    src, target, options = _entry_source(entry)
+    triton.compile(src, target=target, options=options)
     return entry["name"]
+
+
+def in_cache(entry: dict) -> bool:
+    """Whether Triton's on-disk cache already holds this entry's kernel: the lookup
+    `triton.compile` makes before it compiles (the metadata file named after the kernel, under
+    the hash of its cache key). Warm starts then skip the worker pool, whose start-up (a spawned
+    process importing torch and Triton) cost ~5 s of the 8B's ready time on the H200 for nothing
+    to compile. Anything unexpected (another Triton's internals) answers False: the pool
+    compiles it, as before."""
+    try:
+        import hashlib
+
+        from triton import knobs
+        from triton.compiler import compiler
+
+        if knobs.compilation.always_compile or knobs.runtime.add_stages_inspection_hook is not None:
+            return False
+        src, target, options = _entry_source(entry)
+        backend = compiler.make_backend(target)
+        options = backend.parse_options(dict(options, **src.parse_options()))
+        key = compiler.get_cache_key(src, backend, options, env_vars=compiler.get_cache_invalidating_env_vars())
+        manager = compiler.get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest())
+        name = f"{src.name[:150]}.json"
+        return bool((manager.get_group(name) or {}).get(name))
+    except Exception:  # noqa: BLE001 - only an optimisation: the pool compiles what this cannot tell
+        return False
 
 
 @contextlib.contextmanager
@@ -158,9 +191,11 @@ def spawn_without_main() -> Iterator[None]:
 
 
 def start_precompile(entries: list[dict], workers: int | None = None) -> tuple[ProcessPoolExecutor, list[Future]] | None:
-    """Compile `entries` in a pool of spawned processes (fork is unsafe after CUDA starts), in
-    the background; None when there is nothing to compile. The caller waits on the futures (or
-    not: a launch whose kernel is not in the cache yet compiles it itself) and shuts the pool down."""
+    """Compile `entries` (those not in Triton's cache already) in a pool of spawned processes (fork
+    is unsafe after CUDA starts), in the background; None when there is nothing to compile. The
+    caller waits on the futures (or not: a launch whose kernel is not in the cache yet compiles it
+    itself) and shuts the pool down."""
+    entries = [e for e in entries if not in_cache(e)]
     if not entries:
         return None
     workers = workers or max(1, min(len(entries), (os.cpu_count() or 2) // 2))

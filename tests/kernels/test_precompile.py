@@ -10,7 +10,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from roseinfer_kernels.precompile import finish_precompile, load_manifest, start_precompile, write_manifest  # noqa: E402
+from roseinfer_kernels.precompile import finish_precompile, in_cache, load_manifest, start_precompile, write_manifest  # noqa: E402
 
 TARGET = {"backend": "cuda", "arch": 90, "warp_size": 32}
 
@@ -69,6 +69,31 @@ def test_a_manifest_entry_compiles_in_a_worker_under_the_launchs_cache_key(tmp_p
     assert any(f.endswith(".cubin") for d in compiled for f in os.listdir(cache / d)), compiled
     _in_fresh_process(_launch_side_compile, 512)  # a cache hit adds nothing (a miss would add an entry or fail)
     assert _cached(cache) == compiled
+
+
+def _cache_lookups(block: int) -> tuple[bool, bool, bool]:
+    """(in_cache of the entry, whether start_precompile starts a pool for it, in_cache after that
+    pool), in a process without the interpreter (its kernels are then real JIT functions, as on a
+    GPU host)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    entry, _ = _mask_logits_entry(block)
+    before = in_cache(entry)
+    started = start_precompile([entry], workers=1)
+    finish_precompile(started)
+    return before, started is not None, in_cache(entry)
+
+
+def test_cached_entries_start_no_pool(tmp_path, monkeypatch):
+    """A warm start finds every entry in the cache and spawns no workers (on the 8B their start-up
+    alone was ~5 s of the ready time); an entry not yet compiled is not taken for a cached one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_cache_lookups, 256).result() == (False, True, True)  # cold: a pool compiles it
+        assert pool.submit(_cache_lookups, 256).result() == (True, False, True)  # warm: found, no pool
+        assert pool.submit(_cache_lookups, 1024).result() == (False, True, True)  # another specialisation
 
 
 def test_a_stale_entry_is_skipped():
