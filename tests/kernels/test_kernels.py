@@ -17,7 +17,7 @@ from roseinfer_kernels.activation import silu_and_mul
 from roseinfer_kernels.decode_step import decode_step_inputs
 from roseinfer_kernels.embedding import embed_add
 from roseinfer_kernels.filtered_sampling import filtered_sample
-from roseinfer_kernels.fp8 import fake_quantize_slices_fp8
+from roseinfer_kernels.fp8 import fake_quantize_slices_fp8, quantize_tokens_fp8
 from roseinfer_kernels.kv_cache import write_kv
 from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from roseinfer_kernels.norm import add_norm
@@ -352,6 +352,48 @@ def test_add_norm_matches_reference(device, dtype, rms, hidden, with_residual):
         assert torch.equal(got_sum, ref_sum)  # the residual stream is rounded exactly as HF rounds it
     if not with_residual:
         assert got_sum is x
+
+
+def assert_e4m3_rows_match(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> None:
+    """q (e4m3) and scale [rows] exactly as roseinfer_kernels.fp8.quantize_tokens_fp8 quantizes `rows`
+    (the same kernel's output in the model dtype, checked against its reference elsewhere): the
+    same scales and every code the same, rounding ties and e4m3's subnormals included."""
+    ref_q, ref_scale = quantize_tokens_fp8(rows)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(scale, ref_scale.view(-1))
+    assert torch.equal(q.float(), ref_q.float())  # (as values: -0 and +0 are the same code's worth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms,hidden,with_residual", [(True, 576, True), (True, 96, False), (False, 100, True)])
+def test_add_norm_writes_e4m3_rows(device, dtype, rms, hidden, with_residual):
+    """The norm's output in e4m3 with a scale per row, for an FP8 projection (and the residual sum
+    as before)."""
+    rows = 7
+    x = (torch.randn(rows, hidden, device=device) * 3 + 1).to(dtype)
+    x[2] *= 40  # rows of different magnitudes: one scale for all would fail
+    residual = torch.randn(rows, hidden, device=device).to(dtype) if with_residual else None
+    weight = (torch.rand(hidden, device=device) + 0.5).to(dtype)
+    bias = None if rms else torch.randn(hidden, device=device).to(dtype)
+    q = torch.empty(rows, hidden, device=device, dtype=torch.float8_e4m3fn)
+    scale = torch.full((rows,), float("nan"), device=device)
+    got, got_sum = add_norm(x, residual, weight, bias, 1e-5, rms, out=q, out_scale=scale)
+    rows_in_dtype, sum_in_dtype = add_norm(x, residual, weight, bias, 1e-5, rms)
+    assert got is q
+    assert_e4m3_rows_match(q, scale, rows_in_dtype)
+    assert torch.equal(got_sum, sum_in_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1536, 100])
+def test_silu_and_mul_writes_e4m3_rows(device, dtype, n):
+    x = (torch.randn(5, 2 * n, device=device) * 2).to(dtype)
+    x[1] *= 30
+    q = torch.empty(5, n, device=device, dtype=torch.float8_e4m3fn)
+    scale = torch.full((5,), float("nan"), device=device)
+    assert silu_and_mul(x, out=q, out_scale=scale) is q
+    assert_e4m3_rows_match(q, scale, silu_and_mul(x))
 
 
 @pytest.mark.parametrize("device", DEVICES)
