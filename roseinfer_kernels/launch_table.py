@@ -8,6 +8,7 @@ passes them down, so no lookup or autotune wrapper runs per launch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import lru_cache
@@ -92,6 +93,24 @@ def linear_launch(dtype: str, n: int, k: int, bucket: int, table_path: str = TAB
         entry = table[key]
         return None if entry is None else LinearLaunch(**entry)
     return heuristic_linear_launch(k, bucket) if heuristic else None
+
+
+# FP8 projections whose activations arrive in e4m3 with a scale per row (from the norm or SiLU
+# before them): their own entries, measured by `roseinfer_kernels.tune --weights fp8 --prequantized`.
+PREQUANTIZED_KEY = "float8_e4m3fn-prequantized"
+
+
+def prequantized_linear_launch(n: int, k: int, bucket: int, table_path: str = TABLE_PATH) -> LinearLaunch | None:
+    """The skinny launch for an FP8 [n, k] projection on e4m3 activations at this bucket, or None
+    for cuBLASLt (`torch._scaled_mm` on them as they are). Without a measured entry: the fp8
+    weights' own entry's tiles (the same bytes through the same loop, and the measurements that
+    exist put both on similar tiles), else the heuristic."""
+    table = load_table(table_path)
+    key = linear_key(PREQUANTIZED_KEY, n, k, bucket)
+    if key in table:
+        return None if table[key] is None else LinearLaunch(**table[key])
+    launch = linear_launch("float8_e4m3fn", n, k, bucket, table_path)
+    return None if launch is None else dataclasses.replace(launch, act_fp8=False)
 
 
 def cascade_prefix_launch(head_dim: int) -> PrefixLaunch:

@@ -7,7 +7,7 @@ launch of each compiles it: the 8B architecture on an H100 compiles 16 in 6.6 s
 
 Which specialisations a model launches does not change from run to run, so a *manifest* lists
 them: `record_compiles` collects each compile's specialisation data (Triton's own serialised form,
-through its post-compile hook) while an engine starts, and `write_manifest` merges them into a
+through its post-compile hook) while an engine starts, and `write_manifest` writes them into a
 JSON file. At a cold start `start_precompile` compiles a manifest's entries for this device in a
 pool of processes (spawned; they name the target, so they need no GPU) into Triton's on-disk
 cache while the main process loads weights; the launches then load the compiled kernels from the
@@ -69,13 +69,15 @@ def _current_target() -> dict:
 
 
 def write_manifest(path: str, entries: list[dict], model: str) -> int:
-    """Merge `entries`, tagged with `model` (the engine's key for a model and its launch
-    settings), into the manifest at `path` (created if missing); returns its entry count."""
+    """Write `entries`, tagged with `model` (the engine's key for a model and its launch settings),
+    into the manifest at `path` (created if missing) in place of what it held for `model` (an entry
+    a changed kernel no longer matches would never be found in the cache, and would start the
+    compile pool on every warm start); other models' entries stay. Returns its entry count."""
     entries = [{**e, "model": model} for e in entries]
     known: list[dict] = []
     if os.path.exists(path):
         with open(path) as f:
-            known = json.load(f)["entries"]
+            known = [e for e in json.load(f)["entries"] if e.get("model") != model]
     seen = {json.dumps(e, sort_keys=True) for e in known}
     for entry in entries:
         text = json.dumps(entry, sort_keys=True)

@@ -30,9 +30,11 @@ from roseinfer_kernels.launch_table import (
     heuristic_decode_launch,
     heuristic_linear_launch,
     linear_key,
+    PREQUANTIZED_KEY,
     load_table,
 )
-from roseinfer_kernels.fp8 import FP8, fake_quantize_slices_fp8, quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8
+from roseinfer_kernels.fp8 import (FP8, fake_quantize_slices_fp8, quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8,
+                                  scaled_mm_prequantized)
 from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from roseinfer_kernels.norm import add_norm
 from roseinfer_kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
@@ -245,53 +247,31 @@ def time_if_right(project, first: tuple, want: torch.Tensor, chain_us, norms_us:
         return None
 
 
-def prequantized_experiment(x, weights, scales, biases, candidates, pdl, workspace, out, chain_us, norms_us: float,
-                            nbytes: int, label: str) -> None:
-    """Print the best W8A8 time with the activations already in e4m3 (a scale per row, as a norm
-    that quantizes its output would hand them over): fp8 x fp8 products with nothing quantized in
-    the loop. The engine does not use this yet (issue 16: the norm and SiLU kernels would quantize
-    their outputs); this says whether wiring it in pays. The quantization itself is not timed."""
-    xq, x_scale = quantize_tokens_fp8(x)
-    x_scale = x_scale.view(-1)
-    want = F.linear(xq.float() * x_scale[:, None], weights[0].float() * scales[0][:, None],
-                    None if biases[0] is None else biases[0].float())
-    best = (math.inf, None)
-    for cand in candidates:
-        if cand.act_fp8:
-            continue
-        launch = dataclasses.replace(cand, pdl=pdl)
-
-        def project(w, s, b, la=launch):
-            return skinny_linear(xq, w, b, False, la, workspace, out=out, weight_scale=s, x_scale=x_scale)
-        us = time_if_right(project, (weights[0], scales[0], biases[0]), want, chain_us, norms_us,
-                           f"{label} prequantized {launch}")
-        if us is not None and us < best[0]:
-            best = (us, launch)
-    us, launch = best
-    print(f"linear-prequantized float8_e4m3fn {label}: {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s) {launch}", flush=True)
-
-
 def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
-                buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True, fp8: bool = False) -> dict:
+                buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True, fp8: bool = False,
+                prequantized: bool = False) -> dict:
     """For each projection [n, k] (bias or not) and batch bucket, time cuBLAS and our skinny kernel's
     candidates in CUDA graphs over enough weight copies that L2 holds none, and record the fastest:
     a launch, or null for cuBLAS. Every bucket in BATCH_BUCKETS gets an entry (the nearest measured
     bucket at or below it). Compilation runs in `workers` processes first. `fp8`: float8 e4m3
     weights with a scale per row (activations in `dtype`), against the per-token-scaled
-    `torch._scaled_mm` that FP8 projections use otherwise; the entries are keyed float8_e4m3fn."""
+    `torch._scaled_mm` that FP8 projections use otherwise; the entries are keyed float8_e4m3fn.
+    `prequantized` (with `fp8`): the activations arrive in e4m3 with a scale per row, as the norms
+    and SiLU * up hand them to FP8 projections, against `torch._scaled_mm` on them as they are;
+    keyed PREQUANTIZED_KEY."""
+    assert fp8 or not prequantized
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype_name = str(dtype).removeprefix("torch.")
-    key_dtype = "float8_e4m3fn" if fp8 else dtype_name
+    key_dtype = PREQUANTIZED_KEY if prequantized else "float8_e4m3fn" if fp8 else dtype_name
     block_ks = (128, 256, 512) if fp8 else (128, 256)
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
-    if fp8:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
+    if fp8 and not prequantized:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
         plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
     # One job per compiled variant: buckets with the same row tile share a binary.
-    # fp8: the W8A16 launches also with the activations arriving in e4m3 (quantized before: an experiment)
-    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())), x_fp8)
-                   for (n, k, bias, b), cands in plan.items() for c in cands
-                   for x_fp8 in ((False, True) if fp8 and not c.act_fp8 else (False,))})
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())),
+                    prequantized)
+                   for (n, k, bias, b), cands in plan.items() for c in cands})
     jobs = [(n, k, bias, d, f, b, dict(launch), x8) for n, k, bias, d, f, b, launch, x8 in jobs]
     _compile_in_workers(_compile_linear, jobs, workers)
 
@@ -307,9 +287,12 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
         biases = [torch.randn(n, device="cuda", dtype=dtype) if bias else None for _ in range(copies)]
 
         def baseline(x, w, s, b):  # what the projection runs when the skinny kernel does not
-            if not fp8:
+            if isinstance(x, tuple):  # prequantized: (e4m3 rows, their scales)
+                y = scaled_mm_prequantized(*x, w, s, dtype)
+            elif fp8:
+                y = scaled_mm_fp8(x, w, s)
+            else:
                 return F.linear(x, w, b)
-            y = scaled_mm_fp8(x, w, s)
             return y if b is None else y + b
         best_of: dict[int, tuple[float, LinearLaunch | None, float, LinearLaunch | None]] = {}
         for bucket in buckets:
@@ -329,10 +312,17 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                                           for w, s, b in zip(weights, scales, biases)], 5, 10)
 
             norms_us = graph_us_per_call([norm] * copies, 5, 10)
-            cublas_us = chain_us(lambda w, s, b: baseline(x, w, s, b)) - norms_us
             norm()
+            # prequantized: the norm's rows in e4m3 (made once here; in the chain, the norm's own
+            # launch stands for the quantizing norm, whose extra arithmetic is in the same pass)
+            x_in = quantize_tokens_fp8(x) if prequantized else x
+            x_in = (x_in[0], x_in[1].view(-1)) if prequantized else x_in
+            cublas_us = chain_us(lambda w, s, b: baseline(x_in, w, s, b)) - norms_us
             w0 = weights[0] if not fp8 else (weights[0].float() * scales[0][:, None]).to(dtype)
             ref = F.linear(x, w0, biases[0]).float()  # what the skinny kernel must give
+            if prequantized:
+                ref = F.linear(x_in[0].float() * x_in[1][:, None], w0.float(),
+                               None if biases[0] is None else biases[0].float())
             timed = []
             for cand in plan[(n, k, bias, bucket)]:
                 launch = dataclasses.replace(cand, pdl=pdl)
@@ -341,15 +331,15 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
                     want = F.linear(fake_quantize_slices_fp8(x, launch.block_k).to(dtype), w0, biases[0]).float()
 
                 def project(w, s, b, la=launch):
+                    if prequantized:
+                        return skinny_linear(x_in[0], w, b, False, la, workspace, out=out, weight_scale=s,
+                                             x_scale=x_in[1])
                     return skinny_linear(x, w, b, False, la, workspace, out=out, weight_scale=s)
                 us = time_if_right(project, (weights[0], scales[0], biases[0]), want, chain_us, norms_us,
                                    f"{n}x{k} b{bucket} {launch}")
                 if us is not None:
                     timed.append((us, launch))
             timed.sort(key=lambda t: t[0])
-            if fp8:
-                prequantized_experiment(x, weights, scales, biases, plan[(n, k, bias, bucket)], pdl, workspace, out,
-                                        chain_us, norms_us, nbytes, f"{n}x{k} b{bucket}")
             ours_us, ours = timed[0] if timed else (math.inf, None)
             winner = ours if ours_us < cublas_us else None
             best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours)
@@ -467,6 +457,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", help="dtype of the --linear projections (their activations)")
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
                    help="fp8: float8 e4m3 weights with a scale per row (--quantization fp8), keyed float8_e4m3fn")
+    p.add_argument("--prequantized", action="store_true",
+                   help="with --weights fp8: activations arriving in e4m3 with a scale per row (as the norms and "
+                        "SiLU * up give FP8 projections), keyed float8_e4m3fn-prequantized")
     p.add_argument("--workers", type=int, default=8, help="processes compiling --linear candidates")
     p.add_argument("--buckets", default="", help="--linear: the batch buckets to measure (default: all of "
                    "LINEAR_TUNED_BUCKETS); the others keep their entries")
@@ -482,7 +475,7 @@ def main() -> None:
             n, k = map(int, nk.split("x"))
             shapes.append((n, k, bias == "bias"))
         tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
-                    buckets=parse_buckets(args.buckets))
+                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets))
     else:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
              args.workers)

@@ -4,6 +4,7 @@ shapes. Writes roseinfer_kernels/tuned_launch.json (entries for other shapes are
 
     python scripts/tune_models.py --models llama-3.1-8b,llama-3.2-1b [--attention llama-3.1-8b] [--workers 12]
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
+    python scripts/tune_models.py --models llama-3.1-8b --weights fp8 --prequantized   # those fed e4m3 rows
     python scripts/tune_models.py --models llama-3.1-8b --buckets 1,4   # only those batch buckets
     python scripts/tune_models.py --models gpt2 --dtype float16          # GPT-2 sizes too (its LM head padded to 50304)
 """
@@ -29,6 +30,9 @@ def main() -> None:
     p.add_argument("--out", default="roseinfer_kernels/tuned_launch.json")
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
                    help="fp8: the float8 projections of --quantization fp8 (the LM head stays dense)")
+    p.add_argument("--prequantized", action="store_true",
+                   help="with --weights fp8: activations arriving in e4m3 with a scale per row (as the norms and "
+                        "SiLU * up give FP8 projections), keyed float8_e4m3fn-prequantized")
     p.add_argument("--buckets", default="", help="batch buckets to measure the projections at (e.g. 1,4); "
                    "default all, and the table keeps the others' entries")
     args = p.parse_args()
@@ -44,10 +48,12 @@ def main() -> None:
         model_shapes = decode_projection_shapes(config)
         if args.weights == "fp8":
             model_shapes = model_shapes[:-1]  # the LM head (last) keeps the model dtype
+        if args.prequantized:  # o_proj (second) takes attention's output as it is
+            model_shapes = model_shapes[:1] + model_shapes[2:]
         shapes += [s for s in model_shapes if s not in shapes]
     if shapes:
         tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
-                    buckets=parse_buckets(args.buckets))
+                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets))
     if args.attention:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
 

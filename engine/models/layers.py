@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roseinfer_kernels.fp8 import quantize_rows_fp8, scaled_mm_fp8
+from typing import NamedTuple
+
+from roseinfer_kernels.fp8 import quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8, scaled_mm_prequantized
 
 
 def padded_vocab_size(vocab_size: int, shards: int = 1) -> int:
@@ -40,6 +42,26 @@ class VocabEmbedding(nn.Module):
         return self.tp.all_reduce(rows)
 
 
+class Fp8Rows(NamedTuple):
+    """Activations in float8 e4m3 with one fp32 scale per row (rows ~= q * scale[:, None]), as a
+    norm or SiLU * up hands them to the FP8 projection after it: quantized in the kernel that
+    writes them, so the projection multiplies e4m3 by e4m3 with no quantizing pass of its own."""
+
+    q: torch.Tensor  # [rows, features] float8_e4m3fn
+    scale: torch.Tensor  # [rows] float32
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> Fp8Rows:
+        """The paths without a fused kernel (torch, the CPU): quantized after the fact, alike."""
+        q, scale = quantize_tokens_fp8(rows)
+        return cls(q, scale.view(-1))
+
+
+def e4m3_rows(rows: int, features: int, device: torch.device) -> Fp8Rows:
+    return Fp8Rows(torch.empty(rows, features, dtype=torch.float8_e4m3fn, device=device),
+                   torch.empty(rows, dtype=torch.float32, device=device))
+
+
 class AddNorm(nn.Module):
     """`norm(x + residual)` and the new residual stream `x + residual` (x alone when residual is None).
 
@@ -58,7 +80,17 @@ class AddNorm(nn.Module):
         self.cpu_kernel = fused_kernel("cpu_elementwise", "add_rms_norm") if cpu and rms else None
         self.pdl = False  # set by configure_decode_kernels
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """`fp8`: the normed rows as Fp8Rows, for the FP8 projection that takes them."""
+        if self.kernel is not None and fp8:
+            rows = e4m3_rows(x.shape[0], x.shape[1], x.device)
+            _, summed = self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms, out=rows.q,
+                                    out_scale=rows.scale, pdl=self.pdl)
+            return rows, summed
+        if fp8:
+            normed, summed = self.forward(x, residual)
+            return Fp8Rows.of(normed), summed
         if self.kernel is not None:
             return self.kernel(x, residual, self.weight, self.bias, self.eps, self.rms, pdl=self.pdl)
         if self.cpu_kernel is not None:
@@ -132,33 +164,49 @@ class GGUFBlockLinear(nn.Module):
 
 
 class Fp8Linear(nn.Module):
-    """A projection with float8 e4m3 weights (a scale per output channel). Batches the skinny
-    decode kernel serves (on CUDA, the batch buckets where `configure_decode_kernels` finds it the
-    choice for this shape) read the weights at a byte each and widen them in registers, with
-    activations as they are (W8A16). Larger batches, and the CPU, quantize the activations per
-    token and multiply with `torch._scaled_mm` (cuBLASLt's FP8 GEMM on Hopper; torch's reference
-    kernel on the CPU). Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
+    """A projection with float8 e4m3 weights (a scale per output channel).
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
+    Activations in the model dtype (o_proj's, GPT-2's): batches the skinny decode kernel serves (on
+    CUDA, the batch buckets where `configure_decode_kernels` finds it the choice for this shape)
+    read the weights at a byte each and widen them in registers (W8A16); larger batches, and the
+    CPU, quantize the activations per token and multiply with `torch._scaled_mm` (cuBLASLt's FP8
+    GEMM on Hopper; torch's reference kernel on the CPU).
+    Activations as Fp8Rows (the Llama norms' and SiLU's, quantized as they were written): e4m3 by
+    e4m3, through the skinny kernel where `prequantized` has a launch for the batch, else
+    `torch._scaled_mm` on them as they are. Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
+                 act_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(scale.reshape(-1).float(), requires_grad=False)  # [N], per output row
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gelu = gelu
+        self.act_dtype = act_dtype  # the model's: what the projection returns
         self.projection = ProjectionLaunches()
+        self.prequantized = ProjectionLaunches()  # the launches for Fp8Rows inputs
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gelu: bool = False) -> Fp8Linear:
         q, scale = quantize_rows_fp8(linear.weight.detach())
-        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), gelu)
+        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), gelu, linear.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        launch = self.projection.launch_for(x.shape[0])
-        if launch is not None:
-            return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
-                                          weight_scale=self.weight_scale)
-        y = scaled_mm_fp8(x, self.weight, self.weight_scale)
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            rows = x.q.shape[0]
+            launch = self.prequantized.launch_for(rows)
+            if launch is not None:
+                out = torch.empty(rows, self.out_features, dtype=self.act_dtype, device=x.q.device)
+                return self.prequantized.kernel(x.q, self.weight, self.bias, self.gelu, launch, self.prequantized.workspace,
+                                                out=out, weight_scale=self.weight_scale, x_scale=x.scale)
+            y = scaled_mm_prequantized(x.q, x.scale, self.weight, self.weight_scale, self.act_dtype)
+        else:
+            launch = self.projection.launch_for(x.shape[0])
+            if launch is not None:
+                return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
+                                              weight_scale=self.weight_scale)
+            y = scaled_mm_fp8(x, self.weight, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return F.gelu(y, approximate="tanh") if self.gelu else y
@@ -206,7 +254,8 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     ends), and the launch of every projection, the LM head included (`model.lm_head_projection`
     over `model.lm_head_weight()`), for each batch bucket up to `max_rows`: the skinny kernel's
     from the launch table, or cuBLAS. Only for the CUDA path (the Triton attention backend)."""
-    from roseinfer_kernels.launch_table import BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch
+    from roseinfer_kernels.launch_table import (BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch,
+                                                prequantized_linear_launch)
     from roseinfer_kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
     from roseinfer_kernels.pdl import pdl_supported
 
@@ -217,14 +266,18 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     dtype_name = str(dtype).removeprefix("torch.")
     buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(max_rows)]
 
-    def configure(projection: ProjectionLaunches, n: int, k: int, heuristic: bool = True, fp8: bool = False) -> None:
+    def configure(projection: ProjectionLaunches, n: int, k: int, heuristic: bool = True, fp8: bool = False,
+                  prequantized: bool = False) -> None:
         nonlocal need
         projection.launches = []
         for bucket in buckets:
             # fp8 weights: their own measured launches where roseinfer_kernels/tune.py --weights fp8 wrote some,
             # else the model dtype's for the shape (half the bytes through the same tiles)
             table_dtype = "float8_e4m3fn" if fp8 and has_linear_entry("float8_e4m3fn", n, k, bucket) else dtype_name
-            launch = linear_launch(table_dtype, n, k, bucket, heuristic=heuristic)
+            if prequantized:
+                launch = prequantized_linear_launch(n, k, bucket)
+            else:
+                launch = linear_launch(table_dtype, n, k, bucket, heuristic=heuristic)
             if launch is None:
                 break  # cuBLAS from here up
             launch = dataclasses.replace(launch, pdl=pdl)
@@ -238,6 +291,8 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
             module.pdl = pdl
         elif isinstance(module, (DecodeLinear, Fp8Linear)):
             configure(module.projection, module.out_features, module.in_features, fp8=isinstance(module, Fp8Linear))
+            if isinstance(module, Fp8Linear):
+                configure(module.prequantized, module.out_features, module.in_features, prequantized=True)
     lm_head = model.lm_head_weight()
     # The LM head keeps cuBLAS unless the table holds a measured launch for its shape.
     configure(model.lm_head_projection, lm_head.shape[0], lm_head.shape[1], heuristic=False)

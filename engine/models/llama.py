@@ -18,9 +18,12 @@ from engine.attention import KV_UNIT_SCALES, AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import (
     AddNorm,
+    Fp8Linear,
+    Fp8Rows,
     GGUFBlockLinear,
     ProjectionLaunches,
     VocabEmbedding,
+    e4m3_rows,
     fused_kernel,
     padded_vocab_size,
     projection,
@@ -122,7 +125,7 @@ class LlamaAttention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k)
             o = self.attention.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales)
-        return self.tp.all_reduce(self.o_proj(o.reshape(x.shape[0], self.q_size)))
+        return self.tp.all_reduce(self.o_proj(o.reshape(qkv.shape[0], self.q_size)))
 
 
 class LlamaMLP(nn.Module):
@@ -136,17 +139,24 @@ class LlamaMLP(nn.Module):
                                        config.linear_scheme("gate_up_proj"), bias=False)
         self.down_proj = projection(self.intermediate_size, config.hidden_size, config.linear_scheme("down_proj"),
                                     bias=False)
+        self.fused = fused  # the Triton kernel, which can write e4m3 rows
         self.act_kernel = fused_kernel("activation", "silu_and_mul") if fused else \
             fused_kernel("cpu_elementwise", "silu_mul") if cpu else None
         self.pdl = False  # set by configure_decode_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.act_kernel is not None:
+        fp8 = isinstance(self.down_proj, Fp8Linear)  # SiLU * up quantized as it is written
+        if self.fused and fp8:
+            act = e4m3_rows(gate_up.shape[0], self.intermediate_size, gate_up.device)
+            self.act_kernel(gate_up, out=act.q, out_scale=act.scale, pdl=self.pdl)
+        elif self.act_kernel is not None:
             act = self.act_kernel(gate_up, pdl=True) if self.pdl else self.act_kernel(gate_up)
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
             act = F.silu(gate) * up
+        if fp8 and not isinstance(act, Fp8Rows):
+            act = Fp8Rows.of(act)
         return self.tp.all_reduce(self.down_proj(act))
 
 
@@ -162,8 +172,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, kv_cache, meta):
         """x: the previous sublayer's output, not yet added to `residual` (the add is fused into the norm)."""
-        h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache, meta), residual)
+        # FP8 projections take their inputs in e4m3 from the norms (Fp8Rows)
+        h, residual = self.input_layernorm(x, residual, fp8=isinstance(self.self_attn.qkv_proj, Fp8Linear))
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache, meta), residual,
+                                                    fp8=isinstance(self.mlp.gate_up_proj, Fp8Linear))
         return self.mlp(h), residual
 
 

@@ -1,6 +1,8 @@
 """--quantization fp8: float8 e4m3 weights with a scale per output channel, activations scaled per
 token, multiplied by torch._scaled_mm (torch's reference kernel here, cuBLASLt on Hopper)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,25 @@ def test_fp8_linear_is_the_scaled_product():
     assert F.cosine_similarity(out.float().flatten(), close.flatten(), dim=0) > 0.998
 
 
+# What each Llama FP8 projection is handed: the norms' and SiLU's rows already in e4m3
+# (quantized by the kernel that wrote them), attention's output as it is.
+EXPECTED_INPUTS = {"qkv_proj": {"Fp8Rows"}, "o_proj": {"Tensor"}, "gate_up_proj": {"Fp8Rows"}, "down_proj": {"Fp8Rows"}}
+
+
+@contextlib.contextmanager
+def inputs_seen(llm: LLM):
+    """Within: {projection name: the type names of its inputs} over every Fp8Linear of `llm`."""
+    seen: dict[str, set[str]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name.rsplit(".", 1)[-1]:
+                                         seen.setdefault(name, set()).add(type(args[0]).__name__))
+             for name, m in llm.engine.runner.model.named_modules() if isinstance(m, Fp8Linear)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
 def test_fp8_engine_close_to_full_precision(request, fixture):
     path = request.getfixturevalue(fixture)
@@ -69,7 +90,11 @@ def test_fp8_engine_close_to_full_precision(request, fixture):
     assert fp8.engine.runner.model_config.linear_schemes == ()
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True)
     prompts = ["Hello world, my name is", "The capital of France is", "def fibonacci(n):"]
-    for a, b in zip(full.generate(prompts, params), fp8.generate(prompts, params)):
+    with inputs_seen(fp8) as seen:
+        fp8_outputs = fp8.generate(prompts, params)
+    if fixture == "tiny_llama_dir":
+        assert seen == EXPECTED_INPUTS
+    for a, b in zip(full.generate(prompts, params), fp8_outputs):
         assert a.token_ids == b.token_ids  # the same next token, nearly the same probability
         assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 0.15
         top_b = dict(b.logprobs[0].top)
@@ -236,6 +261,9 @@ def test_fp8_weights_through_the_skinny_kernel_under_interpreter(tiny_llama_dir)
     fp8 = LLM(tiny_llama_dir, quantization="fp8", **kw)
     layers = [m for m in fp8.engine.runner.model.modules() if isinstance(m, Fp8Linear)]
     assert layers and all(m.projection.launch_for(1) is not None for m in layers)  # decode: the skinny kernel
+    assert all(m.prequantized.launch_for(1) is not None for m in layers)  # and on e4m3 rows
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = ["Hello world, my name is", "The capital of France is"]
-    assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
+    with inputs_seen(fp8) as seen:
+        assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
+    assert seen == EXPECTED_INPUTS

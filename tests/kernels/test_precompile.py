@@ -108,5 +108,9 @@ def test_manifests_merge_and_filter_by_model_and_target(tmp_path):
     assert write_manifest(path, [entry], "llama-3.1-8b dtype=auto") == 2
     assert write_manifest(path, [entry], "gpt2 dtype=auto") == 2
     assert len(load_manifest(path, "gpt2 dtype=auto", TARGET)) == 1
+    other, _ = _mask_logits_entry(1024)  # a new recording replaces that model's entries (stale ones go)
+    assert write_manifest(path, [other], "gpt2 dtype=auto") == 2
+    assert load_manifest(path, "gpt2 dtype=auto", TARGET) == [{**other, "model": "gpt2 dtype=auto"}]
+    assert len(load_manifest(path, "llama-3.1-8b dtype=auto", TARGET)) == 1
     assert load_manifest(path, "gpt2 dtype=auto", {**TARGET, "arch": 80}) == []
     assert load_manifest(str(tmp_path / "missing.json"), "gpt2 dtype=auto", TARGET) == []
