@@ -292,7 +292,28 @@ def test_a_run_one_step_past_max_tokens_drops_that_token(tiny_llama_dir, referen
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_dir, reference):
+@pytest.fixture
+def fixed_constrained_runs(monkeypatch):
+    """Constrained runs of num_scheduler_steps steps whatever this host's pace (not
+    CONSTRAINED_RUN_TARGET_S over the last run's step time), so the runs and chains these tests
+    check come out the same on any host."""
+    from engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "CONSTRAINED_RUN_TARGET_S", 0.0)
+
+
+def grammars_compiled(llm: LLM, params: list[SamplingParams]) -> LLM:
+    """`llm` with the grammars of `params` compiled into its cache: constrained requests then join
+    the batch at its first step, together with the free ones. (Compiled on a thread as they arrive,
+    a grammar finishing a few steps late, as it may on a busy host, changes the batch mid-way
+    and leaves no unchanged batch to chain runs on.)"""
+    for p in params:
+        if p.structured_output is not None:
+            llm.engine.structured.compile_async(p.structured_output).result()
+    return llm
+
+
+def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_dir, reference, fixed_constrained_runs):
     """Constrained rows (greedy and seeded) share multi-step runs with free ones: each step masked
     by its grammar, which takes each token before the next step's mask. A grammar that completes
     inside a run ends its request there (the row's later tokens are dropped). Same tokens, texts
@@ -306,7 +327,7 @@ def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_
                   "regex", r"(ab|cd){2,9}!")),
               SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True)]
     want = reference.generate(PROMPTS, params)
-    llm = pipelined_llm(tiny_llama_dir)
+    llm = grammars_compiled(pipelined_llm(tiny_llama_dir), params)
     got = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.text for o in got] == [o.text for o in want]
@@ -320,7 +341,7 @@ def test_constrained_rows_decode_in_runs_with_the_single_step_tokens(tiny_llama_
     assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
 
 
-def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, reference):
+def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, reference, fixed_constrained_runs):
     """A greedy batch with constrained rows: each step is the masked argmax (the bitmask applied to
     the last forward's logits) and then the forward on its tokens, as the CUDA decoder's two graphs
     do, runs chained while outputs are processed. Same tokens and finish reasons as single steps."""
@@ -331,7 +352,7 @@ def test_greedy_constrained_runs_take_the_masked_step_path(tiny_llama_dir, refer
               SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=60, temperature=0.0, structured_output=spec)]
     want = reference.generate(PROMPTS, params)
-    llm = pipelined_llm(tiny_llama_dir)
+    llm = grammars_compiled(pipelined_llm(tiny_llama_dir), params)
     got = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
@@ -358,7 +379,7 @@ def test_constrained_runs_last_longer_when_steps_are_fast(tiny_llama_dir, refere
     params = [SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True, structured_output=spec)] * 3 + \
         [SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True)]
     want = reference.generate(PROMPTS, params)
-    llm = pipelined_llm(tiny_llama_dir, steps=4)
+    llm = grammars_compiled(pipelined_llm(tiny_llama_dir, steps=4), params)
     got = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
@@ -476,7 +497,7 @@ def test_a_decode_runs_inputs_are_staged_for_every_step_at_once(tiny_llama_dir):
     assert (padding[:, 2] == -1).all() and (padding[:, [0, 1, 3]] == 0).all()
 
 
-def test_abort_while_a_constrained_run_is_chained(tiny_llama_dir, reference):
+def test_abort_while_a_constrained_run_is_chained(tiny_llama_dir, reference, fixed_constrained_runs):
     """A constrained run chained onto the previous one (its first forward already queued) when a
     request of its batch is aborted: the others keep the single-step tokens; every block returns."""
     spec = StructuredOutputSpec("regex", r"[a-z ]{20,80}\.")
