@@ -33,11 +33,12 @@ def decode_key(dtype: str, head_dim: int, group: int, block_size: int, num_seqs:
 
 
 @lru_cache(maxsize=4)
-def load_table(path: str = TABLE_PATH) -> dict:
+def load_table(path: str = TABLE_PATH, section: str = "entries") -> dict:
+    """The table's launches ("entries"), or what the tuner measured for them ("measured")."""
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f).get("entries", {})
+        return json.load(f).get(section, {})
 
 
 def heuristic_decode_launch(head_dim: int, group: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> DecodeLaunch:
@@ -111,6 +112,25 @@ def prequantized_linear_launch(n: int, k: int, bucket: int, table_path: str = TA
         return None if table[key] is None else LinearLaunch(**table[key])
     launch = linear_launch("float8_e4m3fn", n, k, bucket, table_path)
     return None if launch is None else dataclasses.replace(launch, act_fp8=False)
+
+
+# FP8 projections whose input no kernel of ours writes in e4m3 (o_proj, after attention), quantized
+# first by roseinfer_kernels.fp8_rows.quantize_rows: measured with that launch included.
+QUANTIZE_FIRST_KEY = "float8_e4m3fn-quantize-first"
+
+
+def quantize_first_launch(n: int, k: int, bucket: int, table_path: str = TABLE_PATH) -> tuple[bool, LinearLaunch | None]:
+    """(quantize first?, then the skinny launch or None for cuBLASLt) for an FP8 [n, k] projection
+    fed unquantized activations at this bucket: yes only where the tuner measured quantizing first
+    faster than the projection's own launch (W8A16, W8A8 or cuBLASLt after torch's quantizing);
+    without both measurements, no (the launch as before)."""
+    measured = load_table(table_path, "measured")
+    first = measured.get(linear_key(QUANTIZE_FIRST_KEY, n, k, bucket))
+    own = measured.get(linear_key("float8_e4m3fn", n, k, bucket))
+    if first is None or own is None or first["us"] >= own["us"]:
+        return False, None
+    entry = load_table(table_path).get(linear_key(QUANTIZE_FIRST_KEY, n, k, bucket))
+    return True, None if entry is None else LinearLaunch(**entry)
 
 
 def cascade_prefix_launch(head_dim: int) -> PrefixLaunch:

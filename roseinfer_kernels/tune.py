@@ -31,10 +31,12 @@ from roseinfer_kernels.launch_table import (
     heuristic_linear_launch,
     linear_key,
     PREQUANTIZED_KEY,
+    QUANTIZE_FIRST_KEY,
     load_table,
 )
 from roseinfer_kernels.fp8 import (FP8, fake_quantize_slices_fp8, quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8,
                                   scaled_mm_prequantized)
+from roseinfer_kernels.fp8_rows import quantize_rows
 from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear, tile_rows
 from roseinfer_kernels.norm import add_norm
 from roseinfer_kernels.paged_attention import LOG2E, DecodeLaunch, _paged_decode_kernel, paged_decode
@@ -249,7 +251,7 @@ def time_if_right(project, first: tuple, want: torch.Tensor, chain_us, norms_us:
 
 def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
                 buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True, fp8: bool = False,
-                prequantized: bool = False) -> dict:
+                prequantized: bool = False, quantize_first: bool = False) -> dict:
     """For each projection [n, k] (bias or not) and batch bucket, time cuBLAS and our skinny kernel's
     candidates in CUDA graphs over enough weight copies that L2 holds none, and record the fastest:
     a launch, or null for cuBLAS. Every bucket in BATCH_BUCKETS gets an entry (the nearest measured
@@ -258,11 +260,15 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     `torch._scaled_mm` that FP8 projections use otherwise; the entries are keyed float8_e4m3fn.
     `prequantized` (with `fp8`): the activations arrive in e4m3 with a scale per row, as the norms
     and SiLU * up hand them to FP8 projections, against `torch._scaled_mm` on them as they are;
-    keyed PREQUANTIZED_KEY."""
-    assert fp8 or not prequantized
+    keyed PREQUANTIZED_KEY. `quantize_first` (with `prequantized`): each launch times
+    roseinfer_kernels.fp8_rows.quantize_rows of the norm's output too (an input no kernel writes in
+    e4m3, as o_proj's); keyed QUANTIZE_FIRST_KEY, for the engine to compare with the same shape's
+    float8_e4m3fn time."""
+    assert (fp8 or not prequantized) and (prequantized or not quantize_first)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype_name = str(dtype).removeprefix("torch.")
-    key_dtype = PREQUANTIZED_KEY if prequantized else "float8_e4m3fn" if fp8 else dtype_name
+    key_dtype = QUANTIZE_FIRST_KEY if quantize_first else PREQUANTIZED_KEY if prequantized else \
+        "float8_e4m3fn" if fp8 else dtype_name
     block_ks = (128, 256, 512) if fp8 else (128, 256)
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
             for n, k, bias in shapes for b in buckets}
@@ -286,9 +292,12 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             weights, scales = map(list, zip(*(quantize_rows_fp8(w) for w in weights)))
         biases = [torch.randn(n, device="cuda", dtype=dtype) if bias else None for _ in range(copies)]
 
+        def rows_of(x_in):  # prequantized: (e4m3 rows, their scales), quantized here when quantize_first
+            return quantize_rows(x, pdl=pdl) if quantize_first else x_in
+
         def baseline(x, w, s, b):  # what the projection runs when the skinny kernel does not
             if isinstance(x, tuple):  # prequantized: (e4m3 rows, their scales)
-                y = scaled_mm_prequantized(*x, w, s, dtype)
+                y = scaled_mm_prequantized(*rows_of(x), w, s, dtype)
             elif fp8:
                 y = scaled_mm_fp8(x, w, s)
             else:
@@ -332,8 +341,8 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
 
                 def project(w, s, b, la=launch):
                     if prequantized:
-                        return skinny_linear(x_in[0], w, b, False, la, workspace, out=out, weight_scale=s,
-                                             x_scale=x_in[1])
+                        xq, x_scale = rows_of(x_in)
+                        return skinny_linear(xq, w, b, False, la, workspace, out=out, weight_scale=s, x_scale=x_scale)
                     return skinny_linear(x, w, b, False, la, workspace, out=out, weight_scale=s)
                 us = time_if_right(project, (weights[0], scales[0], biases[0]), want, chain_us, norms_us,
                                    f"{n}x{k} b{bucket} {launch}")

@@ -32,11 +32,12 @@ def main() -> None:
                    help="fp8: the float8 projections of --quantization fp8 (the LM head stays dense)")
     p.add_argument("--prequantized", action="store_true",
                    help="with --weights fp8: activations arriving in e4m3 with a scale per row (as the norms and "
-                        "SiLU * up give FP8 projections), keyed float8_e4m3fn-prequantized")
+                        "SiLU * up give FP8 projections), keyed float8_e4m3fn-prequantized; and o_proj's input "
+                        "quantized first by fp8_rows.quantize_rows, keyed float8_e4m3fn-quantize-first")
     p.add_argument("--buckets", default="", help="batch buckets to measure the projections at (e.g. 1,4); "
                    "default all, and the table keeps the others' entries")
     args = p.parse_args()
-    shapes = []
+    shapes, unquantized_inputs = [], []
     for name in filter(None, args.models.split(",")):
         named = named_architecture(name)
         if named is not None:
@@ -48,12 +49,16 @@ def main() -> None:
         model_shapes = decode_projection_shapes(config)
         if args.weights == "fp8":
             model_shapes = model_shapes[:-1]  # the LM head (last) keeps the model dtype
-        if args.prequantized:  # o_proj (second) takes attention's output as it is
+        if args.prequantized:  # o_proj (second) takes attention's output as it is: quantized first
+            unquantized_inputs += [model_shapes[1]]
             model_shapes = model_shapes[:1] + model_shapes[2:]
         shapes += [s for s in model_shapes if s not in shapes]
     if shapes:
         tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
                     prequantized=args.prequantized, buckets=parse_buckets(args.buckets))
+    if unquantized_inputs:
+        tune_linear(list(dict.fromkeys(unquantized_inputs)), getattr(torch, args.dtype), args.out, args.workers,
+                    fp8=True, prequantized=True, quantize_first=True, buckets=parse_buckets(args.buckets))
     if args.attention:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
 

@@ -4,6 +4,7 @@ projections that run the skinny decode kernel on small batches."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 
 import torch
@@ -186,6 +187,11 @@ class Fp8Linear(nn.Module):
         self.act_dtype = act_dtype  # the model's: what the projection returns
         self.projection = ProjectionLaunches()
         self.prequantized = ProjectionLaunches()  # the launches for Fp8Rows inputs
+        # (bucket, quantize first?, then the launch or None for cuBLASLt) ascending, from the launch
+        # table's measurements (configure_decode_kernels): whether an input in the model dtype is
+        # quantized first (roseinfer_kernels.fp8_rows.quantize_rows) and multiplied e4m3 by e4m3
+        self.quantize_first: list[tuple[int, bool, object]] = []
+        self.quantize_rows = None  # that kernel's launcher, with the PDL setting, where any bucket does
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gelu: bool = False) -> Fp8Linear:
@@ -194,19 +200,28 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if isinstance(x, Fp8Rows):
-            rows = x.q.shape[0]
-            launch = self.prequantized.launch_for(rows)
-            if launch is not None:
-                out = torch.empty(rows, self.out_features, dtype=self.act_dtype, device=x.q.device)
-                return self.prequantized.kernel(x.q, self.weight, self.bias, self.gelu, launch, self.prequantized.workspace,
-                                                out=out, weight_scale=self.weight_scale, x_scale=x.scale)
-            y = scaled_mm_prequantized(x.q, x.scale, self.weight, self.weight_scale, self.act_dtype)
-        else:
-            launch = self.projection.launch_for(x.shape[0])
-            if launch is not None:
-                return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
-                                              weight_scale=self.weight_scale)
-            y = scaled_mm_fp8(x, self.weight, self.weight_scale)
+            return self._e4m3_product(x, self.prequantized.launch_for(x.q.shape[0]))
+        rows = x.shape[0]
+        first, launch = next(((first, launch) for bucket, first, launch in self.quantize_first if rows <= bucket),
+                             (False, None))
+        if first:
+            return self._e4m3_product(Fp8Rows(*self.quantize_rows(x)), launch)
+        launch = self.projection.launch_for(rows)
+        if launch is not None:
+            return self.projection.kernel(x, self.weight, self.bias, self.gelu, launch, self.projection.workspace,
+                                          weight_scale=self.weight_scale)
+        return self._epilogue(scaled_mm_fp8(x, self.weight, self.weight_scale))
+
+    def _e4m3_product(self, x: Fp8Rows, launch) -> torch.Tensor:
+        """e4m3 rows by e4m3 weights: the skinny kernel's `launch`, or cuBLASLt when None."""
+        rows = x.q.shape[0]
+        if launch is not None:
+            out = torch.empty(rows, self.out_features, dtype=self.act_dtype, device=x.q.device)
+            return self.prequantized.kernel(x.q, self.weight, self.bias, self.gelu, launch, self.prequantized.workspace,
+                                            out=out, weight_scale=self.weight_scale, x_scale=x.scale)
+        return self._epilogue(scaled_mm_prequantized(x.q, x.scale, self.weight, self.weight_scale, self.act_dtype))
+
+    def _epilogue(self, y: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias
         return F.gelu(y, approximate="tanh") if self.gelu else y
@@ -255,7 +270,7 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
     over `model.lm_head_weight()`), for each batch bucket up to `max_rows`: the skinny kernel's
     from the launch table, or cuBLAS. Only for the CUDA path (the Triton attention backend)."""
     from roseinfer_kernels.launch_table import (BATCH_BUCKETS, batch_bucket, has_linear_entry, linear_launch,
-                                                prequantized_linear_launch)
+                                                prequantized_linear_launch, quantize_first_launch)
     from roseinfer_kernels.linear import SplitKWorkspace, skinny_linear, workspace_size
     from roseinfer_kernels.pdl import pdl_supported
 
@@ -293,6 +308,15 @@ def configure_decode_kernels(model: nn.Module, attention, device: torch.device, 
             configure(module.projection, module.out_features, module.in_features, fp8=isinstance(module, Fp8Linear))
             if isinstance(module, Fp8Linear):
                 configure(module.prequantized, module.out_features, module.in_features, prequantized=True)
+                module.quantize_first = []
+                for bucket in buckets:
+                    first, launch = quantize_first_launch(module.out_features, module.in_features, bucket)
+                    if launch is not None:
+                        launch = dataclasses.replace(launch, pdl=pdl)
+                        need = tuple(map(max, need, workspace_size(launch, bucket, module.out_features)))
+                    module.quantize_first.append((bucket, first, launch))
+                if any(first for _, first, _ in module.quantize_first):
+                    module.quantize_rows = functools.partial(fused_kernel("fp8_rows", "quantize_rows"), pdl=pdl)
     lm_head = model.lm_head_weight()
     # The LM head keeps cuBLAS unless the table holds a measured launch for its shape.
     configure(model.lm_head_projection, lm_head.shape[0], lm_head.shape[1], heuristic=False)

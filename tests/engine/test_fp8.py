@@ -2,6 +2,7 @@
 token, multiplied by torch._scaled_mm (torch's reference kernel here, cuBLASLt on Hopper)."""
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -267,3 +268,44 @@ def test_fp8_weights_through_the_skinny_kernel_under_interpreter(tiny_llama_dir)
     with inputs_seen(fp8) as seen:
         assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
     assert seen == EXPECTED_INPUTS
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton path runs on the CPU only under TRITON_INTERPRET=1")
+def test_unquantized_inputs_are_quantized_first_where_the_table_measured_it_faster(tiny_llama_dir, monkeypatch):
+    """An FP8 projection fed the model dtype (o_proj, after attention) quantizes its input with
+    roseinfer_kernels.fp8_rows.quantize_rows and multiplies e4m3 by e4m3, at the batch buckets where
+    the launch table measured that faster than its own launch; elsewhere (and without measurements:
+    the real table has none yet) it runs as before. Tokens stay close to full precision."""
+    from roseinfer_kernels import launch_table
+    from roseinfer_kernels.launch_table import QUANTIZE_FIRST_KEY
+
+    real = launch_table.load_table
+    launch = {"block_n": 32, "block_k": 32, "split_k": 1, "num_warps": 4, "num_stages": 2}
+
+    def table(path=launch_table.TABLE_PATH, section="entries"):  # quantizing first measured faster at b1, b2
+        got = dict(real(path, section))
+        for (n, k), bucket in itertools.product(shapes, (1, 2)):
+            first, own = (f"linear/{dtype}/n{n}/k{k}/b{bucket}" for dtype in (QUANTIZE_FIRST_KEY, "float8_e4m3fn"))
+            got.update({first: {"us": 1.0}, own: {"us": 2.0}} if section == "measured" else {first: launch})
+        return got
+
+    kw = dict(dtype="float32", attention_backend="triton", num_kv_blocks=32, max_num_batched_tokens=24)
+    full = LLM(tiny_llama_dir, **kw)
+    shapes = [(m.out_features, m.in_features) for m in full.engine.runner.model.modules()
+              if type(m).__name__ == "DecodeLinear"]
+    monkeypatch.setattr(launch_table, "load_table", table)
+    fp8 = LLM(tiny_llama_dir, quantization="fp8", **kw)
+    layers = [m for m in fp8.engine.runner.model.modules() if isinstance(m, Fp8Linear)]
+    assert all([(b, f) for b, f, _ in m.quantize_first[:3]] == [(1, True), (2, True), (4, False)]
+               and not any(f for _, f, _ in m.quantize_first[2:]) for m in layers)
+    calls = []
+    for m in layers:
+        quantize = m.quantize_rows
+        m.quantize_rows = lambda x, quantize=quantize: calls.append(x.shape[0]) or quantize(x)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
+    prompts = ["Hello world, my name is", "The capital of France is"]  # decode batches of 1-2: quantized first
+    with inputs_seen(fp8) as seen:
+        assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
+    assert seen == EXPECTED_INPUTS  # o_proj is still handed attention's output as it is
+    assert calls and set(calls) <= {1, 2}  # decode steps only (the prompts' rows take the other path)

@@ -18,6 +18,7 @@ from roseinfer_kernels.decode_step import decode_step_inputs
 from roseinfer_kernels.embedding import embed_add
 from roseinfer_kernels.filtered_sampling import filtered_sample
 from roseinfer_kernels.fp8 import fake_quantize_slices_fp8, quantize_tokens_fp8
+from roseinfer_kernels.fp8_rows import quantize_rows
 from roseinfer_kernels.kv_cache import write_kv
 from roseinfer_kernels.linear import LinearLaunch, SplitKWorkspace, skinny_linear
 from roseinfer_kernels.norm import add_norm
@@ -382,6 +383,18 @@ def test_add_norm_writes_e4m3_rows(device, dtype, rms, hidden, with_residual):
     assert got is q
     assert_e4m3_rows_match(q, scale, rows_in_dtype)
     assert torch.equal(got_sum, sum_in_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [4096, 100])
+def test_quantize_rows(device, dtype, cols):
+    x = (torch.randn(6, cols, device=device) * 3).to(dtype)
+    x[4] *= 50
+    x[5] = 0  # an all-zero row: zeros, with the smallest scale
+    q, scale = quantize_rows(x)
+    assert_e4m3_rows_match(q, scale, x)
+    assert (q[5].float() == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
