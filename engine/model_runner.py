@@ -161,8 +161,12 @@ def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineCo
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, tp_rank: int = 0, tp_port: int = 0) -> None:
-        """`tp_rank` > 0: a tensor-parallel worker (`run_tp_worker`), joining the group at `tp_port`."""
+    def __init__(self, config: EngineConfig, tp_rank: int = 0, tp_port: int = 0,
+                 after_precompile: Callable[[], None] | None = None) -> None:
+        """`tp_rank` > 0: a tensor-parallel worker (`run_tp_worker`), joining the group at `tp_port`.
+        `after_precompile`: called once the compile pool of a cold start is done (at once when
+        there is none), before the graphs are captured."""
+        self._after_precompile = after_precompile
         self.device = resolve_device(config.device)
         self.config = config = with_device_defaults(config, self.device)
         self.tp = TensorParallel(tp_rank, config.tensor_parallel_size)
@@ -196,6 +200,8 @@ class ModelRunner:
             done = finish_precompile(precompiling)
             logger.info("precompile: %d of %d kernels in the Triton cache (waited %.1f s)", done,
                         len(precompiling[1]), time.monotonic() - start)
+        if self._after_precompile is not None:
+            self._after_precompile()
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype

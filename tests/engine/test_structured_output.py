@@ -395,7 +395,7 @@ def test_grammar_workers_start_without_waiting_for_each_other(tiny_llm, monkeypa
         start(proc)
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", measured_start)
-    spawned = SpawnedWorkers.ahead(2)  # as the engine does, before it loads its model
+    spawned = SpawnedWorkers.ahead(2)  # as the engine does, before it captures its graphs
     assert GrammarWorkers.start(StructuredOutputs(None, 100, (0,)), spawned, 4) is None  # no grammar to run:
     for proc in spawned.procs:  # the processes spawned ahead stop, never set up
         assert not proc.is_alive()
@@ -412,19 +412,31 @@ def test_grammar_workers_start_without_waiting_for_each_other(tiny_llm, monkeypa
         outputs.close()
 
 
-def test_constrained_requests_through_grammar_workers_match_the_engine_process(tiny_llama_dir, tiny_llm):
+def test_constrained_requests_through_grammar_workers_match_the_engine_process(tiny_llama_dir, tiny_llm, monkeypatch):
     """An engine whose matchers live in two worker processes gives the same constrained outputs,
     greedy and seeded, beside free requests (single steps and multi-step runs alike), as one
     that keeps them in its own process."""
+    import inspect
+
     from engine import LLM
 
     prompts = [f"Request {i}: JSON please" for i in range(len(SCHEMAS))] + ["free text"]
     params = [constrained(StructuredOutputSpec.json_schema(s), seed=None if i % 2 else i) for i, s in enumerate(SCHEMAS)]
     params.append(SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
     want = tiny_llm.generate(prompts, params)
+    spawned_in = []
+    ahead = SpawnedWorkers.ahead.__func__
+
+    def recorded(cls, workers):  # where the engine spawns its workers
+        spawned_in.append([frame.function for frame in inspect.stack()[1:4]])
+        return ahead(cls, workers)
+
+    monkeypatch.setattr(SpawnedWorkers, "ahead", classmethod(recorded))
     with LLM(tiny_llama_dir, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, grammar_workers=2) as llm:
         got = llm.generate(prompts, params)
         assert llm.engine.structured.workers._load == [0, 0]  # every finished request's matcher released
+    # once, from the runner, once a cold start's compile pool is done and before the graphs are captured
+    assert len(spawned_in) == 1 and "_build" in spawned_in[0]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for out, p in zip(got[:-1], params[:-1]):
         assert out.finish_reason == "stop", out.text
