@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from roseinfer_kernels.fp8 import quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8, scaled_mm_prequantized
 
@@ -171,7 +170,8 @@ class Fp8Linear(nn.Module):
     CUDA, the batch buckets where `configure_decode_kernels` finds it the choice for this shape)
     read the weights at a byte each and widen them in registers (W8A16); larger batches, and the
     CPU, quantize the activations per token and multiply with `torch._scaled_mm` (cuBLASLt's FP8
-    GEMM on Hopper; torch's reference kernel on the CPU).
+    GEMM on Hopper; torch's reference kernel on the CPU). Where the launch table measured it
+    faster (`quantize_first`), they are quantized first in one launch and go the e4m3 way below.
     Activations as Fp8Rows (the Llama norms' and SiLU's, quantized as they were written): e4m3 by
     e4m3, through the skinny kernel where `prequantized` has a launch for the batch, else
     `torch._scaled_mm` on them as they are. Bias and tanh-GELU (GPT-2's MLP) follow in the model dtype."""
