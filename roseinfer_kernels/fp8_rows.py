@@ -1,8 +1,10 @@
 """Rows handed to an FP8 projection already in float8 e4m3: a kernel that writes a row (a norm,
 SiLU * up) quantizes it on the way out, with one fp32 scale per row, so the projection multiplies
 e4m3 by e4m3 without a quantizing pass of its own (torch's took 17-27 us a call on the H200, more
-than the 8B's qkv projection itself). The arithmetic is roseinfer_kernels.fp8.quantize_tokens_fp8's:
-one IEEE division a row for the factor, then products, so both round every value alike."""
+than the 8B's qkv projection itself); `quantize_rows` does it in a launch of its own for an input
+no such kernel writes. The arithmetic is roseinfer_kernels.fp8.quantize_tokens_fp8's (the
+reference the tests compare every code with): one IEEE division a row for the factor, then
+products, so both round every value alike."""
 
 from __future__ import annotations
 
