@@ -11,8 +11,8 @@ through its post-compile hook) while an engine starts, and `write_manifest` writ
 JSON file. At a cold start `start_precompile` compiles a manifest's entries for this device in a
 pool of processes (spawned; they name the target, so they need no GPU) into Triton's on-disk
 cache while the main process loads weights; the launches then load the compiled kernels from the
-cache. An entry that no longer matches (a kernel's source changed) only costs a worker's time:
-the launch compiles its own specialisation as it would have.
+cache. An entry recorded for a kernel whose parameters have changed since is skipped (with a
+warning to re-record); the launch compiles its own specialisation as it would have.
 """
 
 from __future__ import annotations
@@ -143,6 +143,17 @@ def compile_entry(entry: dict) -> str:
     return entry["name"]
 
 
+def matches_kernel(entry: dict) -> bool:
+    """Whether the entry's kernel still exists and takes the parameters it was recorded with. A
+    kernel whose parameters changed since the manifest was recorded can never compile from it (its
+    launch compiles its own); one whose body alone changed still can, under its new cache key."""
+    try:
+        fn = getattr(importlib.import_module(entry["module"]), entry["name"].rsplit(".", 1)[-1])
+        return list(json.loads(entry["spec"])["signature"]) == list(fn.arg_names)
+    except Exception:  # noqa: BLE001 - a module or kernel gone, or an entry of another format
+        return False
+
+
 def in_cache(entry: dict) -> bool:
     """Whether Triton's on-disk cache already holds this entry's kernel: the lookup
     `triton.compile` makes before it compiles (the metadata file named after the kernel, under
@@ -193,11 +204,15 @@ def spawn_without_main() -> Iterator[None]:
 
 
 def start_precompile(entries: list[dict], workers: int | None = None) -> tuple[ProcessPoolExecutor, list[Future]] | None:
-    """Compile `entries` (those not in Triton's cache already) in a pool of spawned processes (fork
-    is unsafe after CUDA starts), in the background; None when there is nothing to compile. The
-    caller waits on the futures (or not: a launch whose kernel is not in the cache yet compiles it
-    itself) and shuts the pool down."""
-    entries = [e for e in entries if not in_cache(e)]
+    """Compile `entries` (those that match their kernels and are not in Triton's cache already) in a
+    pool of spawned processes (fork is unsafe after CUDA starts), in the background; None when
+    there is nothing to compile. The caller waits on the futures (or not: a launch whose kernel is
+    not in the cache yet compiles it itself) and shuts the pool down."""
+    current = [e for e in entries if matches_kernel(e)]
+    if len(current) < len(entries):  # skipped: they would only keep a worker busy, or start a pool for nothing
+        logger.warning("precompile: %d of %d manifest entries no longer match their kernels' parameters; "
+                       "re-record the manifest (ROSEINFER_RECORD_COMPILES=1)", len(entries) - len(current), len(entries))
+    entries = [e for e in current if not in_cache(e)]
     if not entries:
         return None
     workers = workers or max(1, min(len(entries), (os.cpu_count() or 2) // 2))

@@ -96,6 +96,28 @@ def test_cached_entries_start_no_pool(tmp_path, monkeypatch):
         assert pool.submit(_cache_lookups, 1024).result() == (False, True, True)  # another specialisation
 
 
+def test_entries_recorded_for_other_parameters_start_no_pool():
+    """An entry whose kernel's parameters changed since it was recorded cannot compile: it is
+    skipped before any worker starts (a pool started for it cost a warm start ~5 s on the H200).
+    The shipped manifest's entries match today's kernels."""
+    import json
+
+    from roseinfer_kernels.precompile import manifest_path, matches_kernel
+
+    entry, _ = _mask_logits_entry(512)
+    assert matches_kernel(entry)
+    spec = json.loads(entry["spec"])
+    spec["signature"] = {**spec["signature"], "EXTRA": "constexpr"}
+    changed = {**entry, "spec": json.dumps(spec)}
+    assert not matches_kernel(changed)
+    assert start_precompile([changed], workers=1) is None
+    with open(manifest_path().rsplit("-", 1)[0] + "-3.6.0.json") as f:  # the GPU host's Triton
+        shipped = json.load(f)["entries"]
+    stale = [e["name"] for e in shipped if not matches_kernel(e)]
+    assert shipped and not stale, (f"{stale}: parameters changed since the manifest was recorded; re-record it on a GPU "
+                                   "(READY_RECORD=1 bash scripts/gpu_suite.sh ready OUT) or drop those entries")
+
+
 def test_a_stale_entry_is_skipped():
     entry = {"module": "roseinfer_kernels.token_bitmask", "name": "no_such_kernel", "spec": _mask_logits_entry(512)[0]["spec"]}
     assert finish_precompile(start_precompile([entry], workers=1)) == 0
