@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
@@ -41,6 +42,11 @@ class LinearLaunch:
     # and slice) and multiply fp8 x fp8 on the tensor cores (W8A8), instead of widening the weights
     # to the activations' dtype in registers (W8A16), which bounds how fast the weights stream.
     act_fp8: bool = False
+    # Weight tiles through the Tensor Memory Accelerator (a TensorDescriptor over the weight; Hopper
+    # and newer): one instruction a tile instead of per-thread address arithmetic and cp.async, a
+    # candidate for streaming nearer the copy rate (the projections run at 2-3 TB/s of 4.2 on the
+    # H200). block_k <= 256 (a TMA box is at most 256 elements a side).
+    tma: bool = False
 
 
 @triton.jit
@@ -118,11 +124,11 @@ def widen_e4m3(w, DTYPE: tl.constexpr):
 # turning specialisation off cost the seed benchmark about 3% (same-call A/B, docs/BENCHMARKS.md).
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, w_ptr, w_desc, s_ptr, xs_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
     W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ACT_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, USE_PDL: tl.constexpr,
+    ACT_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, W_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -153,7 +159,10 @@ def _linear_kernel(
         kk = k0 + rk
         k_mask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_TMA:  # past the matrix's edges the tile reads zeros; a split's K range is whole tiles
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+        else:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if X_SCALED:  # x arrived in e4m3 with a scale per row (quantized once, by the kernel before)
             acc += _dot_e4m3(x, w, DOT_FP32)
         elif ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
@@ -275,11 +284,15 @@ def skinny_linear(
     else:
         partials = counters = out  # unused
     k_per_split = triton.cdiv(triton.cdiv(K, launch.block_k), launch.split_k) * launch.block_k
+    w_desc = weight  # (unused without TMA)
+    if launch.tma:
+        assert launch.block_k <= 256 and weight.stride(0) * weight.element_size() % 16 == 0, "a TMA box and its strides"
+        w_desc = TensorDescriptor.from_tensor(weight, [launch.block_n, launch.block_k])
     _linear_kernel[grid](
-        x, weight, weight_scale if scaled else out, x_scale if x_scaled else out, bias if bias is not None else out,
+        x, weight, w_desc, weight_scale if scaled else out, x_scale if x_scaled else out, bias if bias is not None else out,
         out, partials, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         W_SCALED=scaled, X_SCALED=x_scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
-        WIDEN_ASM=scaled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
+        WIDEN_ASM=scaled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16), W_TMA=launch.tma,
         DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8 or x_scaled) and os.environ.get("TRITON_INTERPRET") == "1",
         IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),

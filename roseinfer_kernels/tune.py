@@ -196,11 +196,13 @@ def graph_us_per_call(fns: list, rounds: int = 7, replays: int = 20) -> float:
 LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 
 
-def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[int, ...] = (128, 256)) -> list[LinearLaunch]:
+def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[int, ...] = (128, 256),
+                      tma: bool = False) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
     columns, K tiles of `block_ks` (float8 weights add 512: the same bytes a tile as 256 of bf16),
     3 or 4 stages, and the split-K counts that give between one and eight programs per SM (fewer
-    leave bandwidth unused; more only add partial sums)."""
+    leave bandwidth unused; more only add partial sums). `tma`: each also with its weight tiles
+    through TMA, where the tile fits a TMA box (K tiles up to 256)."""
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
     for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), block_ks, (3, 4)):
@@ -210,7 +212,7 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[i
             splits = [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
         for split in splits:
             out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages))
-    return out
+    return out + [dataclasses.replace(c, tma=True) for c in out if tma and c.block_k <= 256]
 
 
 def _compile_linear(jobs: list[tuple[int, int, bool, str, bool, int, dict, bool]]) -> int:
@@ -251,7 +253,7 @@ def time_if_right(project, first: tuple, want: torch.Tensor, chain_us, norms_us:
 
 def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_path: str, workers: int = 8,
                 buckets: tuple[int, ...] = LINEAR_TUNED_BUCKETS, pdl: bool = True, fp8: bool = False,
-                prequantized: bool = False, quantize_first: bool = False) -> dict:
+                prequantized: bool = False, quantize_first: bool = False, tma: bool = False) -> dict:
     """For each projection [n, k] (bias or not) and batch bucket, time cuBLAS and our skinny kernel's
     candidates in CUDA graphs over enough weight copies that L2 holds none, and record the fastest:
     a launch, or null for cuBLAS. Every bucket in BATCH_BUCKETS gets an entry (the nearest measured
@@ -263,15 +265,15 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     keyed PREQUANTIZED_KEY. `quantize_first` (with `prequantized`): each launch times
     roseinfer_kernels.fp8_rows.quantize_rows of the norm's output too (an input no kernel writes in
     e4m3, as o_proj's); keyed QUANTIZE_FIRST_KEY, for the engine to compare with the same shape's
-    float8_e4m3fn time."""
+    float8_e4m3fn time. `tma`: the candidates also with TMA weight loads."""
     assert (fp8 or not prequantized) and (prequantized or not quantize_first)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype_name = str(dtype).removeprefix("torch.")
     key_dtype = QUANTIZE_FIRST_KEY if quantize_first else PREQUANTIZED_KEY if prequantized else \
         "float8_e4m3fn" if fp8 else dtype_name
     block_ks = (128, 256, 512) if fp8 else (128, 256)
-    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks) + [heuristic_linear_launch(k, 1) or LinearLaunch()]
-            for n, k, bias in shapes for b in buckets}
+    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks, tma)
+            + [heuristic_linear_launch(k, 1) or LinearLaunch()] for n, k, bias in shapes for b in buckets}
     if fp8 and not prequantized:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
         plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
     # One job per compiled variant: buckets with the same row tile share a binary.
@@ -472,6 +474,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8, help="processes compiling --linear candidates")
     p.add_argument("--buckets", default="", help="--linear: the batch buckets to measure (default: all of "
                    "LINEAR_TUNED_BUCKETS); the others keep their entries")
+    p.add_argument("--tma", action="store_true", help="--linear: also the launches with TMA weight loads (Hopper)")
     p.add_argument("--experiment", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -484,7 +487,7 @@ def main() -> None:
             n, k = map(int, nk.split("x"))
             shapes.append((n, k, bias == "bias"))
         tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
-                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets))
+                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets), tma=args.tma)
     else:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
              args.workers)

@@ -228,9 +228,10 @@ run_ab() {
 # The launch table for the named architectures' shapes (projections against cuBLAS at each batch
 # bucket, decode attention for their head shapes), written into roseinfer_kernels/tuned_launch.json here and
 # copied to OUTDIR (commit it from there). TUNE_BUCKETS (e.g. 1,4; also read by FP8_TUNE) measures
-# the projections at those batch buckets only; the table keeps the others' entries.
+# the projections at those batch buckets only; the table keeps the others' entries. TUNE_TMA=1 (also
+# read by FP8_TUNE) adds the skinny kernel's launches with TMA weight loads.
 run_tune() {
-  timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" \
+  timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" ${TUNE_TMA:+--tma} \
     --attention "${TUNE_ATTENTION-}" --buckets "${TUNE_BUCKETS-}" --workers 14 --out roseinfer_kernels/tuned_launch.json 2>&1 \
     | grep -v -i warn | tee "$out/tune.log" | grep -E "^linear|compiled|decode/" | cut -c1-220
   cp roseinfer_kernels/tuned_launch.json "$out/"
@@ -289,7 +290,7 @@ run_fp8() {
   if [ -n "${FP8_TUNE:-}" ]; then  # the skinny kernel's launches for the fp8 projections, against cuBLASLt's
     # FP8_TUNE=prequantized: the launches for activations arriving in e4m3 (the norms' and SiLU's), ~1/3 of the candidates
     local prequantized=(); [ "$FP8_TUNE" = prequantized ] && prequantized=(--prequantized)
-    timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 "${prequantized[@]}" --buckets "${TUNE_BUCKETS-}" \
+    timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 "${prequantized[@]}" ${TUNE_TMA:+--tma} --buckets "${TUNE_BUCKETS-}" \
       --workers 14 2>&1 | grep -E "^linear" | tee "$out/tune_fp8${prequantized:+_prequantized}.log" | tail -40
     # first by name: the device tool returns only the first 8 files of OUTDIR
     cp roseinfer_kernels/tuned_launch.json "$out/00_tuned_launch.json"

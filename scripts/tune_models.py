@@ -6,6 +6,7 @@ shapes. Writes roseinfer_kernels/tuned_launch.json (entries for other shapes are
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8   # --quantization fp8's projections
     python scripts/tune_models.py --models llama-3.1-8b --weights fp8 --prequantized   # those fed e4m3 rows
     python scripts/tune_models.py --models llama-3.1-8b --buckets 1,4   # only those batch buckets
+    python scripts/tune_models.py --models llama-3.1-8b --buckets 1,64 --tma   # with TMA weight loads too
     python scripts/tune_models.py --models gpt2 --dtype float16          # GPT-2 sizes too (its LM head padded to 50304)
 """
 
@@ -34,6 +35,7 @@ def main() -> None:
                    help="with --weights fp8: activations arriving in e4m3 with a scale per row (as the norms and "
                         "SiLU * up give FP8 projections), keyed float8_e4m3fn-prequantized; and o_proj's input "
                         "quantized first by fp8_rows.quantize_rows, keyed float8_e4m3fn-quantize-first")
+    p.add_argument("--tma", action="store_true", help="also the skinny kernel's launches with TMA weight loads (Hopper)")
     p.add_argument("--buckets", default="", help="batch buckets to measure the projections at (e.g. 1,4); "
                    "default all, and the table keeps the others' entries")
     args = p.parse_args()
@@ -55,10 +57,10 @@ def main() -> None:
         shapes += [s for s in model_shapes if s not in shapes]
     if shapes:
         tune_linear(shapes, getattr(torch, args.dtype), args.out, args.workers, fp8=args.weights == "fp8",
-                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets))
+                    prequantized=args.prequantized, buckets=parse_buckets(args.buckets), tma=args.tma)
     if unquantized_inputs:
         tune_linear(list(dict.fromkeys(unquantized_inputs)), getattr(torch, args.dtype), args.out, args.workers,
-                    fp8=True, prequantized=True, quantize_first=True, buckets=parse_buckets(args.buckets))
+                    fp8=True, prequantized=True, quantize_first=True, buckets=parse_buckets(args.buckets), tma=args.tma)
     if args.attention:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
 

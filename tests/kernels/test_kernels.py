@@ -536,6 +536,9 @@ LINEAR_CASES = [
     (17, 48, 160, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3)),  # ragged K slices
     (70, 40, 96, True, False, LinearLaunch(block_n=16, block_k=32, split_k=2)),  # two row tiles
 ]
+# The same with the weight tiles loaded through a TensorDescriptor (TMA on Hopper): zeros past the
+# matrix's edges (n = 40 and 80 are not multiples of block_n), whole tiles within each K slice.
+LINEAR_CASES += [case[:5] + (dataclasses.replace(case[5], tma=True),) for case in LINEAR_CASES]
 
 
 @pytest.mark.gpu
