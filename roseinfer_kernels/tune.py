@@ -26,12 +26,12 @@ import triton.testing
 
 from roseinfer_kernels.launch_table import (
     BATCH_BUCKETS,
+    PREQUANTIZED_KEY,
+    QUANTIZE_FIRST_KEY,
     decode_key,
     heuristic_decode_launch,
     heuristic_linear_launch,
     linear_key,
-    PREQUANTIZED_KEY,
-    QUANTIZE_FIRST_KEY,
     load_table,
 )
 from roseinfer_kernels.fp8 import (FP8, fake_quantize_slices_fp8, quantize_rows_fp8, quantize_tokens_fp8, scaled_mm_fp8,
