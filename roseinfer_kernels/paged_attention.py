@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from roseinfer_kernels.fp8_rows import INTERPRETED
 from roseinfer_kernels.kv_cache import is_fp8_cache
+from roseinfer_kernels.linear import widen_e4m3
 from roseinfer_kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 LOG2E = 1.4426950408889634
@@ -46,6 +48,16 @@ class DecodeLaunch:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+
+
+@triton.jit
+def _widened(t, DTYPE: tl.constexpr):
+    """e4m3 cache values in DTYPE: on the GPU, into bf16 or fp16 through linear.widen_e4m3 (integer
+    ops and a packed FMA per two values; `.to` compiles e4m3 -> f16 -> f32 -> bf16 conversions,
+    whose issue rate held the skinny kernel's fp8 weight stream to ~2.5 TB/s); else a conversion."""
+    if not INTERPRETED and (DTYPE == tl.bfloat16 or DTYPE == tl.float16):
+        return widen_e4m3(t, DTYPE)
+    return t.to(DTYPE)
 
 
 @triton.jit
@@ -68,8 +80,8 @@ def _attend_range(q, table_ptr, start, end, k_cache_ptr, v_cache_ptr, head_base,
         k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FP8_CACHE:  # widened to q's dtype (fp32 where DOT_FP32 has widened q)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            k = _widened(k, q.dtype)
+            v = _widened(v, q.dtype)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
