@@ -234,10 +234,12 @@ def finish_precompile(started: tuple[ProcessPoolExecutor, list[Future]] | None, 
             done += 1
         except Exception as exc:  # noqa: BLE001 - a stale entry: the launch compiles its own
             logger.info("precompile: an entry did not compile in time or at all (%s)", (str(exc) or repr(exc)).splitlines()[0][:200])
-    # Every entry finished (compiled or failed): wait for the idle workers to exit. Shut down
-    # without waiting, an idle worker could be left waiting for work (the sentinel never sent) and
-    # the process's exit then joined it for good: a test hung so here, and on the H200 an exit
-    # after ready spent 7.1 s joining this pool (docs/BENCHMARKS.md, seventeenth session). Only a
-    # compile still running at the deadline is left behind, so the engine does not wait for it.
+    # Every entry finished (compiled or failed): wait for the idle workers to exit (~0.5 s here for
+    # workers that imported torch; cold starts only). Shut down without waiting, an idle worker
+    # could be left waiting for work and the process's exit then joined it for good: the precompile
+    # test hung in 3 of 8 runs on this 2-core box under load (0 of 12 waiting; a shutdown waiting
+    # on a thread of its own still hung 1 of 10), and on the H200 an exit after ready spent 7.1 s
+    # joining this pool (docs/BENCHMARKS.md, seventeenth session). Only a compile still running at
+    # the deadline is left behind, so the engine does not wait for it.
     pool.shutdown(wait=all(f.done() for f in futures), cancel_futures=True)
     return done
