@@ -145,8 +145,9 @@ class GrammarWorkers:
                 pass
         for proc in procs:
             proc.join(timeout=2)
-            if proc.is_alive():
+            if proc.is_alive():  # (one spawned ahead may still be importing, its pipe unread)
                 proc.kill()
+                proc.join()  # reaped: a killed process reads as alive until then
         for shm in segments:
             try:
                 shm.unlink()
