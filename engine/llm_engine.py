@@ -169,7 +169,7 @@ class LLMEngine:
             for spawned in filter(None, spawned_ahead):
                 spawned.close()
             raise
-        spawned = spawned_ahead[0] if spawned_ahead else SpawnedWorkers.ahead(workers)
+        (spawned,) = spawned_ahead  # the runner calls after_precompile once whenever it builds
         self.config = config = self.runner.config  # with the device's defaults filled in
         self.tokenizer = self.runner.loaded.tokenizer
         self.model_config = self.runner.model_config

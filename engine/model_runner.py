@@ -166,7 +166,6 @@ class ModelRunner:
         """`tp_rank` > 0: a tensor-parallel worker (`run_tp_worker`), joining the group at `tp_port`.
         `after_precompile`: called once the compile pool of a cold start is done (at once when
         there is none), before the graphs are captured."""
-        self._after_precompile = after_precompile
         self.device = resolve_device(config.device)
         self.config = config = with_device_defaults(config, self.device)
         self.tp = TensorParallel(tp_rank, config.tensor_parallel_size)
@@ -180,13 +179,13 @@ class ModelRunner:
             else:
                 init_group(tp_rank, self.tp.size, config.master_addr, tp_port, self.device)
         try:
-            self._build(config)
+            self._build(config, after_precompile)
         except BaseException:
             if self.tp_group is not None:
                 self.tp_group.abort()
             raise
 
-    def _build(self, config: EngineConfig) -> None:
+    def _build(self, config: EngineConfig, after_precompile: Callable[[], None] | None) -> None:
         """The model, its launch decisions, the KV cache and the CUDA graphs."""
         torch.manual_seed(config.seed)
         self.attention = make_attention_backend(config.attention_backend, self.device, config.dtype, config.kv_cache_dtype)
@@ -200,8 +199,8 @@ class ModelRunner:
             done = finish_precompile(precompiling)
             logger.info("precompile: %d of %d kernels in the Triton cache (waited %.1f s)", done,
                         len(precompiling[1]), time.monotonic() - start)
-        if self._after_precompile is not None:
-            self._after_precompile()
+        if after_precompile is not None:
+            after_precompile()
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         self.dtype = self.loaded.dtype

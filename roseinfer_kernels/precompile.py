@@ -114,6 +114,11 @@ def _decode_constant(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _kernel_of(entry: dict):
+    """The Triton function a manifest entry was recorded for (raises if it is gone)."""
+    return getattr(importlib.import_module(entry["module"]), entry["name"].rsplit(".", 1)[-1])
+
+
 def _entry_source(entry: dict):
     """(ASTSource, GPUTarget, options) of a manifest entry: the JIT's source, its signature,
     constants, attributes and options, decoded as Triton's preload decodes them."""
@@ -121,7 +126,7 @@ def _entry_source(entry: dict):
     from triton.compiler import ASTSource
 
     data = json.loads(entry["spec"])
-    fn = getattr(importlib.import_module(entry["module"]), entry["name"].rsplit(".", 1)[-1])
+    fn = _kernel_of(entry)
     untuple = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 - JSON made the tuples lists
     constexprs = {tuple(k): _decode_constant(v) for k, v in zip(data["constant_keys"], data["constant_vals"])}
     attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
@@ -148,8 +153,7 @@ def matches_kernel(entry: dict) -> bool:
     kernel whose parameters changed since the manifest was recorded can never compile from it (its
     launch compiles its own); one whose body alone changed still can, under its new cache key."""
     try:
-        fn = getattr(importlib.import_module(entry["module"]), entry["name"].rsplit(".", 1)[-1])
-        return list(json.loads(entry["spec"])["signature"]) == list(fn.arg_names)
+        return list(json.loads(entry["spec"])["signature"]) == list(_kernel_of(entry).arg_names)
     except Exception:  # noqa: BLE001 - a module or kernel gone, or an entry of another format
         return False
 

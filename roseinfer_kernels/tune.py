@@ -326,8 +326,10 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             norm()
             # prequantized: the norm's rows in e4m3 (made once here; in the chain, the norm's own
             # launch stands for the quantizing norm, whose extra arithmetic is in the same pass)
-            x_in = quantize_tokens_fp8(x) if prequantized else x
-            x_in = (x_in[0], x_in[1].view(-1)) if prequantized else x_in
+            x_in = x
+            if prequantized:
+                xq, x_scale = quantize_tokens_fp8(x)
+                x_in = (xq, x_scale.view(-1))
             cublas_us = chain_us(lambda w, s, b: baseline(x_in, w, s, b)) - norms_us
             w0 = weights[0] if not fp8 else (weights[0].float() * scales[0][:, None]).to(dtype)
             ref = F.linear(x, w0, biases[0]).float()  # what the skinny kernel must give
