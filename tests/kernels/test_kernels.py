@@ -355,13 +355,25 @@ def test_add_norm_matches_reference(device, dtype, rms, hidden, with_residual):
         assert got_sum is x
 
 
-def assert_e4m3_rows_match(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> None:
+def assert_e4m3_rows_match(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, exact: bool = True) -> None:
     """q (e4m3) and scale [rows] exactly as roseinfer_kernels.fp8.quantize_tokens_fp8 quantizes `rows`
     (the same kernel's output in the model dtype, checked against its reference elsewhere): the
-    same scales and every code the same, rounding ties and e4m3's subnormals included."""
+    same scales and every code the same, rounding ties and e4m3's subnormals included. `exact=False`
+    where `rows` come from another compilation of a kernel with a reduction: its sum may add in
+    another order there (Triton picks the layout from the stores, and an e4m3 store is not a
+    float32 one), a last-bit difference in the row; then scales within a few ulps and codes at
+    most one e4m3 step apart, in a few places."""
     ref_q, ref_scale = quantize_tokens_fp8(rows)
-    assert q.dtype == torch.float8_e4m3fn and torch.equal(scale, ref_scale.view(-1))
-    assert torch.equal(q.float(), ref_q.float())  # (as values: -0 and +0 are the same code's worth)
+    assert q.dtype == torch.float8_e4m3fn
+    if exact:
+        assert torch.equal(scale, ref_scale.view(-1))
+        assert torch.equal(q.float(), ref_q.float())  # (as values: -0 and +0 are the same code's worth)
+        return
+    torch.testing.assert_close(scale, ref_scale.view(-1), rtol=1e-6, atol=0)
+    codes, ref_codes = q.view(torch.uint8).int(), ref_q.view(torch.uint8).int()
+    codes[q.float() == 0], ref_codes[ref_q.float() == 0] = 0, 0  # -0 and +0
+    differ = codes != ref_codes
+    assert (codes - ref_codes).abs().max() <= 1 and differ.float().mean() < 0.01
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -381,7 +393,9 @@ def test_add_norm_writes_e4m3_rows(device, dtype, rms, hidden, with_residual):
     got, got_sum = add_norm(x, residual, weight, bias, 1e-5, rms, out=q, out_scale=scale)
     rows_in_dtype, sum_in_dtype = add_norm(x, residual, weight, bias, 1e-5, rms)
     assert got is q
-    assert_e4m3_rows_match(q, scale, rows_in_dtype)
+    # float32 rows are not rounded to a narrower dtype after the norm, which would hide a last-bit
+    # difference in its sum (failed once so on the H200: 1 of the 3 float32 cases, 2026-12-03)
+    assert_e4m3_rows_match(q, scale, rows_in_dtype, exact=dtype is not torch.float32 or INTERPRET)
     assert torch.equal(got_sum, sum_in_dtype)
 
 
