@@ -291,7 +291,7 @@ run_fp8() {
     # FP8_TUNE=prequantized: the launches for activations arriving in e4m3 (the norms' and SiLU's), ~1/3 of the candidates
     local prequantized=(); [ "$FP8_TUNE" = prequantized ] && prequantized=(--prequantized)
     timeout 560 python3 scripts/tune_models.py --models "$big" --weights fp8 "${prequantized[@]}" ${TUNE_TMA:+--tma} --buckets "${TUNE_BUCKETS-}" \
-      --workers 14 2>&1 | grep -E "^linear" | tee "$out/tune_fp8${prequantized:+_prequantized}.log" | tail -40
+      --workers 14 2>&1 | grep --line-buffered -E "^linear|compiled" | tee "$out/tune_fp8${prequantized:+_prequantized}.log" | tail -40
     # first by name: the device tool returns only the first 8 files of OUTDIR
     cp roseinfer_kernels/tuned_launch.json "$out/00_tuned_launch.json"
   fi
