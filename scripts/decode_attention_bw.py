@@ -8,6 +8,8 @@ layers of K/V that L2 holds none of the next one.
     python scripts/decode_attention_bw.py --shape gpt2 --batch 128 --context 600 --shared-prefix 256
     python scripts/decode_attention_bw.py --shape llama-3.1-8b --batch 64 --context 256
     python scripts/decode_attention_bw.py --shape gpt2 --sweep --context 64   # where cascade starts to pay
+    python scripts/decode_attention_bw.py --shape llama-3.1-8b --batch 64 --context 3840 --shared-prefix 0 \
+        --kv-cache-dtype fp8 [--widen-with-to]   # an e4m3 cache (--kv-cache-dtype fp8)
 
 Bytes are the K/V each step must read from memory: the shared prefix once, every sequence's own
 tokens once. The kernel re-reads the prefix for every sequence (from L2, if it stays there).
@@ -28,32 +30,36 @@ from roseinfer_kernels.tune import SHAPES, candidates, graph_us_per_call, make_i
 from roseinfer_kernels.paged_attention import PrefixLaunch, cascade_decode, paged_decode
 
 
-def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype, block: int = 16):
+def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype, block: int = 16,
+                 cache_dtype=None):
     """make_inputs' tensors, with each sequence's first prefix // block table entries pointing at
-    the same blocks (the first sequence's)."""
+    the same blocks (the first sequence's); the caches in `cache_dtype` when given (e4m3)."""
     q, k, v, tables, lens = make_inputs(batch, context, heads, kv_heads, dim, dtype, block)
+    if cache_dtype is not None:
+        k, v = k.to(cache_dtype), v.to(cache_dtype)
     shared = prefix // block
     if shared:
         tables[:, :shared] = tables[0, :shared]
     return q, k, v, tables, lens
 
 
-def layers_past_l2(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype):
+def layers_past_l2(batch: int, context: int, prefix: int, heads: int, kv_heads: int, dim: int, dtype, cache_dtype=None):
     """Enough layers' layer_inputs (2-16, about 256 MB of K/V loaded) that L2 holds none of the next
     one when a graph runs them in turn, and an output per layer."""
-    read_bytes = batch * context * 2 * kv_heads * dim * torch.tensor([], dtype=dtype).element_size()
-    layers = [layer_inputs(batch, context, prefix, heads, kv_heads, dim, dtype)
+    read_bytes = batch * context * 2 * kv_heads * dim * torch.tensor([], dtype=cache_dtype or dtype).element_size()
+    layers = [layer_inputs(batch, context, prefix, heads, kv_heads, dim, dtype, cache_dtype=cache_dtype)
               for _ in range(min(16, max(2, math.ceil(2**28 / read_bytes))))]
     return layers, [torch.empty_like(layer[0]) for layer in layers]
 
 
 def measure(args, prefix: int) -> dict:
     name, heads, kv_heads, dim, dtype = next(s for s in SHAPES if s[0] == args.shape)
-    elem = torch.tensor([], dtype=dtype).element_size()
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else None
+    elem = torch.tensor([], dtype=cache_dtype or dtype).element_size()
     token_bytes = 2 * kv_heads * dim * elem
     unique_bytes = (args.batch * (args.context - prefix) + prefix) * token_bytes
     read_bytes = args.batch * args.context * token_bytes  # what the kernel loads, prefix included
-    layers, outs = layers_past_l2(args.batch, args.context, prefix, heads, kv_heads, dim, dtype)
+    layers, outs = layers_past_l2(args.batch, args.context, prefix, heads, kv_heads, dim, dtype, cache_dtype)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     tuned = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, args.batch, kv_heads, num_sms)
 
@@ -124,7 +130,15 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true",
                    help="the engine's launches, paged vs cascade, over batch sizes and prefix lengths (each "
                         "sequence --context tokens past its prefix)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: the caches in e4m3")
+    p.add_argument("--widen-with-to", action="store_true",
+                   help="experiment: the kernel widens an e4m3 cache with `.to` instead of linear.widen_e4m3")
     args = p.parse_args()
+    if args.widen_with_to:  # before the first compile: the kernels read this global at compile time
+        import triton.language as tl
+
+        import roseinfer_kernels.paged_attention as paged_attention
+        paged_attention.INTERPRETED = tl.constexpr(True)
     if args.sweep:
         print(f"{args.shape}: paged_decode vs cascade_decode, the engine's launches")
         rows = sweep(args)
@@ -135,8 +149,10 @@ def main() -> None:
     # The rate the bench's floors divide by, from eager copies: one captured in a CUDA graph (a
     # memcpy node) measured 2.76 TB/s on the H200, against 4.2 for the bench's in the same hour
     copy_tb_s = measure_copy_rate(torch.device("cuda")) / 1e12  # read + write
-    results = {"shape": args.shape, "batch": args.batch, "context": args.context, "copy_tb_s": copy_tb_s, "runs": []}
-    print(f"{args.shape}, batch {args.batch}, context {args.context}; device copy {copy_tb_s:.2f} TB/s (read + write)")
+    results = {"shape": args.shape, "batch": args.batch, "context": args.context, "copy_tb_s": copy_tb_s,
+               "kv_cache_dtype": args.kv_cache_dtype, "widen_with_to": args.widen_with_to, "runs": []}
+    print(f"{args.shape}, batch {args.batch}, context {args.context}, cache {args.kv_cache_dtype}"
+          f"{' (widened with .to)' if args.widen_with_to else ''}; device copy {copy_tb_s:.2f} TB/s (read + write)")
     for prefix in sorted({0, args.shared_prefix}):
         r = measure(args, prefix)
         results["runs"].append(r)
