@@ -33,6 +33,8 @@ class RunResult:
     latency_s: list[float]
     # Device time of the pipelined greedy multi-step runs inside this run (0 when none ran).
     decode_run_gpu_s: float = 0.0
+    # Time per step while every request decoded (steady_decode_step_s); None where not measured.
+    steady_step_s: float | None = None
 
     @property
     def throughput_decode(self) -> float:
@@ -118,11 +120,14 @@ def run_online(engine, prompts, params) -> RunResult:
     async def one(i: int, prompt):
         first = None
         n = 0
+        stamps = []  # (when, tokens so far) at each output
         async for out in engine.generate(f"bench-{time.monotonic_ns()}-{i}", prompt, params):
             if first is None and out.new_token_ids:
                 first = time.monotonic()
             n += len(out.new_token_ids)
-        return n, first, time.monotonic()
+            if out.new_token_ids:
+                stamps.append((time.monotonic(), n))
+        return n, first, time.monotonic(), stamps
 
     async def main():
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
@@ -130,7 +135,10 @@ def run_online(engine, prompts, params) -> RunResult:
     start = time.monotonic()
     results = asyncio.run(main())
     end = time.monotonic()
-    return _result(start, end, [r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+    first, finish = [r[1] for r in results], [r[2] for r in results]
+    result = _result(start, end, [r[0] for r in results], first, finish)
+    result.steady_step_s = steady_decode_step_s(first, finish, [r[3] for r in results])
+    return result
 
 
 def _result(start: float, end: float, counts: list[int], first: list[float], finish: list[float]) -> RunResult:
@@ -140,6 +148,30 @@ def _result(start: float, end: float, counts: list[int], first: list[float], fin
         total_s=end - start, decode_s=end - last_first, completion_tokens=sum(counts),
         ttft_s=[t - start for t in first], tpot_s=tpot, latency_s=[f - start for f in finish],
     )
+
+
+# Fewer tokens than this in the steady window: too few steps to time (multi-step runs hand tokens
+# over 8 at a time by default).
+STEADY_MIN_TOKENS = 32
+
+
+def steady_decode_step_s(first: list[float], finish: list[float], stamps: list[list[tuple[float, int]]]) -> float | None:
+    """Seconds per decode step while every request was decoding: from the last request's first
+    token to the first request's end, no step carried a prompt's tokens and the batch was all of
+    them. Per request, the time between its first and last output in that window over the tokens
+    between them; the median over requests. TPOT does not give this where prompts are long: a
+    request's TPOT spans the steps that prefilled the others' prompts too. None when the window
+    holds fewer than STEADY_MIN_TOKENS tokens of a request (the requests did not all decode at once:
+    more of them than the batch holds, or prefill overlapping most of the decoding)."""
+    lo, hi = max(first), min(finish)
+    per_request = []
+    for outputs in stamps:
+        inside = [(t, n) for t, n in outputs if lo <= t <= hi]
+        if len(inside) < 2 or inside[-1][1] - inside[0][1] < STEADY_MIN_TOKENS:
+            return None
+        (t0, n0), (t1, n1) = inside[0], inside[-1]
+        per_request.append((t1 - t0) / (n1 - n0))
+    return statistics.median(per_request) if per_request else None
 
 
 def summary_block(mode: str, warmup: int, runs: list[RunResult]) -> str:
@@ -390,9 +422,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ours = statistics.median(r.throughput_decode for r in runs)
     if runner.device.type == "cuda":
         batch = 1 if args.mode == "latency" else min(args.num_requests, config.max_num_seqs)
-        # A step's time is each request's time per output token: with more requests than the batch
-        # holds (several waves), tokens over the last wave's decode window would overstate it.
-        step_s = 1 / ours if args.mode == "latency" else statistics.median(t for r in runs for t in r.tpot_s)
+        # A step's time: while every request decoded (no prompt tokens in the steps), where the run
+        # had such a window; else each request's time per output token (with more requests than
+        # the batch holds, tokens over the last wave's decode window would overstate it).
+        steady = [r.steady_step_s for r in runs]
+        if args.mode == "latency":
+            step_s, step_from = 1 / ours, "time per token"
+        elif all(s is not None for s in steady):
+            step_s, step_from = statistics.median(steady), "steps while every request decoded"
+        else:
+            step_s, step_from = statistics.median(t for r in runs for t in r.tpot_s), "TPOT (no window where all decoded)"
         context = round(statistics.fmean(len(p) for p in token_prompts)) + args.max_new_tokens // 2
         if config.enable_prefix_caching and args.shared_prefix_len:
             # The shared prefix's blocks are the same blocks for every sequence: read once a step.
@@ -401,7 +440,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         line, report["floor"] = floor_line(runner.model_config, runner.dtype, batch, context,
                                            measure_copy_rate(runner.device), step_s, config.tensor_parallel_size,
                                            1 if runner.fp8_weights else None, runner.kv_dtype.itemsize)
-        print(line, flush=True)
+        report["floor"]["step_from"] = step_from
+        print(f"{line} [step time: {step_from}]", flush=True)
         if args.mode == "latency":
             ttft = statistics.median(t for r in runs for t in r.ttft_s)
             print(f"TTFT p50 {ttft * 1e3:.2f} ms = {ttft / step_s:.2f} decode steps", flush=True)

@@ -44,3 +44,28 @@ def test_bench_runs_varied_prompts_against_hf_in_padded_batches(tiny_llama_dir, 
     (hf,) = report["hf"]["hf-dynamic"]
     assert hf["completion_tokens"] == 30  # two left-padded batches (4 + 2), every prompt its 5 tokens
     assert [row["impl"] for row in report["compare"]] == ["roseinfer", "hf-dynamic"]
+
+
+def test_steady_step_is_timed_where_every_request_decodes():
+    """Two requests: the second's prompt is prefilled while the first decodes slowly (10 ms a
+    token), then both decode at 2 ms a step until the first ends. The steady step is 2 ms, which
+    the first request's TPOT (its slow start included) is not."""
+    from engine.bench import STEADY_MIN_TOKENS, steady_decode_step_s
+
+    tokens = STEADY_MIN_TOKENS + 8
+    slow = [(0.010 * i, i) for i in range(1, 11)]  # tokens 1..10 while the other prompt is prefilled
+    both_from = 0.100
+    fast = [(both_from + 0.002 * j, 10 + j) for j in range(1, tokens + 1)]
+    first_request = slow + fast
+    second_request = [(both_from + 0.002 * j, j) for j in range(1, tokens + 1)]
+    first = [first_request[0][0], second_request[0][0]]
+    finish = [first_request[-1][0], second_request[-1][0] + 0.5]
+    step = steady_decode_step_s(first, finish, [first_request, second_request])
+    assert abs(step - 0.002) < 1e-9
+    tpot_first = (first_request[-1][0] - first_request[0][0]) / (len(first_request) - 1)
+    assert tpot_first > 0.0025
+
+    # A request with too few tokens inside the window: not timed (TPOT is used instead)
+    short = [(both_from + 0.002 * j, j) for j in range(1, 4)]
+    assert steady_decode_step_s([first[0], short[0][0]], [first_request[-1][0], short[-1][0]],
+                                [first_request, short]) is None
