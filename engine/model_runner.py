@@ -351,7 +351,8 @@ class ModelRunner:
 
         mc = self.model_config
         return decode_launch(str(self.dtype).removeprefix("torch."), mc.head_dim, mc.num_heads // mc.num_kv_heads,
-                             self.block_size, num_seqs, mc.num_kv_heads, self.num_sms)
+                             self.block_size, num_seqs, mc.num_kv_heads, self.num_sms,
+                             fp8_cache=self.kv_dtype == torch.float8_e4m3fn)
 
     # ---- per-request state ----------------------------------------------------------
     def release(self, request_id: str) -> None:

@@ -26,6 +26,7 @@ import triton.testing
 
 from roseinfer_kernels.launch_table import (
     BATCH_BUCKETS,
+    FP8_CACHE_KEY,
     PREQUANTIZED_KEY,
     QUANTIZE_FIRST_KEY,
     decode_key,
@@ -52,11 +53,15 @@ SHAPES = [
 ]
 
 
-def make_inputs(num_seqs: int, context: int, heads: int, kv_heads: int, dim: int, dtype, block_size: int = 16):
+def make_inputs(num_seqs: int, context: int, heads: int, kv_heads: int, dim: int, dtype, block_size: int = 16,
+                fp8_cache: bool = False):
+    """A decode step's attention inputs; `fp8_cache`: the caches in e4m3."""
     blocks_per_seq = -(-context // block_size)
     num_blocks = num_seqs * blocks_per_seq
     k = torch.randn(num_blocks, kv_heads, block_size, dim, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
+    if fp8_cache:
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(num_seqs, blocks_per_seq).contiguous()
     seq_lens = torch.full((num_seqs,), context, device="cuda", dtype=torch.int32)
     q = torch.randn(num_seqs, heads, dim, device="cuda", dtype=dtype)
@@ -71,11 +76,12 @@ def candidates(num_seqs: int, kv_heads: int, head_dim: int, num_sms: int):
         yield DecodeLaunch(tokens=tokens, num_splits=splits, num_warps=warps, num_stages=stages)
 
 
-def _compile_decode(jobs: list[tuple[int, int, int, str, dict, bool]]) -> int:
-    """Compile decode-attention launches into Triton's on-disk cache (a worker process)."""
+def _compile_decode(jobs: list[tuple[int, int, int, str, dict, bool, bool]]) -> int:
+    """Compile decode-attention launches into Triton's on-disk cache (a worker process). The last
+    field: an e4m3 cache."""
     done = 0
-    for heads, kv_heads, dim, dtype_name, launch, pdl in jobs:
-        q, k, v, tables, lens = make_inputs(2, 64, heads, kv_heads, dim, getattr(torch, dtype_name))
+    for heads, kv_heads, dim, dtype_name, launch, pdl, fp8_cache in jobs:
+        q, k, v, tables, lens = make_inputs(2, 64, heads, kv_heads, dim, getattr(torch, dtype_name), fp8_cache=fp8_cache)
         try:
             paged_decode(q, k, v, tables, lens, 0.125, DecodeLaunch(**launch), pdl=pdl)
             done += 1
@@ -94,12 +100,14 @@ def _compile_in_workers(fn, jobs: list, workers: int) -> None:
     print(f"compiled {compiled}/{len(jobs)} launches in {time.time() - t0:.0f} s ({workers} processes)", flush=True)
 
 
-def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (), workers: int = 8) -> dict:
+def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (), workers: int = 8,
+         fp8_cache: bool = False) -> dict:
     """Per shape and batch bucket, the candidate with the lowest geometric mean of its time relative to
     the best candidate at each context: a CUDA graph keeps one launch for every context it will see,
     and a config that wins at one length can be several times slower at another (tokens=128, 4 warps,
     3 stages: tied for best at context 256, 3.4x the best at 64 on the H100). Launched with
-    programmatic dependent launch where the GPU has it, as the engine launches them."""
+    programmatic dependent launch where the GPU has it, as the engine launches them. `fp8_cache`:
+    the caches in e4m3 (--kv-cache-dtype fp8), keyed launch_table.FP8_CACHE_KEY."""
     from roseinfer_kernels.pdl import pdl_supported
 
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -108,7 +116,8 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (),
     jobs = sorted({(heads, kv_heads, dim, str(dtype).removeprefix("torch."), tuple(sorted(vars(c).items())), pdl)
                    for _, heads, kv_heads, dim, dtype in selected for bucket in TUNED_BUCKETS
                    for c in candidates(bucket, kv_heads, dim, num_sms)})
-    _compile_in_workers(_compile_decode, [(h, kh, d, dt, dict(c), p) for h, kh, d, dt, c, p in jobs], workers)
+    _compile_in_workers(_compile_decode, [(h, kh, d, dt, dict(c), p, fp8_cache) for h, kh, d, dt, c, p in jobs],
+                        workers)
     entries: dict[str, dict] = {}
     for name, heads, kv_heads, dim, dtype in selected:
         for bucket in TUNED_BUCKETS:
@@ -117,8 +126,8 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (),
             for context in contexts:
                 # As in a decode step: back to back in a CUDA graph, over enough layers of K/V that
                 # L2 holds none of the next one (a standalone timing is mostly launch overhead).
-                kv_bytes = 2 * bucket * context * kv_heads * dim * dtype.itemsize
-                layers = [make_inputs(bucket, context, heads, kv_heads, dim, dtype)
+                kv_bytes = 2 * bucket * context * kv_heads * dim * (1 if fp8_cache else dtype.itemsize)
+                layers = [make_inputs(bucket, context, heads, kv_heads, dim, dtype, fp8_cache=fp8_cache)
                           for _ in range(min(12, max(2, math.ceil(2**28 / kv_bytes))))]
                 outs = [torch.empty_like(layer[0]) for layer in layers]
                 for launch in list(times):
@@ -134,7 +143,8 @@ def tune(contexts: tuple[int, ...], out_path: str, shapes: tuple[str, ...] = (),
             score = {c: math.prod(ms / b for ms, b in zip(t, best_at)) ** (1 / len(contexts)) for c, t in times.items()}
             best = min(score, key=score.get)
             heur = heuristic_decode_launch(dim, heads // kv_heads, bucket, kv_heads, num_sms)
-            key = decode_key(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, bucket)
+            key = decode_key(FP8_CACHE_KEY if fp8_cache else str(dtype).removeprefix("torch."), dim, heads // kv_heads,
+                             16, bucket)
             entries[key] = best.__dict__
             us = " ".join(f"{ms * 1e3:.1f}" for ms in times[best])
             heur_us = " ".join(f"{ms * 1e3:.1f}" for ms in times.get(heur, []))
@@ -477,6 +487,8 @@ def main() -> None:
     p.add_argument("--buckets", default="", help="--linear: the batch buckets to measure (default: all of "
                    "LINEAR_TUNED_BUCKETS); the others keep their entries")
     p.add_argument("--tma", action="store_true", help="--linear: also the launches with TMA weight loads (Hopper)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: decode attention over e4m3 caches (--kv-cache-dtype fp8), keyed float8_e4m3fn")
     p.add_argument("--experiment", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -492,7 +504,7 @@ def main() -> None:
                     prequantized=args.prequantized, buckets=parse_buckets(args.buckets), tma=args.tma)
     else:
         tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(filter(None, args.shapes.split(","))),
-             args.workers)
+             args.workers, fp8_cache=args.kv_cache_dtype == "fp8")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ def layer_inputs(batch: int, context: int, prefix: int, heads: int, kv_heads: in
                  cache_dtype=None):
     """make_inputs' tensors, with each sequence's first prefix // block table entries pointing at
     the same blocks (the first sequence's); the caches in `cache_dtype` when given (e4m3)."""
-    q, k, v, tables, lens = make_inputs(batch, context, heads, kv_heads, dim, dtype, block)
-    if cache_dtype is not None:
-        k, v = k.to(cache_dtype), v.to(cache_dtype)
+    q, k, v, tables, lens = make_inputs(batch, context, heads, kv_heads, dim, dtype, block,
+                                        fp8_cache=cache_dtype is not None)
     shared = prefix // block
     if shared:
         tables[:, :shared] = tables[0, :shared]
@@ -61,7 +60,8 @@ def measure(args, prefix: int) -> dict:
     read_bytes = args.batch * args.context * token_bytes  # what the kernel loads, prefix included
     layers, outs = layers_past_l2(args.batch, args.context, prefix, heads, kv_heads, dim, dtype, cache_dtype)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tuned = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, args.batch, kv_heads, num_sms)
+    tuned = decode_launch(str(dtype).removeprefix("torch."), dim, heads // kv_heads, 16, args.batch, kv_heads, num_sms,
+                          fp8_cache=cache_dtype is not None)
 
     def us_of(launch) -> float:
         return graph_us_per_call([lambda a=a, o=o: paged_decode(*a, dim**-0.5, launch, out=o, pdl=True)

@@ -231,7 +231,9 @@ run_ab() {
 # the projections at those batch buckets only; the table keeps the others' entries. TUNE_TMA=1 (also
 # read by FP8_TUNE) adds the skinny kernel's launches with TMA weight loads.
 run_tune() {
+  # TUNE_KV=fp8: the --attention shapes' launches over e4m3 caches (TUNE_CONTEXTS: the lengths they are tuned over)
   timeout 420 python3 scripts/tune_models.py --models "${TUNE_MODELS-llama-3.1-8b,llama-3.2-1b}" ${TUNE_TMA:+--tma} \
+    --kv-cache-dtype "${TUNE_KV:-auto}" --contexts "${TUNE_CONTEXTS:-64,256,1024}" \
     --attention "${TUNE_ATTENTION-}" --buckets "${TUNE_BUCKETS-}" --workers 14 --out roseinfer_kernels/tuned_launch.json 2>&1 \
     | grep -v -i warn | tee "$out/tune.log" | grep -E "^linear|compiled|decode/" | cut -c1-220
   cp roseinfer_kernels/tuned_launch.json "$out/"

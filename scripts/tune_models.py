@@ -8,6 +8,8 @@ shapes. Writes roseinfer_kernels/tuned_launch.json (entries for other shapes are
     python scripts/tune_models.py --models llama-3.1-8b --buckets 1,4   # only those batch buckets
     python scripts/tune_models.py --models llama-3.1-8b --buckets 1,64 --tma   # with TMA weight loads too
     python scripts/tune_models.py --models gpt2 --dtype float16          # GPT-2 sizes too (its LM head padded to 50304)
+    python scripts/tune_models.py --models "" --attention llama-3.1-8b --kv-cache-dtype fp8 --contexts 256,1024,4096
+                                                                          # decode attention over e4m3 caches
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention", default="", help="names from roseinfer_kernels.tune.SHAPES to tune attention for")
     p.add_argument("--contexts", default="64,256,1024")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="--attention over e4m3 caches (--kv-cache-dtype fp8), keyed float8_e4m3fn")
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--out", default="roseinfer_kernels/tuned_launch.json")
     p.add_argument("--weights", choices=["dense", "fp8"], default="dense",
@@ -62,7 +66,8 @@ def main() -> None:
         tune_linear(list(dict.fromkeys(unquantized_inputs)), getattr(torch, args.dtype), args.out, args.workers,
                     fp8=True, prequantized=True, quantize_first=True, buckets=parse_buckets(args.buckets), tma=args.tma)
     if args.attention:
-        tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers)
+        tune(tuple(int(c) for c in args.contexts.split(",")), args.out, tuple(args.attention.split(",")), args.workers,
+             fp8_cache=args.kv_cache_dtype == "fp8")
 
 
 if __name__ == "__main__":

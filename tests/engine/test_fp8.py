@@ -309,3 +309,25 @@ def test_unquantized_inputs_are_quantized_first_where_the_table_measured_it_fast
         assert decode_steps_close(full.generate(prompts, params), fp8.generate(prompts, params)) >= 2
     assert seen == EXPECTED_INPUTS  # o_proj is still handed attention's output as it is
     assert calls and set(calls) <= {1, 2}  # decode steps only (the prompts' rows take the other path)
+
+
+def test_an_fp8_cache_takes_its_own_decode_launch_where_the_table_has_one(tmp_path):
+    """The table's e4m3-cache entry at its bucket; the model dtype's entry at the others (not the
+    nearest e4m3 entry: a launch measured at batch 64 is no guide at batch 1)."""
+    import json
+
+    from roseinfer_kernels.launch_table import FP8_CACHE_KEY, decode_key, decode_launch
+    from roseinfer_kernels.paged_attention import DecodeLaunch
+
+    bf16_b1, bf16_b64, fp8_b64 = (DecodeLaunch(tokens=32, num_splits=8), DecodeLaunch(num_warps=8),
+                                  DecodeLaunch(num_warps=4, num_stages=3))
+    entries = {decode_key("bfloat16", 128, 4, 16, 1): vars(bf16_b1), decode_key("bfloat16", 128, 4, 16, 64): vars(bf16_b64),
+               decode_key(FP8_CACHE_KEY, 128, 4, 16, 64): vars(fp8_b64)}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": entries}))
+
+    def launch(num_seqs, fp8_cache):
+        return decode_launch("bfloat16", 128, 4, 16, num_seqs, 8, 132, table_path=str(path), fp8_cache=fp8_cache)
+    assert launch(64, True) == fp8_b64 and launch(48, True) == fp8_b64
+    assert launch(64, False) == bf16_b64
+    assert launch(1, True) == bf16_b1 == launch(1, False)
