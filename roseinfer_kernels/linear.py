@@ -47,6 +47,12 @@ class LinearLaunch:
     # candidate for streaming nearer the copy rate (the projections run at 2-3 TB/s of 4.2 on the
     # H200). block_k <= 256 (a TMA box is at most 256 elements a side).
     tma: bool = False
+    # One row (batch 1) as a matrix-vector product: weight tiles multiplied into a register tile of
+    # fp32 products with FMAs and summed over K once, after the loop, instead of a tensor-core tile
+    # of 16 rows (15 of them padding) fed through shared memory. cuBLAS's batch-1 GEMV streamed the
+    # 8B's qkv and o_proj at 2.6-2.9 TB/s of 4.2 on the H200, and the tensor-core launches no
+    # faster. block_n * block_k / (32 * num_warps) fp32 products a thread: keep it at 64 or less.
+    gemv: bool = False
 
 
 @triton.jit
@@ -76,6 +82,15 @@ def _dot_e4m3(x, w, DOT_FP32: tl.constexpr):
     else:
         part = tl.dot(x, tl.trans(w))
     return part
+
+
+@triton.jit
+def _widened_f32(t, E4M3_ASM: tl.constexpr):
+    """A tile in fp32 for the gemv path's FMAs; `E4M3_ASM`: e4m3 values through widen_e4m3 (to bf16,
+    which holds every e4m3 value exactly, then fp32: a shift) rather than `.to`'s conversions."""
+    if E4M3_ASM:
+        t = widen_e4m3(t, tl.bfloat16)
+    return t.to(tl.float32)
 
 
 def _widen_e4m3_asm(shift: int, keep: int, power: int, fma: str) -> str:
@@ -130,7 +145,7 @@ def _linear_kernel(
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     ACT_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, W_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GEMV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -154,16 +169,25 @@ def _linear_kernel(
                                   dtype=tl.int32, is_pure=False, pack=1)
     wait_for_previous_kernel(USE_PDL)  # the previous kernel's writes (our x) are visible from here on
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GEMV:  # BLOCK_M == 1: the products, summed over K after the loop
+        products = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < k_end
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if GEMV:  # x's slice in the weight tile's shape (each thread's own copy, from L1): a load in the
+            # tile's layout, where a [1, BLOCK_K] load went through shared memory every iteration
+            x = tl.load(x_ptr + pid_m * stride_xm + (kk[None, :] + 0 * rn[:, None]), mask=k_mask[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if W_TMA:  # past the matrix's edges the tile reads zeros; a split's K range is whole tiles
             w = w_desc.load([pid_n * BLOCK_N, k0])
         else:
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if X_SCALED:  # x arrived in e4m3 with a scale per row (quantized once, by the kernel before)
+        if GEMV:
+            products += _widened_f32(w, W_SCALED and WIDEN_ASM) * x.to(tl.float32)
+        elif X_SCALED:  # x arrived in e4m3 with a scale per row (quantized once, by the kernel before)
             acc += _dot_e4m3(x, w, DOT_FP32)
         elif ACT_FP8:  # W8A8: this slice of x in e4m3, one scale per row (as roseinfer_kernels.fp8.fake_quantize_slices_fp8)
             xf = x.to(tl.float32)
@@ -189,6 +213,8 @@ def _linear_kernel(
             else:
                 acc += tl.dot(x, tl.trans(w))
 
+    if GEMV:
+        acc = tl.sum(products, axis=1)[None, :]
     tile_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         _epilogue_store(acc, s_ptr, xs_ptr, b_ptr, y_ptr, rm, rn, stride_ym, tile_mask, m_mask, n_mask,
@@ -227,8 +253,11 @@ class SplitKWorkspace:
         return self.partials, self.counters
 
 
-def tile_rows(rows: int) -> int:
-    """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile."""
+def tile_rows(rows: int, launch: LinearLaunch | None = None) -> int:
+    """Rows a program covers: the batch up to 64, at least one 16-row tensor-core tile; one for a
+    `gemv` launch."""
+    if launch is not None and launch.gemv:
+        return 1
     return max(16, min(64, triton.next_power_of_2(rows)))
 
 
@@ -236,7 +265,7 @@ def workspace_size(launch: LinearLaunch, rows: int, n: int) -> tuple[int, int]:
     """(fp32 partial elements, counters) a split-K launch over `rows` x `n` needs."""
     if launch.split_k == 1:
         return 0, 0
-    block_m = tile_rows(rows)
+    block_m = tile_rows(rows, launch)
     m_tiles = triton.cdiv(rows, block_m)
     return launch.split_k * m_tiles * block_m * n, triton.cdiv(n, launch.block_n) * m_tiles
 
@@ -270,13 +299,14 @@ def skinny_linear(
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
     assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
     assert scaled or not launch.act_fp8, "act_fp8 is for float8 weights"
+    assert not launch.gemv or (x.shape[0] <= 1 and not launch.act_fp8), "a gemv launch: one row, no act_fp8"
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.stride(1) == 1 and (out.dtype == x.dtype or x_scaled)
     if M == 0:
         return out
-    block_m = tile_rows(M)
+    block_m = tile_rows(M, launch)
     grid = (triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m), launch.split_k)
     if launch.split_k > 1:
         assert workspace is not None, "split-K needs a workspace"
@@ -292,12 +322,12 @@ def skinny_linear(
         x, weight, w_desc, weight_scale if scaled else out, x_scale if x_scaled else out, bias if bias is not None else out,
         out, partials, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         W_SCALED=scaled, X_SCALED=x_scaled, HAS_BIAS=bias is not None, GELU=gelu, ACT_FP8=launch.act_fp8,
-        WIDEN_ASM=scaled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16), W_TMA=launch.tma,
+        WIDEN_ASM=scaled and x.is_cuda and (x.dtype in (torch.bfloat16, torch.float16) or launch.gemv), W_TMA=launch.tma,
         DOT_FP32=(x.dtype == torch.bfloat16 or launch.act_fp8 or x_scaled) and os.environ.get("TRITON_INTERPRET") == "1",
         IEEE=x.dtype == torch.float32,
         PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_per_split * weight.element_size(), 128)),
         LINE_ELEMS=128 // weight.element_size(),
-        BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
+        BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k, GEMV=launch.gemv,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(launch.pdl, x),
     )
     return out

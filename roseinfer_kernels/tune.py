@@ -211,17 +211,27 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[i
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
     columns, K tiles of `block_ks` (float8 weights add 512: the same bytes a tile as 256 of bf16),
     3 or 4 stages, and the split-K counts that give between one and eight programs per SM (fewer
-    leave bandwidth unused; more only add partial sums). `tma`: each also with its weight tiles
-    through TMA, where the tile fits a TMA box (K tiles up to 256)."""
+    leave bandwidth unused; more only add partial sums). At one row also `gemv` launches (register
+    FMAs, 64 fp32 products a thread), whose loads are not pipelined: 1 or 3 stages. `tma`: each
+    also with its weight tiles through TMA, where the tile fits a TMA box (K tiles up to 256)."""
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
-    for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), block_ks, (3, 4)):
-        tiles = triton.cdiv(n, block_n) * m_tiles
+
+    def add(block_n: int, block_k: int, warps: int, stages: int, gemv: bool = False) -> None:
+        tiles = triton.cdiv(n, block_n) * (1 if gemv else m_tiles)
         splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if k // s >= block_k and num_sms <= tiles * s <= 8 * num_sms]
         if not splits:  # too few tiles even split 16 ways, or too many unsplit: the nearest one
             splits = [max(1, min(16, k // block_k, round(2 * num_sms / tiles)))]
         for split in splits:
-            out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages))
+            out.append(LinearLaunch(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps, num_stages=stages,
+                                    gemv=gemv))
+    for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), block_ks, (3, 4)):
+        add(block_n, block_k, warps, stages)
+    if rows == 1:
+        for (block_n, block_k, warps), stages in itertools.product(
+                ((16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8), (64, 256, 8)), (1, 3)):
+            if block_k <= k:
+                add(block_n, block_k, warps, stages, gemv=True)
     return out + [dataclasses.replace(c, tma=True) for c in out if tma and c.block_k <= 256]
 
 
@@ -285,9 +295,10 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks, tma)
             + [heuristic_linear_launch(k, 1) or LinearLaunch()] for n, k, bias in shapes for b in buckets}
     if fp8 and not prequantized:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
-        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands] for key, cands in plan.items()}
+        plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands if not c.gemv]
+                for key, cands in plan.items()}
     # One job per compiled variant: buckets with the same row tile share a binary.
-    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())),
+    jobs = sorted({(n, k, bias, dtype_name, fp8, tile_rows(b, c), tuple(sorted(vars(dataclasses.replace(c, pdl=pdl)).items())),
                     prequantized)
                    for (n, k, bias, b), cands in plan.items() for c in cands})
     jobs = [(n, k, bias, d, f, b, dict(launch), x8) for n, k, bias, d, f, b, launch, x8 in jobs]
@@ -315,7 +326,9 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             else:
                 return F.linear(x, w, b)
             return y if b is None else y + b
-        best_of: dict[int, tuple[float, LinearLaunch | None, float, LinearLaunch | None]] = {}
+        # bucket -> (best us, the winning launch or None for cuBLAS, cuBLAS's us, our fastest launch,
+        # the winner for the buckets above that take this one's entries: no gemv launch, one row only)
+        best_of: dict[int, tuple[float, LinearLaunch | None, float, LinearLaunch | None, LinearLaunch | None]] = {}
         for bucket in buckets:
             # In a step a projection follows a small kernel (a norm, attention, SiLU): time it there,
             # after an RMSNorm that writes its input, so that a launch gap after cuBLAS and the
@@ -365,7 +378,8 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             timed.sort(key=lambda t: t[0])
             ours_us, ours = timed[0] if timed else (math.inf, None)
             winner = ours if ours_us < cublas_us else None
-            best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours)
+            tiled_us, tiled = next(((us, la) for us, la in timed if not la.gemv), (math.inf, None))
+            best_of[bucket] = (min(ours_us, cublas_us), winner, cublas_us, ours, tiled if tiled_us < cublas_us else None)
             print(f"linear {key_dtype} {n}x{k}{'+bias' if bias else ''} b{bucket} ({nbytes / 1e6:.1f} MB, after a norm of "
                   f"{norms_us:.1f} us): cuBLAS{'Lt fp8' if fp8 else ''} {cublas_us:.1f} us ({nbytes / cublas_us / 1e6:.2f} TB/s); ours {ours_us:.1f} us "
                   f"({nbytes / ours_us / 1e6:.2f} TB/s) {ours} -> {'ours' if winner else 'cuBLAS'}", flush=True)
@@ -375,7 +389,9 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
             measured_at = max((b for b in LINEAR_TUNED_BUCKETS if b <= bucket), default=LINEAR_TUNED_BUCKETS[0])
             if measured_at not in best_of:
                 continue
-            us, winner, cublas_us, ours = best_of[measured_at]
+            us, winner, cublas_us, ours, more_rows_winner = best_of[measured_at]
+            if bucket > 1:
+                winner = more_rows_winner
             key = linear_key(key_dtype, n, k, bucket)
             entries[key] = None if winner is None else {f: v for f, v in vars(winner).items() if f != "pdl"}
             if measured_at == bucket:

@@ -553,6 +553,13 @@ LINEAR_CASES = [
 # The same with the weight tiles loaded through a TensorDescriptor (TMA on Hopper): zeros past the
 # matrix's edges (n = 40 and 80 are not multiples of block_n), whole tiles within each K slice.
 LINEAR_CASES += [case[:5] + (dataclasses.replace(case[5], tma=True),) for case in LINEAR_CASES]
+# One row as a matrix-vector product (`gemv`): ragged N and K, split-K with a ragged last slice, TMA.
+LINEAR_CASES += [
+    (1, 96, 200, True, True, LinearLaunch(block_n=16, block_k=64, gemv=True)),
+    (1, 40, 256, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3, gemv=True)),
+    (1, 48, 128, True, False, LinearLaunch(block_n=32, block_k=64, split_k=2, tma=True, gemv=True)),
+]
+W8A8_CASES = [case for case in LINEAR_CASES if not case[5].gemv]  # act_fp8 has no gemv form
 
 
 @pytest.mark.gpu
@@ -605,7 +612,7 @@ def test_skinny_linear_with_fp8_weights(device, dtype, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("case", W8A8_CASES)
 def test_skinny_linear_with_fp8_weights_and_activations(device, dtype, case):
     """W8A8 decode (`act_fp8`): each BLOCK_K slice of a row quantized to e4m3 with its own scale,
     fp8 x fp8 products, the slice's scale on its partial sum: the result of the fake-quantized
@@ -703,6 +710,12 @@ def test_skinny_linear_matches_reference(device, dtype, case):
             assert int(workspace.counters.abs().sum()) == 0
 
 
+def test_a_gemv_launch_takes_one_row_only():
+    x, weight = torch.randn(2, 64), torch.randn(32, 64)
+    with pytest.raises(AssertionError, match="one row"):
+        skinny_linear(x, weight, None, False, LinearLaunch(block_n=16, block_k=64, gemv=True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows", [5, 300])
 def test_decode_step_inputs_match_reference(device, rows):
@@ -778,3 +791,14 @@ def test_pdl_chain_in_a_cuda_graph_matches_plain_launches():
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
 
+
+
+def test_gemv_candidates_at_one_row_only():
+    """The tuner measures gemv launches at batch 1 only (a gemv launch takes one row), each holding
+    at most 64 fp32 products a thread (more spill registers)."""
+    from roseinfer_kernels.tune import linear_candidates
+
+    one_row = [c for c in linear_candidates(4096, 4096, 1, 132, tma=True) if c.gemv]
+    assert one_row and all(c.block_n * c.block_k // (32 * c.num_warps) <= 64 for c in one_row)
+    assert any(c.tma for c in one_row) and any(c.split_k > 1 for c in one_row)
+    assert not any(c.gemv for c in linear_candidates(4096, 4096, 4, 132, tma=True))
