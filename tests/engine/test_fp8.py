@@ -331,3 +331,40 @@ def test_an_fp8_cache_takes_its_own_decode_launch_where_the_table_has_one(tmp_pa
     assert launch(64, True) == fp8_b64 and launch(48, True) == fp8_b64
     assert launch(64, False) == bf16_b64
     assert launch(1, True) == bf16_b1 == launch(1, False)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton path runs on the CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_gemv_launches_at_batch_one_decode_as_the_tiled_ones_do(tiny_llama_dir, monkeypatch, quantization):
+    """A launch table whose batch-1 entries are gemv launches (dense, W8A16 and e4m3-row ones):
+    one request at a time decodes through them, the same greedy tokens as the table's own launches
+    and log-probabilities within float32 rounding."""
+    from roseinfer_kernels import launch_table
+    from roseinfer_kernels.launch_table import PREQUANTIZED_KEY
+
+    real = launch_table.load_table
+    gemv = {"block_n": 16, "block_k": 32, "split_k": 2, "num_warps": 4, "num_stages": 1, "gemv": True}
+
+    def table(path=launch_table.TABLE_PATH, section="entries"):
+        got = dict(real(path, section))
+        if section == "entries":
+            for (n, k), dtype in itertools.product(shapes, ("float32", "float8_e4m3fn", PREQUANTIZED_KEY)):
+                got[f"linear/{dtype}/n{n}/k{k}/b1"] = gemv
+        return got
+
+    kw = dict(dtype="float32", attention_backend="triton", num_kv_blocks=32, max_num_batched_tokens=24,
+              quantization=quantization)
+    tiled = LLM(tiny_llama_dir, **kw)
+    shapes = [(m.out_features, m.in_features) for m in tiled.engine.runner.model.modules()
+              if type(m).__name__ in ("DecodeLinear", "Fp8Linear")]
+    monkeypatch.setattr(launch_table, "load_table", table)
+    with_gemv = LLM(tiny_llama_dir, **kw)
+    projections = [m.projection for m in with_gemv.engine.runner.model.modules()
+                   if type(m).__name__ in ("DecodeLinear", "Fp8Linear")]
+    assert projections and all(p.launch_for(1).gemv and not p.launch_for(2).gemv for p in projections)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
+    for prompt in ["Hello world, my name is", "The capital of France is"]:  # one at a time: batch-1 decode steps
+        (want,), (got,) = tiled.generate([prompt], params), with_gemv.generate([prompt], params)
+        assert got.token_ids == want.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(want.logprobs, got.logprobs)) < 1e-3
