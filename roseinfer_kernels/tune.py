@@ -207,7 +207,7 @@ LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 
 
 def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[int, ...] = (128, 256),
-                      tma: bool = False) -> list[LinearLaunch]:
+                      tma: bool = False, weight_bytes: int = 2) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
     columns, K tiles of `block_ks` (float8 weights add 512: the same bytes a tile as 256 of bf16),
     3 or 4 stages, and the split-K counts that give between one and eight programs per SM (fewer
@@ -227,6 +227,13 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[i
                                     gemv=gemv))
     for (block_n, warps), block_k, stages in itertools.product(((32, 4), (64, 4), (128, 8)), block_ks, (3, 4)):
         add(block_n, block_k, warps, stages)
+    if rows >= 32 and weight_bytes == 1:
+        # fp8 weights at 32+ rows: 256-column tiles too. Each program reads its rows' K slice, so
+        # narrow tiles load x rows / block_n times the weight's bytes again (twice them at 64 rows
+        # and 32 columns). 128-wide K tiles keep a stage at 40-48 KB of shared memory (bf16
+        # weights' 80 KB would not fit 3 stages); not yet measured
+        for stages in (3, 4):
+            add(256, 128, 8, stages)
     if rows == 1:
         for (block_n, block_k, warps), stages in itertools.product(
                 ((16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8), (64, 256, 8)), (1, 3)):
@@ -292,7 +299,7 @@ def tune_linear(shapes: list[tuple[int, int, bool]], dtype: torch.dtype, out_pat
     key_dtype = QUANTIZE_FIRST_KEY if quantize_first else PREQUANTIZED_KEY if prequantized else \
         "float8_e4m3fn" if fp8 else dtype_name
     block_ks = (128, 256, 512) if fp8 else (128, 256)
-    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks, tma)
+    plan = {(n, k, bias, b): linear_candidates(n, k, b, num_sms, block_ks, tma, 1 if fp8 else dtype.itemsize)
             + [heuristic_linear_launch(k, 1) or LinearLaunch()] for n, k, bias in shapes for b in buckets}
     if fp8 and not prequantized:  # each launch also with the activations in e4m3 (W8A8) instead of widened weights (W8A16)
         plan = {key: cands + [dataclasses.replace(c, act_fp8=True) for c in cands if not c.gemv]

@@ -64,7 +64,7 @@ def sweep_linear(model: str, batch: int, dtype: torch.dtype, top: int, budget_s:
         ref = cublas(weights[0], biases[0]).float()
         timed = []
         deadline = time.time() + budget_s
-        for launch in linear_candidates(n, k):
+        for launch in linear_candidates(n, k, batch, torch.cuda.get_device_properties(0).multi_processor_count):
             if time.time() > deadline:
                 row["truncated"] = True
                 break
