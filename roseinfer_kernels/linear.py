@@ -297,7 +297,8 @@ def skinny_linear(
     assert (scaled and weight_scale is not None and weight_scale.shape == (weight.shape[0],)) or \
         (not scaled and weight_scale is None and x.dtype == weight.dtype)
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
-    assert launch.block_n % 16 == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
+    # (tensor-core tiles are 16 rows of the weight or more; a gemv launch's rows are the warps' own)
+    assert launch.block_n % (4 if launch.gemv else 16) == 0 and launch.block_k % 16 == 0 and launch.split_k >= 1
     assert scaled or not launch.act_fp8, "act_fp8 is for float8 weights"
     assert not launch.gemv or (x.shape[0] <= 1 and not launch.act_fp8), "a gemv launch: one row, no act_fp8"
     M, K = x.shape

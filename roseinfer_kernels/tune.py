@@ -235,8 +235,10 @@ def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[i
         for stages in (3, 4):
             add(256, 128, 8, stages)
     if rows == 1:
+        # (4 or 8 columns: a warp each, so no thread loads x's slice again for another row)
         for (block_n, block_k, warps), stages in itertools.product(
-                ((16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8), (64, 256, 8)), (1, 3)):
+                ((16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8), (64, 256, 8), (4, 1024, 4), (8, 1024, 8),
+                 (4, 2048, 4)), (1, 3)):
             if block_k <= k:
                 add(block_n, block_k, warps, stages, gemv=True)
     return out + [dataclasses.replace(c, tma=True) for c in out if tma and c.block_k <= 256]

@@ -558,6 +558,7 @@ LINEAR_CASES += [
     (1, 96, 200, True, True, LinearLaunch(block_n=16, block_k=64, gemv=True)),
     (1, 40, 256, False, False, LinearLaunch(block_n=16, block_k=32, split_k=3, gemv=True)),
     (1, 48, 128, True, False, LinearLaunch(block_n=32, block_k=64, split_k=2, tma=True, gemv=True)),
+    (1, 44, 96, False, True, LinearLaunch(block_n=4, block_k=64, gemv=True)),  # a warp's column or two each
 ]
 W8A8_CASES = [case for case in LINEAR_CASES if not case[5].gemv]  # act_fp8 has no gemv form
 
