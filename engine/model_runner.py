@@ -258,13 +258,10 @@ class ModelRunner:
         """Compile this model's recorded Triton kernels (roseinfer_kernels.precompile's manifest) in worker
         processes while the weights load: a cold start's compiles, which the first launches would
         otherwise make one after another. None when the manifest has none for it."""
-        import triton
-
-        from roseinfer_kernels.precompile import load_manifest, manifest_path, start_precompile
+        from roseinfer_kernels.precompile import cuda_target, load_manifest, manifest_path, start_precompile
 
         try:
-            target = triton.runtime.driver.active.get_current_target()
-            entries = load_manifest(manifest_path(), compile_manifest_key(config), dict(target.__dict__))
+            entries = load_manifest(manifest_path(), compile_manifest_key(config), cuda_target(self.device))
             started = start_precompile(entries)
             if entries and started is None:
                 logger.info("precompile: all %d kernels already in the Triton cache", len(entries))

@@ -68,6 +68,17 @@ def _current_target() -> dict:
     return dict(triton.runtime.driver.active.get_current_target().__dict__)
 
 
+def cuda_target(device) -> dict:
+    """A CUDA device's Triton target (GPUTarget's fields), as Triton's driver reports it (torch's
+    compute capability, 32-thread warps), without starting that driver: its first start in a
+    process builds a C helper module with gcc where the cache lacks it, which on a cold start
+    would delay the compile workers by that long."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"backend": "cuda", "arch": major * 10 + minor, "warp_size": 32}
+
+
 def write_manifest(path: str, entries: list[dict], model: str) -> int:
     """Write `entries`, tagged with `model` (the engine's key for a model and its launch settings),
     into the manifest at `path` (created if missing) in place of what it held for `model` (an entry
@@ -136,16 +147,34 @@ def _entry_source(entry: dict):
 
 
 def compile_entry(entry: dict) -> str:
-    """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed);
-    returns the kernel's name. The same key as the launch's own compile."""
+    """Compile one manifest entry into Triton's on-disk cache (its target named: no GPU needed),
+    and its launcher where a GPU driver is present; returns the kernel's name. The same keys as
+    the launch's own compile."""
     # A real compile for a real target, whatever the parent ran under (the kernels' modules
     # import as interpreted functions with TRITON_INTERPRET=1, as the CPU tests run).
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
     src, target, options = _entry_source(entry)
-    triton.compile(src, target=target, options=options)
+    build_launcher(src, triton.compile(src, target=target, options=options))
     return entry["name"]
+
+
+def build_launcher(src, compiled) -> bool:
+    """Build a compiled kernel's host-side launcher into Triton's cache, as its first launch would.
+    Triton 3.6 generates C for each kernel signature and compiles it with gcc at that launch, in
+    the launching process, one after another. On the 8B's cold start the graph captures took
+    3.5 s longer than warm with every kernel already compiled, likely these builds (not yet
+    measured apart). Later Tritons launch through one generic launcher, and building it costs
+    nothing. False where no GPU driver is present (a CPU test): the launch builds its own."""
+    from triton.runtime import driver
+
+    try:
+        launcher_cls = driver.active.launcher_cls
+    except RuntimeError:  # no active GPU driver in this process
+        return False
+    launcher_cls(src, compiled.metadata)
+    return True
 
 
 def matches_kernel(entry: dict) -> bool:

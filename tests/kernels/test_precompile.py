@@ -71,6 +71,59 @@ def test_a_manifest_entry_compiles_in_a_worker_under_the_launchs_cache_key(tmp_p
     assert _cached(cache) == compiled
 
 
+def test_a_compiled_entry_builds_its_launcher_where_a_gpu_driver_is_active(monkeypatch):
+    """The worker asks the active GPU driver for the kernel's launcher (Triton 3.6 compiles one per
+    signature into the cache, which the launch then finds); without a driver (here) it leaves that
+    to the launch."""
+    from types import SimpleNamespace
+
+    import torch
+    import triton.runtime
+
+    from roseinfer_kernels.precompile import build_launcher
+
+    built = []
+
+    class GpuDriver:
+        @staticmethod
+        def launcher_cls(src, metadata):
+            built.append((src, metadata))
+
+    compiled = SimpleNamespace(metadata="the kernel's metadata")
+    if not torch.cuda.is_available():
+        assert build_launcher("src", compiled) is False and built == []
+    monkeypatch.setattr(triton.runtime, "driver", SimpleNamespace(active=GpuDriver()))
+    assert build_launcher("src", compiled) is True
+    assert built == [("src", "the kernel's metadata")]
+
+
+@pytest.mark.gpu
+def test_a_cold_start_worker_builds_the_launcher_too(tmp_path, monkeypatch):
+    """On a GPU host the compile worker leaves the kernel's launcher in the cache as well, so the
+    first launch finds it instead of compiling C with gcc on the engine's thread."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    if not hasattr(nvidia_driver, "make_launcher"):
+        pytest.skip("this Triton launches through one generic launcher: nothing to build")
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    entry, _ = _mask_logits_entry(2048)
+    assert finish_precompile(start_precompile([entry], workers=1)) == 1
+    files = [f for d in _cached(cache) for f in os.listdir(cache / d)]
+    assert any(f.startswith("__triton_launcher") for f in files), files
+
+
+def test_the_target_comes_from_torchs_capability(monkeypatch):
+    """The engine names the manifest's target without starting Triton's driver (whose first start
+    builds a C module on a cold cache): the same fields the driver reports."""
+    import torch
+
+    from roseinfer_kernels.precompile import cuda_target
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cuda_target(torch.device("cuda", 0)) == TARGET
+
+
 def _cache_lookups(block: int) -> tuple[bool, bool, bool]:
     """(in_cache of the entry, whether start_precompile starts a pool for it, in_cache after that
     pool), in a process without the interpreter (its kernels are then real JIT functions, as on a
