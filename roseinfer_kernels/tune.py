@@ -209,10 +209,11 @@ LINEAR_TUNED_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 def linear_candidates(n: int, k: int, rows: int, num_sms: int, block_ks: tuple[int, ...] = (128, 256),
                       tma: bool = False, weight_bytes: int = 2) -> list[LinearLaunch]:
     """Launches worth measuring for an [n, k] projection at `rows` rows: output tiles of 32-128
-    columns, K tiles of `block_ks` (float8 weights add 512: the same bytes a tile as 256 of bf16),
-    3 or 4 stages, and the split-K counts that give between one and eight programs per SM (fewer
-    leave bandwidth unused; more only add partial sums). At one row also `gemv` launches (register
-    FMAs, 64 fp32 products a thread), whose loads are not pipelined: 1 or 3 stages. `tma`: each
+    columns (256 too for fp8 weights, `weight_bytes` 1, at 32+ rows), K tiles of `block_ks`
+    (float8 weights add 512: the same bytes a tile as 256 of bf16), 3 or 4 stages, and the split-K
+    counts that give between one and eight programs per SM (fewer leave bandwidth unused; more
+    only add partial sums). At one row also `gemv` launches of 4-64 columns (register FMAs, at
+    most 64 fp32 products a thread), whose loads are not pipelined: 1 or 3 stages. `tma`: each
     also with its weight tiles through TMA, where the tile fits a TMA box (K tiles up to 256)."""
     out = []
     m_tiles = triton.cdiv(rows, tile_rows(rows))
